@@ -1,0 +1,44 @@
+"""speechjax: LLM-based speech recognition and understanding in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.6",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "transformers>=4.50",
+    "tokenizers>=0.20",
+    "safetensors>=0.4",
+    "huggingface-hub>=0.30",
+    "librosa>=0.10",
+    "soundfile>=0.12",
+    "tensorflow-datasets>=4.9.7",
+    "array-record>=0.5",
+    "grain>=0.2.6",
+    "ml-collections>=0.1.1",
+    "absl-py>=2.0",
+    "numpy>=1.26",
+    "tqdm>=4.60",
+    "jiwer>=3.0",
+    "sacrebleu>=2.4",
+    "scikit-learn>=1.3",
+    "tensorboardX>=2.6",
+    "espeakng-loader>=0.2.4",
+    "matplotlib>=3.7",
+]
+
+setup(
+    name="speechjax",
+    version="0.1.0",
+    description="LLM-based speech recognition and understanding in JAX/Flax",
+    packages=find_packages(include=["speechjax", "speechjax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        # PyTorch is the parity reference only; 2.13.0 is the CPU build on local disk.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "peft>=0.13"],
+        "bench": ["torch==2.13.0", "peft>=0.13"],
+    },
+    entry_points={"console_scripts": ["speechjax=speechjax.cli:main"]},
+)
