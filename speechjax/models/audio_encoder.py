@@ -1,0 +1,332 @@
+"""The Whisper audio encoder (tiny ... large-v3), LoRA-aware, in Flax Linen.
+
+Architecture as in HF `WhisperEncoder`: conv1d(k=3) + GELU, conv1d(k=3,
+stride 2) + GELU, sinusoidal positions, pre-LN transformer blocks, final
+LayerNorm. Submodules are named like HF so checkpoints convert key by key
+(speechjax/hf/whisper.py).
+
+Unlike HF, inputs may be shorter than 30 s: F mel frames give ceil(F/2) output
+frames with the first ceil(F/2) rows of the position table, and a
+`feature_mask` [B, F] marks padded frames, which are zeroed before each conv
+(so a padded example sees exactly the zeros it would see alone) and removed
+from attention as keys. Short utterances thus do not pay for 1500 frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from speechjax.models.lora import Dense, LoRAConfig
+
+LAYER_NORM_EPS = 1e-5  # HF Whisper uses torch's default.
+
+# (d_model, num_layers, num_heads, ffn_dim, num_mel_bins) of the released checkpoints.
+WHISPER_SIZES = {
+    "tiny": (384, 4, 6, 1536, 80),
+    "base": (512, 6, 8, 2048, 80),
+    "small": (768, 12, 12, 3072, 80),
+    "medium": (1024, 24, 16, 4096, 80),
+    "large": (1280, 32, 20, 5120, 80),
+    "large-v2": (1280, 32, 20, 5120, 80),
+    "large-v3": (1280, 32, 20, 5120, 128),
+    "large-v3-turbo": (1280, 32, 20, 5120, 128),
+}
+
+
+def _lora_config(value) -> LoRAConfig:
+  """Accepts a LoRAConfig or the dict an ml_collections config turns it into."""
+  if value is None:
+    return LoRAConfig()
+  if isinstance(value, LoRAConfig):
+    return value
+  value = dict(value)
+  if "targets" in value:
+    value["targets"] = tuple(value["targets"])
+  return LoRAConfig(**value)
+
+
+@dataclasses.dataclass(frozen=True)
+class WhisperEncoderConfig:
+  """Encoder hyper-parameters; `whisper_config('small')` fills in a released size.
+
+  dtype is the compute dtype, param_dtype the storage dtype (either may be a
+  string such as 'bfloat16'). remat_policy: 'none' | 'full' | 'dots' |
+  'dots_no_batch'.
+  """
+
+  num_mel_bins: int = 80
+  d_model: int = 384
+  num_layers: int = 4
+  num_heads: int = 6
+  ffn_dim: int = 1536
+  max_source_positions: int = 1500
+  dtype: Any = "float32"
+  param_dtype: Any = "float32"
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  attention_dropout: float = 0.0
+  residual_dropout: float = 0.0
+  lora: LoRAConfig = LoRAConfig()
+
+  def __post_init__(self):
+    object.__setattr__(self, "lora", _lora_config(self.lora))
+    if self.d_model % self.num_heads:
+      raise ValueError(f"WhisperEncoderConfig: d_model={self.d_model} is not divisible by "
+                       f"num_heads={self.num_heads}")
+    if self.d_model % 2:
+      raise ValueError(f"WhisperEncoderConfig: d_model={self.d_model} must be even "
+                       "(sinusoidal positions)")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"WhisperEncoderConfig.remat_policy={self.remat_policy!r}; "
+                       f"expected one of {sorted(REMAT_POLICIES)}")
+
+
+def whisper_config(size: str, **overrides) -> WhisperEncoderConfig:
+  if size not in WHISPER_SIZES:
+    raise ValueError(f"unknown Whisper size {size!r}; expected one of {sorted(WHISPER_SIZES)}")
+  d, layers, heads, ffn, mels = WHISPER_SIZES[size]
+  fields = dict(num_mel_bins=mels, d_model=d, num_layers=layers, num_heads=heads, ffn_dim=ffn)
+  fields.update(overrides)
+  return WhisperEncoderConfig(**fields)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": "full",
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def remat_layer(layer_cls, policy: str, static_argnums=()):
+  """Wraps a layer class in nn.remat according to a policy name (or returns it)."""
+  if REMAT_POLICIES.get(policy) is None:
+    return layer_cls
+  saveable = REMAT_POLICIES[policy]
+  return nn.remat(layer_cls, policy=None if saveable == "full" else saveable,
+                  prevent_cse=False, static_argnums=static_argnums)
+
+
+def encoder_output_length(num_frames: int) -> int:
+  """Output frames for `num_frames` mel frames (the stride-2 conv, padding 1)."""
+  return (int(num_frames) + 1) // 2
+
+
+def encoder_output_mask(feature_mask: jax.Array) -> jax.Array:
+  """[B, F] mel-frame mask -> [B, ceil(F/2)] encoder-frame mask.
+
+  Output frame j is centred on input frame 2j, so it is valid iff that frame
+  is; for a prefix mask of length L this gives ceil(L/2) valid frames.
+  """
+  return feature_mask[:, ::2]
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+  """Whisper's position table [length, channels]: sin half then cos half."""
+  log_increment = math.log(max_timescale) / (channels // 2 - 1)
+  inv_timescales = np.exp(-log_increment * np.arange(channels // 2, dtype=np.float32))
+  scaled = np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :]
+  return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
+
+
+def layer_norm(name: str, dtype, param_dtype) -> nn.LayerNorm:
+  # Two-pass variance in float32: Whisper activations reach the hundreds.
+  return nn.LayerNorm(
+      epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype,
+      use_fast_variance=False, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
+              *, dropout_rate: float = 0.0, deterministic: bool = True,
+              dropout_rng: jax.Array | None = None) -> jax.Array:
+  """Bidirectional multi-head attention, q [B,T,N,H], k/v [B,S,N,H] -> [B,T,N,H].
+
+  key_mask [B,S] (True = attend). Logits and softmax run in float32. Without
+  attention dropout this is jax.nn.dot_product_attention (fused kernels on
+  GPU/TPU); with it, the same computation written out so the probabilities
+  can be dropped.
+  """
+  mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]
+  if deterministic or dropout_rate == 0.0:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+  probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+class Conv1d(nn.Module):
+  """1-D convolution with explicit (low, high) padding; kernel [k, in, out].
+
+  `in_layout` 'NCW' reads channels-first input (mel features [B, n_mels, F])
+  without a separate transpose; the output is always [B, W, out].
+  """
+
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: tuple[int, int] = (0, 0)
+  in_layout: str = "NWC"
+  kernel_axes: tuple[str | None, str | None, str | None] = ("conv_kernel", None, "embed")
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_features = x.shape[1] if self.in_layout == "NCW" else x.shape[-1]
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"), self.kernel_axes),
+        (self.kernel_size, in_features, self.features), self.param_dtype)
+    bias = self.param(
+        "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.kernel_axes[2],)),
+        (self.features,), self.param_dtype)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(self.stride,),
+        padding=[self.padding], dimension_numbers=(self.in_layout, "WIO", "NWC"))
+    return y + bias.astype(self.dtype)
+
+
+class SinusoidalPositions(nn.Module):
+  """Whisper's fixed position table, stored as a param like HF stores it (so
+  checkpoints load exactly) but never trained (stop_gradient)."""
+
+  num_positions: int
+  features: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, length: int) -> jax.Array:
+    table = self.param(
+        "embedding",
+        nn.with_logical_partitioning(
+            lambda _, shape, dtype: jnp.asarray(sinusoids(*shape), dtype), (None, "embed")),
+        (self.num_positions, self.features), self.param_dtype)
+    return jax.lax.stop_gradient(table[:length])
+
+
+class WhisperAttention(nn.Module):
+  config: WhisperEncoderConfig
+
+  @nn.compact
+  def __call__(self, x, key_mask, deterministic: bool = True):
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    b, t, _ = x.shape
+    n, h = cfg.num_heads, cfg.d_model // cfg.num_heads
+
+    def proj(name, axes, use_bias=True):
+      return Dense(cfg.d_model, use_bias=use_bias, kernel_axes=axes, lora=cfg.lora,
+                   dtype=dtype, param_dtype=pdtype, name=name)
+
+    q = proj("q_proj", ("embed", "heads"))(x, deterministic).reshape(b, t, n, h)
+    k = proj("k_proj", ("embed", "kv_heads"), use_bias=False)(x, deterministic).reshape(b, t, n, h)
+    v = proj("v_proj", ("embed", "kv_heads"))(x, deterministic).reshape(b, t, n, h)
+    dropout_rng = None
+    if not deterministic and cfg.attention_dropout > 0:
+      dropout_rng = self.make_rng("dropout")
+    out = attention(q, k, v, key_mask, dropout_rate=cfg.attention_dropout,
+                    deterministic=deterministic, dropout_rng=dropout_rng)
+    return proj("out_proj", ("heads", "embed"))(out.reshape(b, t, n * h), deterministic)
+
+
+class WhisperEncoderLayer(nn.Module):
+  """Pre-LN block; returns (x, None) so it can be scanned."""
+
+  config: WhisperEncoderConfig
+
+  @nn.compact
+  def __call__(self, x, key_mask, deterministic: bool = True):
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    dropout = nn.Dropout(cfg.residual_dropout)
+
+    h = layer_norm("self_attn_layer_norm", dtype, pdtype)(x)
+    h = WhisperAttention(cfg, name="self_attn")(h, key_mask, deterministic)
+    x = x + dropout(h, deterministic=deterministic)
+
+    h = layer_norm("final_layer_norm", dtype, pdtype)(x)
+    h = Dense(cfg.ffn_dim, kernel_axes=("embed", "mlp"), lora=cfg.lora, dtype=dtype,
+              param_dtype=pdtype, name="fc1")(h, deterministic)
+    h = jax.nn.gelu(h, approximate=False)
+    h = Dense(cfg.d_model, kernel_axes=("mlp", "embed"), lora=cfg.lora, dtype=dtype,
+              param_dtype=pdtype, name="fc2")(h, deterministic)
+    x = x + dropout(h, deterministic=deterministic)
+    return x, None
+
+
+class WhisperEncoder(nn.Module):
+  """input_features [B, n_mels, F] (F <= 2*max_source_positions), feature_mask
+  [B, F] or None -> last hidden states [B, ceil(F/2), d_model]."""
+
+  config: WhisperEncoderConfig
+
+  @nn.compact
+  def __call__(self, input_features: jax.Array, feature_mask: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if input_features.ndim != 3 or input_features.shape[1] != cfg.num_mel_bins:
+      raise ValueError(
+          f"WhisperEncoder: input_features must be [batch, {cfg.num_mel_bins} mel bins, frames], "
+          f"got shape {input_features.shape}")
+    num_frames = input_features.shape[2]
+    length = encoder_output_length(num_frames)
+    if length > cfg.max_source_positions:
+      raise ValueError(
+          f"WhisperEncoder: {num_frames} mel frames give {length} positions, more than "
+          f"max_source_positions={cfg.max_source_positions} (at most "
+          f"{2 * cfg.max_source_positions} frames)")
+    if feature_mask is not None and feature_mask.shape != (input_features.shape[0], num_frames):
+      raise ValueError(f"WhisperEncoder: feature_mask shape {feature_mask.shape} does not match "
+                       f"input_features {input_features.shape} (expected [batch, frames])")
+
+    x = input_features.astype(dtype)
+    frame_mask = key_mask = None
+    if feature_mask is not None:
+      frame_mask = feature_mask.astype(bool)
+      x = jnp.where(frame_mask[:, None, :], x, 0)
+      key_mask = encoder_output_mask(frame_mask)
+
+    conv = dict(kernel_size=3, padding=(1, 1), dtype=dtype, param_dtype=pdtype)
+    x = Conv1d(cfg.d_model, in_layout="NCW", kernel_axes=("conv_kernel", "mel", "embed"),
+               name="conv1", **conv)(x)
+    x = jax.nn.gelu(x, approximate=False)
+    if frame_mask is not None:
+      # conv2 must see zeros past the end of each example, as it would alone.
+      x = jnp.where(frame_mask[:, :, None], x, 0)
+    x = Conv1d(cfg.d_model, stride=2, kernel_axes=("conv_kernel", None, "embed"),
+               name="conv2", **conv)(x)
+    x = jax.nn.gelu(x, approximate=False)
+
+    positions = SinusoidalPositions(cfg.max_source_positions, cfg.d_model, pdtype,
+                                    name="embed_positions")(length)
+    x = x + positions.astype(dtype)
+    x = nn.Dropout(cfg.residual_dropout)(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    layer_cls = remat_layer(WhisperEncoderLayer, cfg.remat_policy, static_argnums=(3,))
+    if cfg.scan_layers:
+      stack = nn.scan(layer_cls, variable_axes={"params": 0, "lora": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(cfg, name="layers")(x, key_mask, deterministic)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = layer_cls(cfg, name=f"layers_{i}")(x, key_mask, deterministic)
+    return layer_norm("layer_norm", dtype, pdtype)(x)

@@ -1,0 +1,354 @@
+"""The training loop: build, restore, compile, train, evaluate, checkpoint.
+
+If there is already a checkpoint under `workdir/checkpoints`, training resumes
+from it, including the data iterator, so the resumed run sees exactly the
+batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from speechjax import parallel
+from speechjax.trainer import checkpoint as ckpt_lib
+from speechjax.trainer import optim
+from speechjax.trainer import partition
+from speechjax.trainer import step as step_lib
+from speechjax.trainer.metric_writer import MetricWriter
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+class _Preemption:
+  """SIGTERM / SIGINT set a flag; the loop checkpoints and exits cleanly at the
+  next step boundary instead of dying mid-update."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. inside some test runners)
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning("received signal %d: checkpointing and stopping", signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class EarlyStopping:
+  """Stops when `metric` has not improved for `patience` evaluations."""
+
+  def __init__(self, metric: str, mode: str, patience: int, state: dict | None = None):
+    if mode not in ("min", "max"):
+      raise ValueError(f"eval.mode={mode!r}; valid: min, max")
+    self.metric, self.mode, self.patience = metric, mode, patience
+    state = state or {}
+    self.best = state.get("best")
+    self.bad_evals = state.get("bad_evals", 0)
+
+  def update(self, metrics: dict) -> bool:
+    """Records an evaluation; returns True when it is the best so far."""
+    if self.metric not in metrics:
+      raise KeyError(f"eval.metric={self.metric!r} not among the eval metrics {sorted(metrics)}")
+    value = float(metrics[self.metric])
+    better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+    if better:
+      self.best, self.bad_evals = value, 0
+    else:
+      self.bad_evals += 1
+    return better
+
+  @property
+  def should_stop(self) -> bool:
+    return self.patience > 0 and self.bad_evals >= self.patience
+
+  def state(self) -> dict:
+    return {"best": self.best, "bad_evals": self.bad_evals}
+
+
+class _mesh_context:
+  def __init__(self, mesh, rules):
+    self._mesh = jax.set_mesh(mesh)
+    self._rules = nn.logical_axis_rules(rules)
+
+  def __enter__(self):
+    self._mesh.__enter__()
+    self._rules.__enter__()
+
+  def __exit__(self, *exc):
+    self._rules.__exit__(*exc)
+    self._mesh.__exit__(*exc)
+
+
+def _count_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def _abstract_batch(batch: dict, mesh, rules):
+  return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
+                                  sharding=parallel.batch_sharding(mesh, rules, np.ndim(v)))
+          for k, v in batch.items()}
+
+
+class Trainer:
+  """Holds what one run needs; `run()` is the loop. Kept as an object so tests
+  and the demo can build one, step it, and inspect it."""
+
+  def __init__(self, config, workdir: str, *, bundle=None, data=None):
+    from speechjax import model_builder
+    from speechjax import data_builder
+
+    self.config = config
+    self.workdir = workdir
+    self.is_main = jax.process_index() == 0
+    self.mesh = parallel.mesh_from_config(config.mesh)
+    self.rules = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in config.mesh.rules)
+    self.bundle = bundle or model_builder.build(config)
+    self.data = data or data_builder.build(config, self.bundle)
+    self._build_state()
+
+  # -------------------------------------------------------------- set-up
+  def _build_state(self):
+    cfg = self.config
+    bundle = self.bundle
+    rng = jax.random.PRNGKey(cfg.seed)
+    init_rng, state_rng = jax.random.split(rng)
+
+    boxed = jax.eval_shape(bundle.init_fn, init_rng)
+    var_shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
+    variables = jax.jit(lambda r: nn.unbox(bundle.init_fn(r)),
+                        out_shardings=var_shardings)(init_rng)
+    variables = bundle.load_pretrained(variables, var_shardings)
+
+    patterns = partition.trainable_patterns(cfg.train, bundle.num_decoder_layers)
+    trainable, frozen = partition.split_variables(variables, patterns)
+    shardings_by_path = parallel.path_shardings(var_shardings["params"])
+    frozen_dtype = jnp.dtype(cfg.model.frozen_dtype)
+
+    def cast_frozen(x):
+      return x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    self.frozen = jax.tree_util.tree_map(cast_frozen, frozen)
+    # Trainables and optimizer state stay in float32 whatever the storage dtype.
+    trainable = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), trainable)
+
+    self.optimizer, self.schedule = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
+    trainable_shardings = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
+    abstract_opt = jax.eval_shape(self.optimizer.init, trainable)
+    flat_shardings = {**parallel.path_shardings(trainable_shardings)}
+    opt_shardings = parallel.shardings_like(abstract_opt, flat_shardings, self.mesh)
+    repl = parallel.replicated(self.mesh)
+    self.state_shardings = {
+        "step": repl, "trainable": trainable_shardings, "opt_state": opt_shardings,
+        "rng": repl, "skipped": repl, "bad_in_a_row": repl,
+    }
+    self.state = jax.jit(lambda t, r: step_lib.init_train_state(t, self.optimizer, r),
+                         out_shardings=self.state_shardings)(trainable, state_rng)
+    self.frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.frozen)
+    del shardings_by_path
+
+    train_step = step_lib.make_train_step(bundle.objective, self.optimizer, self.schedule, cfg.train)
+    self.train_step = jax.jit(
+        train_step, in_shardings=(self.state_shardings, self.frozen_shardings, None),
+        out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+    self.eval_step = jax.jit(step_lib.make_eval_step(bundle.objective),
+                             in_shardings=(trainable_shardings, self.frozen_shardings, None))
+
+    self.checkpoints = ckpt_lib.Checkpoints(self.workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    self.meta = {}
+    if self.checkpoints.latest_step() is not None:
+      self.state, self.meta = self.checkpoints.restore(self.state)
+      if self.meta.get("data_state") is not None:
+        self.data.train.set_state(self.meta["data_state"])
+    logging.info("trainable: %d params (%.1f MB), frozen: %d params (%.1f MB), optimizer state %.1f MB",
+                 sum(x.size for x in jax.tree_util.tree_leaves(self.state["trainable"])),
+                 _count_bytes(self.state["trainable"]) / 1e6,
+                 sum(x.size for x in jax.tree_util.tree_leaves(self.frozen)),
+                 _count_bytes(self.frozen) / 1e6, _count_bytes(self.state["opt_state"]) / 1e6)
+
+  def _context(self):
+    """Mesh and logical-axis rules for activation sharding constraints."""
+    return _mesh_context(self.mesh, self.rules)
+
+  @property
+  def step(self) -> int:
+    return int(jax.device_get(self.state["step"]))
+
+  def compile(self, batch: dict) -> None:
+    """Ahead-of-time compile of the step for this batch shape, logging its
+    memory use (what would OOM shows here, before any data is read)."""
+    start = time.time()
+    with self._context():
+      compiled = self.train_step.lower(self.state, self.frozen,
+                                       _abstract_batch(batch, self.mesh, self.rules)).compile()
+    self.compile_seconds = time.time() - start
+    analysis = compiled.memory_analysis()
+    msg = f"train step compiled in {self.compile_seconds:.1f}s"
+    if analysis is not None:
+      msg += (f"; memory: arguments {analysis.argument_size_in_bytes / 1e6:.1f} MB, outputs "
+              f"{analysis.output_size_in_bytes / 1e6:.1f} MB, temporaries "
+              f"{analysis.temp_size_in_bytes / 1e6:.1f} MB")
+    logging.info(msg)
+    self.memory_analysis = analysis
+
+  def train_one(self, batch: dict) -> dict:
+    global_batch = parallel.shard_batch(batch, self.mesh, self.rules)
+    with self._context():
+      self.state, metrics = self.train_step(self.state, self.frozen, global_batch)
+    return metrics
+
+  def variables(self) -> dict:
+    return partition.join_variables(self.state["trainable"], self.frozen)
+
+  # ---------------------------------------------------------- evaluation
+  def evaluate_loss(self, batches) -> dict:
+    totals: dict[str, float] = {}
+    for batch in batches:
+      global_batch = parallel.shard_batch(batch, self.mesh, self.rules)
+      with self._context():
+        stats = jax.device_get(self.eval_step(self.state["trainable"], self.frozen, global_batch))
+      for k, v in stats.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    return _rates(totals)
+
+  def evaluate(self) -> dict:
+    cfg = self.config.eval
+    metrics = self.evaluate_loss(self.data.dev_batches(cfg.max_batches))
+    if cfg.task_metrics and self.bundle.evaluate_task is not None:
+      metrics.update(self.bundle.evaluate_task(self.variables(), self.data, cfg))
+    return metrics
+
+  # ---------------------------------------------------------------- loop
+  def run(self) -> dict:
+    cfg = self.config
+    writer = MetricWriter(self.workdir, tensorboard=cfg.logging.tensorboard,
+                          wandb_cfg=cfg.logging.wandb, config_dict=cfg.to_dict())
+    stopper = EarlyStopping(cfg.eval.metric, cfg.eval.mode, cfg.eval.patience,
+                            self.meta.get("early_stopping"))
+    start_step = self.step
+    total = cfg.train.num_steps
+    bar = tqdm.tqdm(total=total, initial=start_step, disable=not (self.is_main and cfg.logging.progress_bar),
+                    dynamic_ncols=True, desc="train")
+    pending: list[dict] = []
+    window_start, window_audio, window_tokens, window_steps = time.time(), 0.0, 0.0, 0
+    last_eval: dict = {}
+    stopped_by = "num_steps"
+    first = True
+
+    def save(best=False, force=False):
+      meta = {"data_state": self.data.train.get_state(), "early_stopping": stopper.state(),
+              "last_eval": last_eval}
+      self.checkpoints.save(self.state, meta, best=best, force=force)
+
+    with _Preemption() as preemption:
+      step = start_step
+      while step < total:
+        batch = next(self.data.train)
+        if first:
+          self.compile(batch)
+          first = False
+        metrics = self.train_one(batch)
+        step += 1
+        pending.append(metrics)
+        window_audio += float(np.sum(batch.get("audio_seconds", 0.0)))
+        window_tokens += float(np.sum(batch["attention_mask"]))
+        window_steps += 1
+        bar.update(1)
+
+        if step % cfg.logging.every_steps == 0 or step == total:
+          logged = _mean_metrics(jax.device_get(pending))
+          pending = []
+          elapsed = max(time.time() - window_start, 1e-9)
+          logged.update(steps_per_sec=window_steps / elapsed, audio_sec_per_sec=window_audio / elapsed,
+                        tokens_per_sec=window_tokens / elapsed, **self.data.train_stats())
+          writer.write(step, "train", logged)
+          bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['lr']:.2e}",
+                          steps_s=f"{logged['steps_per_sec']:.2f}",
+                          audio_s_s=f"{logged['audio_sec_per_sec']:.0f}", refresh=False)
+          window_start, window_audio, window_tokens, window_steps = time.time(), 0.0, 0.0, 0
+          bad = int(jax.device_get(self.state["bad_in_a_row"]))
+          if bad >= cfg.train.max_bad_steps:
+            self.checkpoints.wait()
+            raise NonFiniteLossError(
+                f"{bad} consecutive steps had a non-finite loss or gradient (step {step}); "
+                f"weights were not updated by them and the last good checkpoint is intact in "
+                f"{self.workdir}/checkpoints. Lower optim.lr or check the data.")
+
+        is_best = False
+        if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == total):
+          last_eval = self.evaluate()
+          is_best = stopper.update(last_eval)
+          writer.write(step, "dev", {**last_eval, "best_" + cfg.eval.metric: stopper.best})
+          logging.info("step %d dev: %s", step, json.dumps(last_eval, default=float))
+
+        if is_best or step % cfg.checkpoint.every_steps == 0 or step == total:
+          save(best=is_best)
+        if preemption.requested:
+          save(force=True)
+          stopped_by = "signal"
+          break
+        if stopper.should_stop:
+          save()
+          stopped_by = "early_stopping"
+          break
+
+    bar.close()
+    self.checkpoints.wait()
+    writer.flush()
+    writer.close()
+    summary = {"final_step": self.step, "stopped_by": stopped_by, "best": stopper.best,
+               "skipped_steps": int(jax.device_get(self.state["skipped"])), "last_eval": last_eval}
+    if self.is_main:
+      logging.info("training finished: %s", json.dumps(summary, default=float))
+    return summary
+
+
+def _mean_metrics(history: list[dict]) -> dict:
+  """Averages per-step metrics; summed stats become rates over the window."""
+  sums: dict[str, float] = {}
+  for m in history:
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  n = max(len(history), 1)
+  out = {k: sums[k] / n for k in ("loss", "grad_norm", "lr", "adv_loss") if k in sums}
+  out["skipped_steps"] = n - sums.get("finite", n)
+  out.update({k: v for k, v in _rates(sums).items() if k not in out})
+  return out
+
+
+def _rates(totals: dict) -> dict:
+  """Summed statistics -> per-token / per-example averages."""
+  out = {}
+  if "lm_loss_sum" in totals:
+    out["loss"] = totals["lm_loss_sum"] / max(totals["tokens"], 1.0)
+    out["token_accuracy"] = totals["correct_tokens"] / max(totals["tokens"], 1.0)
+  if "cls_loss_sum" in totals:
+    out["cls_loss"] = totals["cls_loss_sum"] / max(totals["labelled"], 1.0)
+    out["head_accuracy"] = totals["correct_labels"] / max(totals["labelled"], 1.0)
+  if "ctc_loss_sum" in totals:
+    out["ctc_loss"] = totals["ctc_loss_sum"] / max(totals["tokens"], 1.0)
+    out.setdefault("loss", out["ctc_loss"])
+  return out

@@ -1,0 +1,71 @@
+"""Where training numbers go: W/metrics.jsonl, TensorBoard (tensorboardX, no
+TensorFlow), and optionally Weights & Biases. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _plain(value: Any):
+  value = np.asarray(jax.device_get(value)).item() if np.ndim(value) == 0 else value
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN; keep it visible rather than dropping it
+  return value
+
+
+class MetricWriter:
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, wandb_cfg=None, config_dict=None):
+    self.enabled = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    self._wandb = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    if wandb_cfg is not None and wandb_cfg.enabled:
+      try:
+        import wandb
+      except ImportError:
+        logging.warning("logging.wandb.enabled is set but wandb is not installed; skipping W&B")
+      else:
+        self._wandb = wandb.init(project=wandb_cfg.project, mode=wandb_cfg.mode, dir=workdir,
+                                 config=config_dict, resume="allow",
+                                 name=os.path.basename(os.path.abspath(workdir)))
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    numeric = {k: v for k, v in record.items() if k not in ("step", "split")
+               and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if self._tb is not None:
+      for k, v in numeric.items():
+        self._tb.add_scalar(f"{split}/{k}", v, step)
+    if self._wandb is not None:
+      self._wandb.log({f"{split}/{k}": v for k, v in numeric.items()}, step=int(step))
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()

@@ -1,0 +1,148 @@
+"""The jit-compiled train and eval steps.
+
+State is a plain dict (big_vision style):
+
+    state = {'step': int32, 'trainable': {...}, 'opt_state': ..., 'rng': key,
+             'skipped': int32, 'bad_in_a_row': int32}
+
+and the frozen base weights travel beside it, never through the optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from speechjax.trainer.objectives import Objective
+from speechjax.trainer.partition import join_variables
+
+
+def _global_norm(tree):
+  norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
+  return norm(tree) if norm is not None else optax.global_norm(tree)
+
+
+def _split_micro(batch: dict, k: int) -> dict:
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch of {x.shape[0]} does not split into {k} micro-batches")
+    return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+  return jax.tree_util.tree_map(split, batch)
+
+
+def adversarial_input(loss_of_input: Callable, x, valid, cfg, rng):
+  """FGSM (one signed-gradient step of size epsilon) or PGD (k steps of
+  `step_size`, random start, projected back into the epsilon L-inf ball) on
+  the input features. Padding frames are never perturbed."""
+  eps = cfg.epsilon
+  grad_fn = jax.grad(loss_of_input)
+  if cfg.method == "fgsm":
+    delta = eps * jnp.sign(grad_fn(x))
+  elif cfg.method == "pgd":
+    delta = jax.random.uniform(rng, x.shape, x.dtype, -eps, eps) * valid
+
+    def body(_, d):
+      d = d + cfg.step_size * jnp.sign(grad_fn(x + d))
+      return jnp.clip(d, -eps, eps) * valid
+
+    delta = jax.lax.fori_loop(0, cfg.steps, body, delta)
+  else:
+    raise ValueError(f"train.adversarial.method={cfg.method!r}; valid: none, fgsm, pgd")
+  return jax.lax.stop_gradient(x + delta * valid)
+
+
+def make_train_step(objective: Objective, optimizer: optax.GradientTransformation,
+                    schedule: Callable, train_cfg) -> Callable:
+  accum = int(train_cfg.grad_accum_steps)
+  adv = train_cfg.adversarial
+  use_adv = adv.method != "none"
+  if use_adv and objective.input_field is None:
+    raise ValueError("train.adversarial needs a model kind with input features")
+
+  def micro_loss(trainable, frozen, micro, norms, rng):
+    rngs = {"dropout": rng}
+
+    def loss_with(t, m):
+      return objective.loss(join_variables(t, frozen), m, rngs, False, norms)
+
+    loss, stats = loss_with(trainable, micro)
+    if use_adv:
+      field = objective.input_field
+      valid = micro["feature_mask"][:, None, :].astype(micro[field].dtype)
+
+      def loss_of_input(x):
+        return loss_with(jax.lax.stop_gradient(trainable), {**micro, field: x})[0]
+
+      x_adv = adversarial_input(loss_of_input, micro[field], valid, adv, jax.random.fold_in(rng, 1))
+      adv_loss, _ = loss_with(trainable, {**micro, field: x_adv})
+      stats = {**stats, "adv_loss": adv_loss}
+      loss = loss + adv.weight * adv_loss
+    return loss, stats
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def train_step(state, frozen, batch):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    norms = objective.normalizers(batch)
+    trainable = state["trainable"]
+    if accum == 1:
+      (loss, stats), grads = grad_fn(trainable, frozen, batch, norms, rng)
+    else:
+      micros = _split_micro(batch, accum)
+
+      def body(carry, xs):
+        i, micro = xs
+        (l, s), g = grad_fn(trainable, frozen, micro, norms, jax.random.fold_in(rng, i))
+        return jax.tree_util.tree_map(jnp.add, carry, (l, s, g)), None
+
+      zero_stats = jax.eval_shape(lambda: grad_fn(trainable, frozen, jax.tree_util.tree_map(
+          lambda x: x[0], micros), norms, rng)[0][1])
+      init = (jnp.zeros((), jnp.float32),
+              jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zero_stats),
+              jax.tree_util.tree_map(jnp.zeros_like, trainable))
+      (loss, stats, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum), micros))
+
+    grad_norm = _global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, state["opt_state"], trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    # A non-finite loss or gradient leaves weights and optimizer state as they were.
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {
+        "step": state["step"] + 1,
+        "trainable": keep(new_trainable, trainable),
+        "opt_state": keep(new_opt_state, state["opt_state"]),
+        "rng": state["rng"],
+        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+        "bad_in_a_row": jnp.where(finite, 0, state["bad_in_a_row"] + 1),
+    }
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+               "finite": finite.astype(jnp.float32), **stats}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(objective: Objective) -> Callable:
+  """Summed loss statistics on one batch (no dropout); the loop averages."""
+
+  def eval_step(trainable, frozen, batch):
+    norms = {k: jnp.ones((), jnp.float32) for k in objective.normalizers(batch)}
+    _, stats = objective.loss(join_variables(trainable, frozen), batch, {}, True, norms)
+    return stats
+
+  return eval_step
+
+
+def init_train_state(trainable, optimizer, rng) -> dict[str, Any]:
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "trainable": trainable,
+      "opt_state": optimizer.init(trainable),
+      "rng": rng,
+      "skipped": jnp.zeros((), jnp.int32),
+      "bad_in_a_row": jnp.zeros((), jnp.int32),
+  }
