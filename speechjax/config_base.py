@@ -98,6 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.patience = 0  # 0 = no early stopping
   c.eval.task_metrics = True  # decode and score (WER, BLEU, accuracy) on dev
   c.eval.max_examples = 256  # dev examples decoded for task metrics per evaluation
+  c.eval.tasks = ()  # tasks scored ('' = data.tasks)
+  c.eval.classify_with = "generate"  # generate (label as text) | head (classification head)
   c.eval.decode = ml_collections.ConfigDict(dict(
       method="greedy", beam_size=4, length_penalty=1.0, max_new_tokens=64,
       temperature=1.0, top_p=1.0))

@@ -237,8 +237,9 @@ class Trainer:
   def evaluate(self) -> dict:
     cfg = self.config.eval
     metrics = self.evaluate_loss(self.data.dev_batches(cfg.max_batches))
-    if cfg.task_metrics and self.bundle.evaluate_task is not None:
-      metrics.update(self.bundle.evaluate_task(self.variables(), self.data, cfg))
+    if cfg.task_metrics:
+      from speechjax import evaluation
+      metrics.update(evaluation.dev_metrics(self.bundle, self.variables(), self.data, self.config))
     return metrics
 
   # ---------------------------------------------------------------- loop

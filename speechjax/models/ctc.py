@@ -1,0 +1,68 @@
+"""An audio encoder with a CTC head, for pretraining the encoder on its own.
+
+Used as the first stage of a speech-LLM recipe when no pretrained Whisper is
+at hand: the encoder learns to hear with a cheap alignment-free loss, then its
+weights (the `encoder` subtree, identical in layout to the speech LLM's) are
+exported as a Whisper folder and loaded like any pretrained encoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from speechjax.models.audio_encoder import WhisperEncoder, WhisperEncoderConfig, encoder_output_mask
+from speechjax.models.lora import Dense
+
+BLANK = "_"  # index 0 of every CTC vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class CTCConfig:
+  encoder: WhisperEncoderConfig
+  vocab: str  # the characters the head predicts; the blank is prepended
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.vocab) + 1
+
+
+class CTCEncoder(nn.Module):
+  """features [B, n_mels, F], feature_mask [B, F] -> (logits [B, N, V], mask [B, N])."""
+
+  config: CTCConfig
+
+  @nn.compact
+  def __call__(self, features, feature_mask=None, deterministic: bool = True):
+    enc_cfg = self.config.encoder
+    hidden = WhisperEncoder(enc_cfg, name="encoder")(features, feature_mask, deterministic)
+    if feature_mask is None:
+      mask = jnp.ones(hidden.shape[:2], jnp.int32)
+    else:
+      mask = encoder_output_mask(feature_mask).astype(jnp.int32)
+    logits = Dense(self.config.vocab_size, kernel_axes=("embed", "vocab"), dtype=jnp.dtype(enc_cfg.dtype),
+                   name="ctc_head")(hidden)
+    return logits.astype(jnp.float32), mask
+
+
+def encode_text(text: str, vocab: str) -> list[int]:
+  """Characters -> CTC label ids (1-based; 0 is the blank). Characters outside
+  the vocabulary are dropped, after lower-casing."""
+  index = {c: i + 1 for i, c in enumerate(vocab)}
+  return [index[c] for c in text.lower() if c in index]
+
+
+def greedy_decode(logits: np.ndarray, mask: np.ndarray, vocab: str) -> list[str]:
+  """Best path: argmax per frame, merge repeats, drop blanks."""
+  best = np.asarray(jnp.argmax(logits, -1))
+  mask = np.asarray(mask).astype(bool)
+  out = []
+  for row, valid in zip(best, mask):
+    row = row[valid]
+    keep = np.concatenate([[True], row[1:] != row[:-1]]) & (row != 0)
+    out.append(" ".join("".join(vocab[i - 1] for i in row[keep]).split()))
+  return out

@@ -1,0 +1,89 @@
+"""Process set-up shared by the command-line entry points: multi-host
+initialisation, compilation cache, logging, and readable config errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import jax
+
+
+def setup(config, flags_values=None) -> None:
+  from speechjax import parallel
+
+  if flags_values is not None:
+    parallel.initialize_distributed(
+        getattr(flags_values, "coordinator_address", ""), getattr(flags_values, "num_processes", 0),
+        getattr(flags_values, "process_id", -1))
+  cache_dir = config.get("compile_cache_dir", "")
+  if cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  logging.getLogger().setLevel(logging.INFO)
+  if jax.process_index() != 0:
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def write_config(config, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  from speechjax.config_base import to_json
+
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(to_json(config))
+
+
+def valid_keys(config, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in config.items():
+    if hasattr(v, "items"):
+      keys += valid_keys(v, f"{prefix}{k}.")
+    else:
+      keys.append(f"{prefix}{k}")
+  return keys
+
+
+def _load_config(config_arg: str):
+  import importlib.util
+
+  path, _, arg = config_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("_speechjax_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_override_message(config_arg: str, argv: list[str]) -> str | None:
+  """Names the `--config.x=y` overrides that are not keys of the config, and
+  lists the valid keys; None when every override is a valid key."""
+  try:
+    keys = valid_keys(_load_config(config_arg))
+  except Exception:  # the config file itself is broken: the original error says more
+    return None
+  overrides = [a.split("=")[0][len("--config."):] for a in argv if a.startswith("--config.")]
+  unknown = [k for k in overrides if k not in keys]
+  if not unknown:
+    return None
+  return (f"unknown config key(s): {', '.join(unknown)}\nvalid keys of {config_arg}:\n  "
+          + "\n  ".join(keys))
+
+
+def run_with_config_errors(main) -> None:
+  """absl app.run, but an unknown `--config.x=y` names the valid keys."""
+  from absl import app
+
+  try:
+    app.run(main)
+  except SystemExit:
+    raise
+  except Exception:  # an unknown override surfaces here, from flag parsing
+    config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
+    message = unknown_override_message(config_arg, sys.argv) if config_arg else None
+    if message:
+      print(message, file=sys.stderr)
+      sys.exit(2)
+    raise
