@@ -26,6 +26,9 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.3",
     "tensorboardX>=2.6",
     "espeakng-loader>=0.2.4",
+    "soxr>=0.3",
+    # tensorflow-datasets imports it when a builder lives in a package (not declared by tfds).
+    "importlib-resources>=6.0",
     "matplotlib>=3.7",
 ]
 

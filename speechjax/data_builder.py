@@ -154,9 +154,7 @@ def _ctc_data(config, bundle) -> RunData:
     batch["ctc_labels"], batch["ctc_label_mask"] = labels, label_mask
     return batch
 
-  train = pipeline.make_train_iterator(train_source, train_info, bundle.tokenizer, lambda f: 0, data_cfg,
-                                       keep_text=True)
-  train = pipeline.MappedIterator(train, lambda b: add_labels(b, b.pop("text")))
+  train = _ctc_train_iterator(train_source, train_info, bundle.tokenizer, data_cfg, add_labels)
 
   def dev_batches(max_batches: int):
     it = pipeline.make_eval_iterator(dev_source, dev_info, bundle.tokenizer, lambda f: 0, data_cfg,
@@ -166,3 +164,34 @@ def _ctc_data(config, bundle) -> RunData:
       yield add_labels(batch, texts)
 
   return RunData(train, dev_batches, train.stats, dev_source, dev_info, tuple(train_info.label_names))
+
+
+class _CTCTrainIterator(pipeline.TrainIterator):
+  """The speech training iterator, with CTC labels made from each row's text."""
+
+  def __init__(self, iterator, planner, add_labels):
+    super().__init__(iterator, planner)
+    self._add_labels = add_labels
+
+  def __next__(self):
+    batch = next(self._iterator)
+    self._window.append(batch.pop("_stats"))
+    return self._add_labels(batch, batch.pop("_meta")["text"])
+
+
+def _ctc_train_iterator(source, info, tokenizer, data_cfg, add_labels):
+  shard = pipeline.shard_options_from_config(data_cfg)
+  batch_size = int(data_cfg.batch_size)
+  if batch_size % shard.shard_count:
+    raise ValueError(f"data.batch_size={batch_size} is not divisible by {shard.shard_count} processes")
+  planner = pipeline.BatchPlanner(pipeline.eligible_indices(info, ("asr",)), info.num_samples,
+                                  batch_size // shard.shard_count, int(data_cfg.seed),
+                                  int(data_cfg.length_grouping_window), shard)
+  # Transcripts only: the prompt is irrelevant to CTC, so make it zero audio slots.
+  asr_only = dict(data_cfg.to_dict(), tasks=("asr",), task_weights=(1.0,))
+  maker = pipeline.BatchMaker(source, info, pipeline._prompt_builder(tokenizer, asr_only),  # pylint: disable=protected-access
+                              lambda f: 0, asr_only, train=True)
+  ones = np.ones(planner.batch_size, np.float32)
+  dataset = grain.MapDataset.range(2 ** 62).map(lambda k: maker(planner(k), ones, k))
+  return _CTCTrainIterator(iter(dataset.to_iter_dataset(pipeline._read_options(data_cfg))), planner,  # pylint: disable=protected-access
+                           add_labels)

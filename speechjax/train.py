@@ -32,7 +32,6 @@ def main(argv):
   runtime.setup(config, flags.FLAGS)
   from speechjax.trainer.loop import Trainer  # after jax.distributed is up
 
-  runtime.write_config(config, _WORKDIR.value)
   summary = Trainer(config, _WORKDIR.value).run()
   print(json.dumps(summary, default=float))
 

@@ -16,9 +16,9 @@ from safetensors.numpy import load_file
 
 from speechjax.hf import whisper as hf_whisper
 from speechjax.models import lora as lora_lib
-from speechjax.models.audio_encoder import (WhisperEncoder, WhisperEncoderConfig,
-                                            encoder_output_length, encoder_output_mask,
-                                            sinusoids, whisper_config)
+from speechjax.models.audio_encoder import (SinusoidalPositions, WhisperEncoder,
+                                            WhisperEncoderConfig, encoder_output_length,
+                                            encoder_output_mask, sinusoids, whisper_config)
 
 transformers = pytest.importorskip("transformers")
 
@@ -124,7 +124,7 @@ def test_padded_batch_equals_each_example_alone(hf_whisper_model):
   path, _ = hf_whisper_model
   model, params = _load(path)
   apply = jax.jit(model.apply)
-  lengths = [400, 251, 100]
+  lengths = [400, 251, 100]  # row 0 is unpadded; rows 1 and 2 are compared alone
   rng = np.random.default_rng(3)
   features = rng.standard_normal((3, 80, 400)).astype(np.float32)
   mask = (np.arange(400)[None] < np.array(lengths)[:, None]).astype(np.int32)
@@ -134,13 +134,16 @@ def test_padded_batch_equals_each_example_alone(hf_whisper_model):
   for i, n in enumerate(lengths):
     m = encoder_output_length(n)
     assert out_mask[i].sum() == m and out_mask[i, :m].all()
+    if i == 0:
+      continue
     alone = np.asarray(apply({"params": params}, features[i:i + 1, :, :n]))
     assert alone.shape == (1, m, 64)
     np.testing.assert_allclose(batch[i, :m], alone[0], atol=1e-5, rtol=0)
   # Garbage in the padded frames must not leak into valid outputs.
   noisy = np.where(mask[:, None, :] > 0, features, 1e3)
-  np.testing.assert_allclose(np.asarray(apply({"params": params}, noisy, mask)) * out_mask[..., None],
-                             batch * out_mask[..., None], atol=1e-5, rtol=0)
+  noisy_out = np.asarray(apply({"params": params}, noisy, mask))
+  np.testing.assert_allclose(noisy_out * out_mask[..., None], batch * out_mask[..., None],
+                             atol=1e-5, rtol=0)
 
 
 def test_params_to_hf_round_trip(hf_whisper_model):
@@ -180,60 +183,79 @@ def test_config_from_hf_and_bad_inputs():
     model.init(jax.random.key(0), jnp.zeros((1, 64, 100)))
 
 
+def _random_params(abstract, seed=0):
+  """Noise of the right shapes: compiling the real initialisers costs more on CPU
+  than the forward passes under test."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    if getattr(path[-1], "key", None) == "scale":
+      return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
+    std = 0.5 / np.sqrt(leaf.shape[-2]) if len(leaf.shape) >= 2 else 0.1
+    return jnp.asarray(std * rng.standard_normal(leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, nn.unbox(abstract))
+
+
 def test_init_positions_axes_and_bf16():
   cfg = WhisperEncoderConfig(d_model=32, num_layers=2, num_heads=2, ffn_dim=64,
                              max_source_positions=60, scan_layers=True)
   model = WhisperEncoder(cfg)
   x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 80, 120)), jnp.float32)
-  variables = model.init(jax.random.key(0), x)
-  boxed = jax.tree_util.tree_leaves(variables["params"],
+  abstract = jax.eval_shape(model.init, jax.random.key(0), x)
+  boxed = jax.tree_util.tree_leaves(abstract["params"],
                                     is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
   assert all(isinstance(v, nn.LogicallyPartitioned) for v in boxed)
-  names = nn.get_partition_spec(variables)["params"]
+  names = nn.get_partition_spec(abstract)["params"]
   assert names["layers"]["fc1"]["kernel"] == jax.sharding.PartitionSpec("layers", "embed", "mlp")
   assert names["conv1"]["kernel"] == jax.sharding.PartitionSpec("conv_kernel", "mel", "embed")
-  table = np.asarray(nn.unbox(variables["params"])["embed_positions"]["embedding"])
+  positions = SinusoidalPositions(60, 32).init(jax.random.key(0), 1)["params"]
+  table = np.asarray(nn.unbox(positions)["embedding"])
   np.testing.assert_allclose(table, sinusoids(60, 32), atol=1e-6)
   from transformers.models.whisper.modeling_whisper import sinusoids as hf_sinusoids
   np.testing.assert_allclose(table, hf_sinusoids(60, 32).numpy(), atol=1e-5)
 
-  params = nn.unbox(variables["params"])
-  # Positions are frozen: no gradient reaches the table.
-  grads = jax.grad(lambda p: model.apply({"params": p}, x).sum())(params)
-  assert not np.asarray(grads["embed_positions"]["embedding"]).any()
-  assert np.abs(np.asarray(grads["layers"]["fc1"]["kernel"])).sum() > 0
-
-  f32 = model.apply({"params": params}, x)
+  params = _random_params(abstract["params"])
+  f32 = jax.jit(model.apply)({"params": params}, x)
   bf16_model = WhisperEncoder(dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16"))
   bf16_params = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
-  bf16 = bf16_model.apply({"params": bf16_params}, x)
+  bf16 = jax.jit(bf16_model.apply)({"params": bf16_params}, x)
   assert bf16.dtype == jnp.bfloat16
   assert float(jnp.max(jnp.abs(bf16.astype(jnp.float32) - f32))) < 0.1
 
 
-def test_lora_on_encoder_targets_and_remat_dropout():
+def test_lora_targets_remat_dropout_and_frozen_positions():
   lora = lora_lib.LoRAConfig(rank=4, targets=(r"layers_\d+/self_attn/(q_proj|v_proj)$",))
-  cfg = WhisperEncoderConfig(d_model=32, num_layers=2, num_heads=2, ffn_dim=64,
-                             max_source_positions=50, lora=lora, remat_policy="full",
-                             attention_dropout=0.1, residual_dropout=0.1)
+  cfg = WhisperEncoderConfig(d_model=32, num_layers=1, num_heads=2, ffn_dim=64,
+                             max_source_positions=50, lora=lora)
   model = WhisperEncoder(cfg)
   x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 80, 100)), jnp.float32)
   mask = jnp.asarray(np.arange(100)[None] < np.array([[100], [61]]), jnp.int32)
-  variables = model.init(jax.random.key(0), x, mask)
-  adapted = sorted(variables["lora"]["layers_0"]["self_attn"])
-  assert adapted == ["q_proj", "v_proj"]
-  params, adapters = nn.unbox(variables["params"]), nn.unbox(variables["lora"])
-  # B = 0 at init: the adapter changes nothing, and merging is exact.
-  base = model.apply({"params": params}, x, mask)
-  with_lora = model.apply({"params": params, "lora": adapters}, x, mask)
-  np.testing.assert_allclose(with_lora, base, atol=1e-6)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), x, mask)
+  assert sorted(abstract["lora"]["layers_0"]["self_attn"]) == ["q_proj", "v_proj"]
+  assert "fc1" not in abstract["lora"]["layers_0"]
+  variables = {"params": _random_params(abstract["params"]),
+               "lora": _random_params(abstract["lora"], seed=1)}
+  out_mask = encoder_output_mask(mask)[..., None]
 
-  def loss(adapters):
-    out = model.apply({"params": params, "lora": adapters}, x, mask, deterministic=False,
-                      rngs={"dropout": jax.random.key(1)})
-    return jnp.sum(out * encoder_output_mask(mask)[..., None])
+  def loss(variables, model=model, **kw):
+    return jnp.sum(model.apply(variables, x, mask, **kw) * out_mask)
 
-  grads = jax.jit(jax.grad(loss))(adapters)
+  grads = jax.jit(jax.grad(loss))(variables)
   leaves = jax.tree_util.tree_leaves(grads)
   assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
-  assert np.abs(np.asarray(grads["layers_0"]["self_attn"]["q_proj"]["lora_b"])).sum() > 0
+  # Positions are frozen: no gradient reaches the table; everything else learns.
+  assert not np.asarray(grads["params"]["embed_positions"]["embedding"]).any()
+  assert np.abs(np.asarray(grads["params"]["layers_0"]["fc1"]["kernel"])).sum() > 0
+  assert np.abs(np.asarray(grads["lora"]["layers_0"]["self_attn"]["q_proj"]["lora_b"])).sum() > 0
+
+  # Remat (unrolled and scanned) and dropout trace through the same gradient; only
+  # shapes are checked here, since compiling them on CPU costs seconds each.
+  for scan in (False, True):
+    heavy = WhisperEncoder(dataclasses.replace(cfg, num_layers=2, scan_layers=scan,
+                                               remat_policy="full", attention_dropout=0.1,
+                                               residual_dropout=0.1))
+    heavy_vars = jax.eval_shape(heavy.init, jax.random.key(0), x, mask)
+    shapes = jax.eval_shape(jax.grad(lambda v: loss(
+        v, model=heavy, deterministic=False, rngs={"dropout": jax.random.key(1)})), heavy_vars)
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(heavy_vars)

@@ -49,7 +49,8 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
   audio = np.asarray(audio, np.float32)
   if int(orig_sr) == int(target_sr) or audio.size == 0:
     return audio
-  return soxr.resample(audio, int(orig_sr), int(target_sr), quality='HQ').astype(np.float32, copy=False)
+  return soxr.resample(audio, int(orig_sr), int(target_sr),
+                       quality='HQ').astype(np.float32, copy=False)
 
 
 def to_model_input(audio: np.ndarray, sample_rate: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:

@@ -19,13 +19,15 @@ value (max - 8 + 4) / 4, which is exactly what Whisper produces for the silent
 padding it appends up to 30 s. Valid frames near the end see zeros instead of
 a reflection of the signal, as in Whisper's own 30 s padding.
 
-The STFT uses `jnp.fft.rfft` on frames built with slices (no gather); on CPU
-it is faster than a DFT matmul (see bench/input_throughput.py).
+The STFT uses `jnp.fft.rfft` on frames built with strided slices (no
+gather); on a 2-core CPU this measured ~1.6x faster than a DFT matmul
+(`stft='matmul'`, kept for accelerators and for the benchmark).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +52,8 @@ def _hz_to_mel(freqs: np.ndarray) -> np.ndarray:
   mels = freqs / f_sp
   min_log_hz, min_log_mel, logstep = 1000.0, 1000.0 / f_sp, np.log(6.4) / 27.0
   log_region = freqs >= min_log_hz
-  mels = np.where(log_region, min_log_mel + np.log(np.maximum(freqs, 1e-10) / min_log_hz) / logstep, mels)
+  mels = np.where(log_region, min_log_mel + np.log(np.maximum(freqs, 1e-10) / min_log_hz) / logstep,
+                  mels)
   return mels
 
 
@@ -58,7 +61,8 @@ def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
   mels = np.asarray(mels, np.float64)
   f_sp = 200.0 / 3
   min_log_hz, min_log_mel, logstep = 1000.0, 1000.0 / f_sp, np.log(6.4) / 27.0
-  return np.where(mels >= min_log_mel, min_log_hz * np.exp(logstep * (mels - min_log_mel)), f_sp * mels)
+  return np.where(mels >= min_log_mel, min_log_hz * np.exp(logstep * (mels - min_log_mel)),
+                  f_sp * mels)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,25 +86,28 @@ def _hann_window(n_fft: int = N_FFT) -> np.ndarray:
 
 
 def _frames(audio: jax.Array, count: int) -> jax.Array:
-  """Centred, reflect-padded frames [..., count, N_FFT] built from hop-sized blocks."""
+  """Centred, reflect-padded frames [..., count, N_FFT], built without a gather.
+
+  N_FFT (400) and HOP (160) are both multiples of 80: cut the padded signal
+  into 80-sample pieces; frame i is pieces 2i .. 2i+4. Five strided slices
+  stacked is much faster on XLA:CPU than a gather or a concat of hop blocks.
+  """
   pad = N_FFT // 2
   padded = jnp.pad(audio, [(0, 0)] * (audio.ndim - 1) + [(pad, pad)], mode='reflect')
-  # Frames start every HOP samples and span 2.5 hops: stitch 3 consecutive
-  # hop-blocks and cut to N_FFT, which is a slice+concat instead of a gather.
-  blocks_needed = count + 2
-  total = blocks_needed * HOP_LENGTH
-  padded = jnp.pad(padded, [(0, 0)] * (audio.ndim - 1) + [(0, max(0, total - padded.shape[-1]))])
-  blocks = padded[..., :total].reshape(audio.shape[:-1] + (blocks_needed, HOP_LENGTH))
-  stitched = jnp.concatenate([blocks[..., :count, :], blocks[..., 1:count + 1, :], blocks[..., 2:count + 2, :]],
-                             axis=-1)
-  return stitched[..., :N_FFT]
+  piece = math.gcd(N_FFT, HOP_LENGTH)
+  per_frame, per_hop = N_FFT // piece, HOP_LENGTH // piece
+  num_pieces = (count - 1) * per_hop + per_frame
+  pieces = padded[..., :num_pieces * piece].reshape(audio.shape[:-1] + (num_pieces, piece))
+  stacked = jnp.stack(
+      [pieces[..., k:k + (count - 1) * per_hop + 1:per_hop, :] for k in range(per_frame)], axis=-2)
+  return stacked.reshape(audio.shape[:-1] + (count, N_FFT))
 
 
 def _power_spectrum(audio: jax.Array, count: int, stft: str) -> jax.Array:
   frames = _frames(audio, count) * _hann_window()
   if stft == 'rfft':
     spec = jnp.fft.rfft(frames, n=N_FFT, axis=-1)
-    return spec.real ** 2 + spec.imag ** 2
+    return spec.real**2 + spec.imag**2
   if stft == 'matmul':
     k = np.arange(1 + N_FFT // 2)
     n = np.arange(N_FFT)
@@ -108,7 +115,7 @@ def _power_spectrum(audio: jax.Array, count: int, stft: str) -> jax.Array:
     basis = np.concatenate([np.cos(angle), -np.sin(angle)], axis=1).astype(np.float32)
     out = jnp.matmul(frames, basis, precision=jax.lax.Precision.HIGHEST)
     re, im = jnp.split(out, 2, axis=-1)
-    return re ** 2 + im ** 2
+    return re**2 + im**2
   raise ValueError(f"stft must be 'rfft' or 'matmul', got {stft!r}")
 
 
@@ -155,14 +162,16 @@ def _prepare(audio, sample_rate: int) -> jax.Array:
       audio = np.stack([audio_lib.resample(a, sample_rate, SAMPLE_RATE) for a in audio])
   audio = jnp.asarray(audio, jnp.float32)
   if audio.ndim not in (1, 2):
-    raise ValueError(f'log_mel expects audio [samples] or [batch, samples], got shape {audio.shape}')
+    raise ValueError(
+        f'log_mel expects audio [samples] or [batch, samples], got shape {audio.shape}')
   if audio.shape[-1] < N_FFT // 2 + 1:
     raise ValueError(f'log_mel needs at least {N_FFT // 2 + 1} samples for reflect padding, '
                      f'got shape {audio.shape}')
   return audio
 
 
-def log_mel(audio, sample_rate: int = SAMPLE_RATE, n_mels: int = 80, *, stft: str = 'rfft') -> jax.Array:
+def log_mel(audio, sample_rate: int = SAMPLE_RATE, n_mels: int = 80, *,
+            stft: str = 'rfft') -> jax.Array:
   """Whisper log-mel features.
 
   Args:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from speechjax.models import layers as L
 from speechjax.models.lora import Dense, LoRAConfig
 
 LAYER_NORM_EPS = 1e-5  # HF Whisper uses torch's default.
@@ -40,7 +41,7 @@ WHISPER_SIZES = {
 }
 
 
-def _lora_config(value) -> LoRAConfig:
+def coerce_lora_config(value) -> LoRAConfig:
   """Accepts a LoRAConfig or the dict an ml_collections config turns it into."""
   if value is None:
     return LoRAConfig()
@@ -57,8 +58,8 @@ class WhisperEncoderConfig:
   """Encoder hyper-parameters; `whisper_config('small')` fills in a released size.
 
   dtype is the compute dtype, param_dtype the storage dtype (either may be a
-  string such as 'bfloat16'). remat_policy: 'none' | 'full' | 'dots' |
-  'dots_no_batch'.
+  string such as 'bfloat16'). remat_policy: see layers.REMAT_POLICY_NAMES.
+  attention_impl: '' (JAX picks), 'xla' or 'cudnn'.
   """
 
   num_mel_bins: int = 80
@@ -73,19 +74,18 @@ class WhisperEncoderConfig:
   remat_policy: str = "none"
   attention_dropout: float = 0.0
   residual_dropout: float = 0.0
+  attention_impl: str = ""
   lora: LoRAConfig = LoRAConfig()
 
   def __post_init__(self):
-    object.__setattr__(self, "lora", _lora_config(self.lora))
+    object.__setattr__(self, "lora", coerce_lora_config(self.lora))
     if self.d_model % self.num_heads:
       raise ValueError(f"WhisperEncoderConfig: d_model={self.d_model} is not divisible by "
                        f"num_heads={self.num_heads}")
     if self.d_model % 2:
       raise ValueError(f"WhisperEncoderConfig: d_model={self.d_model} must be even "
                        "(sinusoidal positions)")
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"WhisperEncoderConfig.remat_policy={self.remat_policy!r}; "
-                       f"expected one of {sorted(REMAT_POLICIES)}")
+    L.check_remat_policy(self.remat_policy)
 
 
 def whisper_config(size: str, **overrides) -> WhisperEncoderConfig:
@@ -95,23 +95,6 @@ def whisper_config(size: str, **overrides) -> WhisperEncoderConfig:
   fields = dict(num_mel_bins=mels, d_model=d, num_layers=layers, num_heads=heads, ffn_dim=ffn)
   fields.update(overrides)
   return WhisperEncoderConfig(**fields)
-
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": "full",
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-
-def remat_layer(layer_cls, policy: str, static_argnums=()):
-  """Wraps a layer class in nn.remat according to a policy name (or returns it)."""
-  if REMAT_POLICIES.get(policy) is None:
-    return layer_cls
-  saveable = REMAT_POLICIES[policy]
-  return nn.remat(layer_cls, policy=None if saveable == "full" else saveable,
-                  prevent_cse=False, static_argnums=static_argnums)
 
 
 def encoder_output_length(num_frames: int) -> int:
@@ -134,38 +117,6 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
   inv_timescales = np.exp(-log_increment * np.arange(channels // 2, dtype=np.float32))
   scaled = np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :]
   return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
-
-
-def layer_norm(name: str, dtype, param_dtype) -> nn.LayerNorm:
-  # Two-pass variance in float32: Whisper activations reach the hundreds.
-  return nn.LayerNorm(
-      epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype,
-      use_fast_variance=False, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
-              *, dropout_rate: float = 0.0, deterministic: bool = True,
-              dropout_rng: jax.Array | None = None) -> jax.Array:
-  """Bidirectional multi-head attention, q [B,T,N,H], k/v [B,S,N,H] -> [B,T,N,H].
-
-  key_mask [B,S] (True = attend). Logits and softmax run in float32. Without
-  attention dropout this is jax.nn.dot_product_attention (fused kernels on
-  GPU/TPU); with it, the same computation written out so the probabilities
-  can be dropped.
-  """
-  mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]
-  if deterministic or dropout_rate == 0.0:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-  probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
-  return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
 class Conv1d(nn.Module):
@@ -219,47 +170,28 @@ class SinusoidalPositions(nn.Module):
     return jax.lax.stop_gradient(table[:length])
 
 
-class WhisperAttention(nn.Module):
-  config: WhisperEncoderConfig
-
-  @nn.compact
-  def __call__(self, x, key_mask, deterministic: bool = True):
-    cfg = self.config
-    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    b, t, _ = x.shape
-    n, h = cfg.num_heads, cfg.d_model // cfg.num_heads
-
-    def proj(name, axes, use_bias=True):
-      return Dense(cfg.d_model, use_bias=use_bias, kernel_axes=axes, lora=cfg.lora,
-                   dtype=dtype, param_dtype=pdtype, name=name)
-
-    q = proj("q_proj", ("embed", "heads"))(x, deterministic).reshape(b, t, n, h)
-    k = proj("k_proj", ("embed", "kv_heads"), use_bias=False)(x, deterministic).reshape(b, t, n, h)
-    v = proj("v_proj", ("embed", "kv_heads"))(x, deterministic).reshape(b, t, n, h)
-    dropout_rng = None
-    if not deterministic and cfg.attention_dropout > 0:
-      dropout_rng = self.make_rng("dropout")
-    out = attention(q, k, v, key_mask, dropout_rate=cfg.attention_dropout,
-                    deterministic=deterministic, dropout_rng=dropout_rng)
-    return proj("out_proj", ("heads", "embed"))(out.reshape(b, t, n * h), deterministic)
-
-
 class WhisperEncoderLayer(nn.Module):
   """Pre-LN block; returns (x, None) so it can be scanned."""
 
   config: WhisperEncoderConfig
 
   @nn.compact
-  def __call__(self, x, key_mask, deterministic: bool = True):
+  def __call__(self, x, attention_mask, deterministic: bool = True):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     dropout = nn.Dropout(cfg.residual_dropout)
 
-    h = layer_norm("self_attn_layer_norm", dtype, pdtype)(x)
-    h = WhisperAttention(cfg, name="self_attn")(h, key_mask, deterministic)
+    h = L.LayerNorm(LAYER_NORM_EPS, dtype=dtype, param_dtype=pdtype,
+                    name="self_attn_layer_norm")(x)
+    h = L.Attention(
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_heads, head_dim=cfg.d_model // cfg.num_heads,
+        causal=False, q_bias=True, k_bias=False, v_bias=True, o_bias=True, out_name="out_proj",
+        dropout_rate=cfg.attention_dropout, lora=cfg.lora, dtype=dtype, param_dtype=pdtype,
+        implementation=cfg.attention_impl or None, name="self_attn",
+    )(h, mask=attention_mask, deterministic=deterministic)
     x = x + dropout(h, deterministic=deterministic)
 
-    h = layer_norm("final_layer_norm", dtype, pdtype)(x)
+    h = L.LayerNorm(LAYER_NORM_EPS, dtype=dtype, param_dtype=pdtype, name="final_layer_norm")(x)
     h = Dense(cfg.ffn_dim, kernel_axes=("embed", "mlp"), lora=cfg.lora, dtype=dtype,
               param_dtype=pdtype, name="fc1")(h, deterministic)
     h = jax.nn.gelu(h, approximate=False)
@@ -296,11 +228,11 @@ class WhisperEncoder(nn.Module):
                        f"input_features {input_features.shape} (expected [batch, frames])")
 
     x = input_features.astype(dtype)
-    frame_mask = key_mask = None
+    frame_mask = attention_mask = None
     if feature_mask is not None:
       frame_mask = feature_mask.astype(bool)
       x = jnp.where(frame_mask[:, None, :], x, 0)
-      key_mask = encoder_output_mask(frame_mask)
+      attention_mask = L.padding_mask(encoder_output_mask(frame_mask))
 
     conv = dict(kernel_size=3, padding=(1, 1), dtype=dtype, param_dtype=pdtype)
     x = Conv1d(cfg.d_model, in_layout="NCW", kernel_axes=("conv_kernel", "mel", "embed"),
@@ -319,14 +251,15 @@ class WhisperEncoder(nn.Module):
     x = nn.Dropout(cfg.residual_dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    layer_cls = remat_layer(WhisperEncoderLayer, cfg.remat_policy, static_argnums=(3,))
+    layer_cls = L.maybe_remat(WhisperEncoderLayer, cfg.remat_policy, static_argnums=(3,),
+                              scanned=cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(layer_cls, variable_axes={"params": 0, "lora": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, name="layers")(x, key_mask, deterministic)
+      x, _ = stack(cfg, name="layers")(x, attention_mask, deterministic)
     else:
       for i in range(cfg.num_layers):
-        x, _ = layer_cls(cfg, name=f"layers_{i}")(x, key_mask, deterministic)
-    return layer_norm("layer_norm", dtype, pdtype)(x)
+        x, _ = layer_cls(cfg, name=f"layers_{i}")(x, attention_mask, deterministic)
+    return L.LayerNorm(LAYER_NORM_EPS, dtype=dtype, param_dtype=pdtype, name="layer_norm")(x)

@@ -121,8 +121,11 @@ class Trainer:
     from speechjax import model_builder
     from speechjax import data_builder
 
+    from speechjax import runtime
+
     self.config = config
     self.workdir = workdir
+    runtime.write_config(config, workdir)
     self.is_main = jax.process_index() == 0
     self.mesh = parallel.mesh_from_config(config.mesh)
     self.rules = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in config.mesh.rules)

@@ -1,0 +1,1 @@
+"""Benchmarks of speechjax against PyTorch + transformers + peft (`make bench`)."""

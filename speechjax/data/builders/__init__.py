@@ -1,0 +1,1 @@
+"""TFDS dataset builders (array_record, numpy only: TensorFlow is not needed)."""

@@ -1,0 +1,128 @@
+"""Random-access sources the pipeline reads, and what it needs to know about them.
+
+Any object with `__len__` and `__getitem__(i) -> dict` works (a TFDS
+`as_data_source()` split, a list of dicts, `ManifestSource`). Records hold
+'audio' (int16 or float32 [samples] at 16 kHz) and text fields (str or
+bytes). `SourceInfo` carries per-example lengths and field bits so batches
+can be planned (length grouping, task eligibility) without decoding audio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+from absl import logging
+import numpy as np
+
+from speechjax.data import audio as audio_lib
+from speechjax.data import validate
+from speechjax.data.builders import manifest as manifest_builder
+
+
+@dataclasses.dataclass
+class SourceInfo:
+  num_samples: np.ndarray  # int64 [N]
+  fields: np.ndarray  # int32 [N], manifest_builder.HAS_* bits
+  label_names: tuple[str, ...] = ()
+  num_skipped: int = 0
+
+
+def scan_info(source, label_names: Sequence[str] | None = None) -> SourceInfo:
+  """Reads every record once (slow for big datasets; TFDS metadata avoids it)."""
+  num_samples, fields, labels = [], [], set()
+  for i in range(len(source)):
+    record = source[i]
+    num_samples.append(int(np.asarray(record['audio']).size))
+    fields.append(manifest_builder.field_bits(record))
+    label = record.get('label')
+    label = label.decode('utf-8') if isinstance(label, bytes) else label
+    if label:
+      labels.add(str(label))
+  return SourceInfo(np.asarray(num_samples, np.int64), np.asarray(fields, np.int32),
+                    tuple(label_names) if label_names is not None else tuple(sorted(labels)))
+
+
+def tfds_split(dataset_dir: str, split: str, name: str | None = None):
+  """(source, SourceInfo) for a split of a dataset built by our builders.
+
+  Falls back to scanning records when the dataset lacks our metadata.
+  """
+  builder = manifest_builder.open_dataset(dataset_dir, name)
+  source = builder.as_data_source(split=split)
+  metadata = dict(builder.info.metadata or {})
+  if split in metadata.get('num_samples', {}):
+    info = SourceInfo(np.asarray(metadata['num_samples'][split], np.int64),
+                      np.asarray(metadata['fields'][split], np.int32),
+                      tuple(metadata.get('label_names', ())),
+                      int(metadata.get('num_skipped', {}).get(split, 0)))
+    if info.num_samples.size != len(source):
+      raise ValueError(f'{dataset_dir}: metadata lists {info.num_samples.size} examples for split '
+                       f'{split!r} but the data holds {len(source)}; rebuild the dataset.')
+    return source, info
+  logging.warning('%s has no per-example metadata for %r; scanning %d records.', dataset_dir, split,
+                  len(source))
+  return source, scan_info(source)
+
+
+class ManifestSource:
+  """A manifest read directly (no TFDS build), with the builders' bad-input checks.
+
+  Every line is decoded and checked once at construction; bad lines are left
+  out and listed in `.skipped`. Decoded audio is kept as int16 while the
+  total stays under `cache_mb`, otherwise re-read on access.
+  """
+
+  def __init__(self, path: str, *, max_seconds: float | None = 30.0,
+               min_seconds: float = validate.MIN_SECONDS,
+               required_fields: Sequence[str] = ('text',), label_names: Sequence[str] | None = None,
+               cache_mb: float = 1024.0):
+    self.path = os.path.abspath(path)
+    self.skipped: list[validate.Skipped] = []
+    self._records: list[dict[str, Any]] = []
+    cached_bytes, keep_cache = 0, True
+    for example in validate.iter_manifest_examples(self.path, max_seconds=max_seconds,
+                                                   min_seconds=min_seconds,
+                                                   required_fields=required_fields,
+                                                   skipped=self.skipped):
+      audio = audio_lib.float_to_int16(example.pop('audio'))
+      example['num_samples'] = audio.size
+      cached_bytes += audio.nbytes
+      keep_cache = keep_cache and cached_bytes <= cache_mb * 2**20
+      example['audio'] = audio if keep_cache else None
+      self._records.append(example)
+    if not keep_cache:
+      for record in self._records:
+        record['audio'] = None
+    validate.raise_if_all_skipped(self.path, len(self._records), self.skipped)
+    labels = sorted({r['label'] for r in self._records if r['label']})
+    self.info = SourceInfo(
+        np.asarray([r['num_samples'] for r in self._records], np.int64),
+        np.asarray([manifest_builder.field_bits(r) for r in self._records], np.int32),
+        tuple(label_names) if label_names is not None else tuple(labels), len(self.skipped))
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = dict(self._records[index])
+    if record['audio'] is None:
+      record['audio'] = audio_lib.float_to_int16(audio_lib.load_audio(record['audio_path']))
+    return record
+
+
+def open_source(config, split: str, label_names: Sequence[str] | None = None):
+  """(source, info) for a split of the configured dataset, or for a manifest path.
+
+  A split ending in .jsonl is read directly as a manifest (e.g. `evaluate
+  --manifest`); pass the training `label_names` so class ids agree.
+  """
+  if split.endswith('.jsonl'):
+    source = ManifestSource(split, max_seconds=config.get('max_audio_seconds', 30.0),
+                            label_names=label_names)
+    return source, source.info
+  source, info = tfds_split(config.data_dir, split, config.get('name') or None)
+  if label_names is not None:
+    info.label_names = tuple(label_names)
+  return source, info

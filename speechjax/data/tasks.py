@@ -1,0 +1,250 @@
+"""Prompt templates: tasks, paraphrased instructions, chat formats, token layout.
+
+A training example is laid out as
+
+    [bos] chat_prefix  instruction-before-<audio>  [AUDIO_PLACEHOLDER_ID] * A
+          instruction-after-<audio>  chat_suffix | answer_prefix answer  EOS
+
+where A = num_audio_tokens(num_feature_frames) and the model swaps the
+placeholders for projected audio frames. `targets` is `input_ids` shifted
+left and `target_mask` is 1 on the positions whose target is an answer token
+or the EOS, so the loss covers exactly the answer. A generation prompt is the
+same ids up to '|'.
+
+Tasks and the manifest fields they need:
+    asr        text                 answer = transcript
+    translate  translation          answer = translation ("into {language}")
+    classify   label                answer = the label string
+    instruct   prompt, target       the manifest prompt is the instruction
+Training samples one of a task's paraphrased instructions (seeded); evaluation
+always uses the first. Chat formats: 'plain', 'llama2' ([INST] ... [/INST]),
+'chatml' (<|im_start|>user ... <|im_end|><|im_start|>assistant).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+AUDIO_PLACEHOLDER = '<audio>'
+AUDIO_PLACEHOLDER_ID = -1  # = speechjax.models.speech_llm.AUDIO_PLACEHOLDER_ID
+
+TASKS = ('asr', 'translate', 'classify', 'instruct')
+TASK_FIELDS = {
+    'asr': ('text',),
+    'translate': ('translation',),
+    'classify': ('label',),
+    'instruct': ('prompt', 'target'),
+}
+
+INSTRUCTIONS = {
+    'asr': (
+        f'{AUDIO_PLACEHOLDER}\nTranscribe the audio.',
+        f'Transcribe this recording: {AUDIO_PLACEHOLDER}',
+        f'{AUDIO_PLACEHOLDER}\nWrite down exactly what the speaker says.',
+        f'What is said in this audio? {AUDIO_PLACEHOLDER}',
+        f'{AUDIO_PLACEHOLDER}\nGive the transcript of this speech.',
+        f'Listen to {AUDIO_PLACEHOLDER} and write it down word for word.',
+    ),
+    'translate': (
+        f'{AUDIO_PLACEHOLDER}\nTranslate the speech into {{language}}.',
+        f'Translate this recording into {{language}}: {AUDIO_PLACEHOLDER}',
+        f'{AUDIO_PLACEHOLDER}\nWhat does the speaker say, in {{language}}?',
+        f'Listen to {AUDIO_PLACEHOLDER} and give its {{language}} translation.',
+        f'{AUDIO_PLACEHOLDER}\nRender this speech in {{language}}.',
+    ),
+    'classify': (
+        f'{AUDIO_PLACEHOLDER}\nWhat is the intent of this command?',
+        f'Classify the intent of this request: {AUDIO_PLACEHOLDER}',
+        f'{AUDIO_PLACEHOLDER}\nWhich intent does the speaker express?',
+        f'Give the intent label for {AUDIO_PLACEHOLDER}',
+        f'{AUDIO_PLACEHOLDER}\nName the action this utterance asks for.',
+    ),
+}
+
+# (user prefix, text after the user turn, text before the answer)
+CHAT_FORMATS = {
+    'plain': ('', '\n', ''),
+    'llama2': ('[INST] ', ' [/INST]', ' '),
+    'chatml': ('<|im_start|>user\n', '<|im_end|>\n<|im_start|>assistant\n', ''),
+}
+
+
+def as_text(value: Any) -> str:
+  if value is None:
+    return ''
+  if isinstance(value, bytes):
+    return value.decode('utf-8')
+  if isinstance(value, np.ndarray) and value.shape == ():
+    return as_text(value.item())
+  return str(value)
+
+
+def supports(example: Mapping[str, Any], task: str) -> bool:
+  if task not in TASK_FIELDS:
+    raise ValueError(f'Unknown task {task!r}; valid: {TASKS}')
+  return all(as_text(example.get(field)).strip() for field in TASK_FIELDS[task])
+
+
+def supported_tasks(example: Mapping[str, Any], tasks: Sequence[str] = TASKS) -> list[str]:
+  return [task for task in tasks if supports(example, task)]
+
+
+def sample_task(example: Mapping[str, Any], tasks: Sequence[str], weights: Sequence[float],
+                rng: np.random.Generator) -> str | None:
+  """A task drawn by weight among those the example has fields for (None if none)."""
+  if len(tasks) != len(weights):
+    raise ValueError(f'tasks {tuple(tasks)} and weights {tuple(weights)} differ in length')
+  pairs = [(t, float(w)) for t, w in zip(tasks, weights) if w > 0 and supports(example, t)]
+  if not pairs:
+    return None
+  probs = np.array([w for _, w in pairs])
+  return pairs[int(rng.choice(len(pairs), p=probs / probs.sum()))][0]
+
+
+def answer_text(example: Mapping[str, Any], task: str) -> str:
+  if task == 'asr':
+    return as_text(example.get('text')).strip()
+  if task == 'translate':
+    return as_text(example.get('translation')).strip()
+  if task == 'classify':
+    return as_text(example.get('label')).strip()
+  if task == 'instruct':
+    return as_text(example.get('target')).strip()
+  raise ValueError(f'Unknown task {task!r}; valid: {TASKS}')
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+  return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
+@dataclasses.dataclass
+class PromptBuilder:
+  """Turns (example, task) into token ids for a tokenizer and chat format.
+
+  Works with any HF tokenizer (`encode(text, add_special_tokens=False)`,
+  `eos_token_id`, optional `bos_token_id`). Prompt pieces of the fixed
+  instructions are tokenized once and cached.
+  """
+  tokenizer: Any
+  template: str = 'plain'
+  language: str = 'French'
+  add_bos: bool = True
+  instructions: Mapping[str, Sequence[str]] | None = None
+
+  def __post_init__(self):
+    if self.template not in CHAT_FORMATS:
+      raise ValueError(f'Unknown chat template {self.template!r}; valid: {tuple(CHAT_FORMATS)}')
+    if self.tokenizer.eos_token_id is None:
+      raise ValueError('The tokenizer has no eos_token_id; the answer needs an end token.')
+    self.instructions = dict(INSTRUCTIONS, **(self.instructions or {}))
+    self._cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+    self._lock = threading.Lock()
+
+  @property
+  def eos_id(self) -> int:
+    return int(self.tokenizer.eos_token_id)
+
+  @property
+  def pad_id(self) -> int:
+    pad = getattr(self.tokenizer, 'pad_token_id', None)
+    return int(pad if pad is not None else self.eos_id)
+
+  def num_instructions(self, task: str) -> int:
+    return 1 if task == 'instruct' else len(self.instructions[task])
+
+  def instruction(self, example: Mapping[str, Any], task: str, index: int = 0) -> str:
+    """The user message with its <audio> placeholder."""
+    if task == 'instruct':
+      prompt = as_text(example.get('prompt')).strip()
+      return prompt if AUDIO_PLACEHOLDER in prompt else f'{AUDIO_PLACEHOLDER}\n{prompt}'
+    if task not in self.instructions:
+      raise ValueError(f'Unknown task {task!r}; valid: {TASKS}')
+    return self.instructions[task][index].replace('{language}', self.language)
+
+  def _pieces(self, user: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the audio placeholder (BOS and chat wrapping included)."""
+    with self._lock:
+      cached = self._cache.get((self.template, user))
+    if cached is not None:
+      return cached
+    if user.count(AUDIO_PLACEHOLDER) != 1:
+      raise ValueError(f'An instruction needs exactly one {AUDIO_PLACEHOLDER}: {user!r}')
+    prefix, suffix, _ = CHAT_FORMATS[self.template]
+    before, after = user.split(AUDIO_PLACEHOLDER)
+    bos = getattr(self.tokenizer, 'bos_token_id', None)
+    head = ([int(bos)] if self.add_bos and bos is not None else []) + _encode(
+        self.tokenizer, prefix + before)
+    tail = _encode(self.tokenizer, after + suffix)
+    with self._lock:
+      if len(self._cache) < 4096:  # instruct prompts are open-ended; bound the cache
+        self._cache[(self.template, user)] = (head, tail)
+    return head, tail
+
+  def prompt_ids(self, example: Mapping[str, Any], task: str, num_audio_tokens: int,
+                 instruction_index: int = 0) -> list[int]:
+    head, tail = self._pieces(self.instruction(example, task, instruction_index))
+    return head + [AUDIO_PLACEHOLDER_ID] * int(num_audio_tokens) + tail
+
+  def answer_ids(self, example: Mapping[str, Any], task: str,
+                 instruction_index: int = 0) -> list[int]:
+    """Answer + EOS, tokenized as it would be right after the prompt.
+
+    The text after the audio is tokenized jointly with the answer, so the
+    answer's first token is the one the tokenizer makes in context (e.g.
+    'Ġturn' after a space for byte-level BPE, '▁turn' for SentencePiece);
+    when the joint tokens do not start with the cached prompt tail (a merge
+    across the boundary), the answer is tokenized on its own.
+    """
+    user = self.instruction(example, task, instruction_index)
+    after = user.split(AUDIO_PLACEHOLDER)[1]
+    _, suffix, answer_prefix = CHAT_FORMATS[self.template]
+    _, tail = self._pieces(user)
+    answer = answer_prefix + answer_text(example, task)
+    joint = _encode(self.tokenizer, after + suffix + answer)
+    if tail and joint[:len(tail)] == tail:
+      ids = joint[len(tail):]
+    else:
+      ids = _encode(self.tokenizer, answer)
+    return ids + [self.eos_id]
+
+  def training_example(self, example: Mapping[str, Any], task: str, num_audio_tokens: int,
+                       instruction_index: int = 0) -> dict[str, np.ndarray]:
+    """Unpadded input_ids, targets (shifted left, placeholders -> pad) and target_mask."""
+    prompt = self.prompt_ids(example, task, num_audio_tokens, instruction_index)
+    answer = self.answer_ids(example, task, instruction_index)
+    input_ids = np.asarray(prompt + answer, np.int32)
+    targets = np.append(input_ids[1:], self.pad_id).astype(np.int32)
+    targets[targets < 0] = self.pad_id
+    target_mask = np.zeros(input_ids.shape, np.float32)
+    target_mask[len(prompt) - 1:len(input_ids) - 1] = 1.0
+    return {
+        'input_ids': input_ids,
+        'targets': targets,
+        'target_mask': target_mask,
+        'prompt_length': np.int32(len(prompt))
+    }
+
+
+def build_training_example(tokenizer, example: Mapping[str, Any], task: str,
+                           num_feature_frames: int, num_audio_tokens: Callable[[int], int], *,
+                           template: str = 'plain', instruction_index: int = 0,
+                           language: str = 'French', add_bos: bool = True) -> dict[str, np.ndarray]:
+  """(a) Token ids of prompt-with-audio-slots + answer + EOS, with targets and target_mask."""
+  builder = PromptBuilder(tokenizer, template, language, add_bos)
+  return builder.training_example(example, task, num_audio_tokens(num_feature_frames),
+                                  instruction_index)
+
+
+def build_generation_prompt(tokenizer, example: Mapping[str, Any], task: str,
+                            num_feature_frames: int, num_audio_tokens: Callable[[int], int], *,
+                            template: str = 'plain', instruction_index: int = 0,
+                            language: str = 'French', add_bos: bool = True) -> np.ndarray:
+  """(b) The ids up to where the answer starts, for decoding."""
+  builder = PromptBuilder(tokenizer, template, language, add_bos)
+  return np.asarray(
+      builder.prompt_ids(example, task, num_audio_tokens(num_feature_frames), instruction_index),
+      np.int32)

@@ -1,0 +1,201 @@
+"""Manifest reading and bad-input checks, shared by dataset builders and eval.
+
+A manifest is JSONL, one utterance a line (see DESIGN.md):
+    {"audio": "a.wav", "text": "turn on the lights", "label": ..., ...}
+Relative audio paths resolve against the manifest's folder.
+
+Every line either becomes a clean example (float32 mono 16 kHz audio, strings
+for the text fields) or a `Skipped` record with a reason from `SKIP_REASONS`.
+Builders write the skipped ones to `skipped.jsonl` beside the dataset; nothing
+that fails a check reaches training.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from speechjax.data import audio as audio_lib
+
+# Shorter clips give no or one feature frame (10 ms hop): nothing to learn from,
+# and an all-masked row in a batch.
+MIN_SECONDS = 0.1
+
+TEXT_FIELDS = ('text', 'label', 'translation', 'prompt', 'target', 'speaker', 'id')
+
+SKIP_REASONS = (
+    'invalid_json',  # the line is not a JSON object
+    'missing_audio_field',  # no "audio" key
+    'audio_not_found',  # the file does not exist
+    'unreadable_audio',  # soundfile cannot decode it (corrupt, not audio)
+    'empty_audio',  # zero samples
+    'non_finite_audio',  # NaN or inf samples
+    'too_short',  # under min_seconds
+    'too_long',  # over max_seconds
+    'missing_text',  # no "text" (or another required field) key / null
+    'empty_text',  # text (or another required field) is blank
+)
+
+
+@dataclasses.dataclass
+class Skipped:
+  """One manifest line left out of a dataset, and why."""
+  reason: str
+  detail: str
+  manifest: str = ''
+  line: int = 0
+  id: str = ''
+  audio: str = ''
+  split: str = ''
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def resolve_audio_path(path: str, manifest_dir: str) -> str:
+  path = os.path.expanduser(path)
+  return path if os.path.isabs(path) else os.path.normpath(os.path.join(manifest_dir, path))
+
+
+def check_audio(audio: np.ndarray, *, max_seconds: float | None, min_seconds: float = MIN_SECONDS,
+                sample_rate: int = audio_lib.SAMPLE_RATE) -> tuple[str, str] | None:
+  """(reason, detail) when decoded audio is unusable, else None."""
+  if audio.size == 0:
+    return 'empty_audio', 'the file holds no samples'
+  bad = ~np.isfinite(audio)
+  if bad.any():
+    return 'non_finite_audio', f'{int(bad.sum())} of {audio.size} samples are NaN or inf'
+  seconds = audio.size / sample_rate
+  if max_seconds and seconds > max_seconds:
+    return 'too_long', f'{seconds:.2f} s > max_seconds={max_seconds}'
+  if seconds < min_seconds:
+    return 'too_short', f'{seconds:.3f} s < min_seconds={min_seconds}'
+  return None
+
+
+def as_text(value: Any) -> str:
+  if value is None:
+    return ''
+  if isinstance(value, bytes):
+    return value.decode('utf-8')
+  return str(value)
+
+
+def check_fields(record: dict[str, Any], required: Sequence[str]) -> tuple[str, str] | None:
+  for field in required:
+    if field not in record or record[field] is None:
+      return 'missing_text', f'no "{field}" field'
+    if not as_text(record[field]).strip():
+      return 'empty_text', f'"{field}" is empty'
+  return None
+
+
+def load_example(
+    record: dict[str, Any], manifest_dir: str, *, max_seconds: float | None = 30.0,
+    min_seconds: float = MIN_SECONDS, required_fields: Sequence[str] = ('text',)
+) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
+  """Decodes and checks one manifest record.
+
+  Returns (example, None) with example = {'audio': float32 [samples] at 16 kHz,
+  'audio_path': resolved path, 'duration': seconds, and every TEXT_FIELDS key
+  as a str ('' when absent)},
+  or (None, (reason, detail)).
+  """
+  problem = check_fields(record, required_fields)
+  if problem:
+    return None, problem
+  if not record.get('audio'):
+    return None, ('missing_audio_field', 'no "audio" field')
+  path = resolve_audio_path(str(record['audio']), manifest_dir)
+  if not os.path.exists(path):
+    return None, ('audio_not_found', f'{path} does not exist')
+  try:
+    if max_seconds:
+      # Reject over-long files from the header before decoding hours of audio.
+      _, seconds = audio_lib.audio_info(path)
+      if seconds > max_seconds:
+        return None, ('too_long', f'{seconds:.2f} s > max_seconds={max_seconds}')
+    audio = audio_lib.load_audio(path)
+  except audio_lib.AudioError as e:
+    return None, ('unreadable_audio', str(e))
+  problem = check_audio(audio, max_seconds=max_seconds, min_seconds=min_seconds)
+  if problem:
+    return None, problem
+  example = {field: as_text(record.get(field)).strip() for field in TEXT_FIELDS}
+  example['audio'] = audio
+  example['audio_path'] = path
+  example['duration'] = audio.size / audio_lib.SAMPLE_RATE
+  return example, None
+
+
+def read_manifest(path: str) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+  """Yields (line_number, record or None, raw line); blank lines are ignored."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'Manifest not found: {path}')
+  with open(path, encoding='utf-8') as f:
+    for line_number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        record = None
+      yield line_number, (record if isinstance(record, dict) else None), line.rstrip('\n')
+
+
+def iter_manifest_examples(path: str, *, max_seconds: float | None = 30.0,
+                           min_seconds: float = MIN_SECONDS,
+                           required_fields: Sequence[str] = ('text',),
+                           skipped: list[Skipped] | None = None,
+                           split: str = '') -> Iterator[dict[str, Any]]:
+  """Clean examples of a manifest, appending a `Skipped` to `skipped` for each bad line."""
+  manifest_dir = os.path.dirname(os.path.abspath(path))
+  stem = os.path.splitext(os.path.basename(path))[0]
+  for line_number, record, raw in read_manifest(path):
+    if record is None:
+      if skipped is not None:
+        skipped.append(
+            Skipped('invalid_json', f'not a JSON object: {raw[:80]!r}', path, line_number,
+                    split=split))
+      continue
+    example, problem = load_example(record, manifest_dir, max_seconds=max_seconds,
+                                    min_seconds=min_seconds, required_fields=required_fields)
+    if problem:
+      if skipped is not None:
+        skipped.append(
+            Skipped(problem[0], problem[1], path, line_number, as_text(record.get('id')),
+                    as_text(record.get('audio')), split))
+      continue
+    if not example['id']:
+      example['id'] = f'{stem}-{line_number:06d}'
+    yield example
+
+
+def summarize(skipped: Sequence[Skipped]) -> dict[str, int]:
+  return dict(sorted(collections.Counter(s.reason for s in skipped).items()))
+
+
+def write_skipped(path: str, skipped: Sequence[Skipped]) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    for item in skipped:
+      f.write(json.dumps(item.to_json(), ensure_ascii=False) + '\n')
+
+
+class AllExamplesSkippedError(ValueError):
+  """Every line of a manifest failed the checks."""
+
+
+def raise_if_all_skipped(manifest: str, num_kept: int, skipped: Sequence[Skipped]) -> None:
+  if num_kept:
+    return
+  mine = [s for s in skipped if s.manifest == manifest]
+  examples = '; '.join(f'line {s.line}: {s.reason} ({s.detail})' for s in mine[:3])
+  raise AllExamplesSkippedError(
+      f'Every example of manifest {manifest} was skipped ({len(mine)} lines, reasons '
+      f'{summarize(mine)}): {examples or "the manifest is empty"}')

@@ -1,0 +1,1 @@
+"""Flax Linen models: audio encoder, projectors, decoder LLMs, LoRA, speech LLM."""

@@ -1,0 +1,404 @@
+"""Transformer building blocks shared by the decoder LLMs (and reusable by encoders).
+
+Norms keep their statistics in float32 whatever the compute dtype; attention
+logits and softmax run in float32 too. Every parameter carries logical axis
+names (see /tmp/contracts.md) so the same modules shard under any rules.
+
+`Attention` is general: causal or not, grouped-query heads, optional q/k
+RMSNorm, rotary embeddings and a KV cache. Pass either a complete boolean
+`mask` [B, 1|N, T, S] (e.g. `padding_mask(key_mask)` for a bidirectional
+encoder with padded keys) or no mask, in which case the module's `causal`
+flag decides between plain causal and full attention.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from speechjax.models.lora import Dense, LoRAConfig
+
+default_embed_init = nn.initializers.normal(stddev=0.02)
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+  """HF `hidden_act` / `activation_function` names -> jax functions."""
+  table = {
+      "silu": jax.nn.silu,
+      "swish": jax.nn.silu,
+      "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+      "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+      "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+      "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+      "relu": jax.nn.relu,
+  }
+  if name not in table:
+    raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(table)}")
+  return table[name]
+
+
+# ------------------------------------------------------------------ remat ---
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+REMAT_POLICY_NAMES = ("none",) + tuple(_REMAT_POLICIES)
+
+
+def check_remat_policy(name: str) -> None:
+  if name not in REMAT_POLICY_NAMES:
+    raise ValueError(f"remat_policy={name!r}; expected one of {list(REMAT_POLICY_NAMES)}")
+
+
+def maybe_remat(layer_cls, policy: str, static_argnums: tuple[int, ...] = (),
+                scanned: bool = False):
+  """nn.remat(layer_cls) with a named jax.checkpoint policy; 'none' = no remat.
+
+  static_argnums count `self` as 0 (Flax convention). Inside nn.scan the loop
+  already blocks CSE, so prevent_cse is only needed for unrolled layers.
+  """
+  check_remat_policy(policy)
+  if policy == "none":
+    return layer_cls
+  return nn.remat(layer_cls, policy=_REMAT_POLICIES[policy], prevent_cse=not scanned,
+                  static_argnums=static_argnums)
+
+
+# ------------------------------------------------------------------ norms ---
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale over the last axis (Llama/Qwen/Mistral), float32 statistics."""
+
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with two-pass float32 statistics (GPT-2, Whisper)."""
+
+  eps: float = 1e-5
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             (self.axis_name,)),
+                       (features,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + self.eps)
+    y = y * scale.astype(jnp.float32)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                             (self.axis_name,)),
+                        (features,), self.param_dtype)
+      y = y + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+# -------------------------------------------------------------- embedding ---
+
+class Embedding(nn.Module):
+  """Token (or position) table [num, features]; `attend` gives tied output logits."""
+
+  num_embeddings: int
+  features: int
+  axes: tuple[str | None, str | None] = ("vocab", "embed")
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  embedding_init: Callable[..., jax.Array] = default_embed_init
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(self.embedding_init, self.axes),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
+
+
+# ----------------------------------------------------------------- rotary ---
+
+def rope_inv_freq(head_dim: int, theta: float, rope_type: str = "default", *,
+                  factor: float = 1.0, low_freq_factor: float = 1.0,
+                  high_freq_factor: float = 4.0, original_max_position: int = 8192,
+                  beta_fast: float = 32.0, beta_slow: float = 1.0,
+                  attention_factor: float = 0.0,
+                  truncate: bool = True) -> tuple[np.ndarray, float]:
+  """Inverse frequencies [head_dim/2] and the cos/sin scale, as HF computes them.
+
+  rope_type: 'default', 'linear' (position interpolation), 'llama3' (Llama
+  3.1 wavelength-dependent scaling) or 'yarn'. attention_factor 0 means "the
+  type's default" (1, or YaRN's 0.1 ln(factor) + 1).
+  """
+  # HF builds the table in float32; doing the same keeps logits within 1e-6.
+  exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+  inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+  scale = 1.0
+  if rope_type == "default":
+    pass
+  elif rope_type == "linear":
+    inv_freq = (inv_freq / np.float32(factor)).astype(np.float32)
+  elif rope_type == "llama3":
+    low_wavelen = original_max_position / low_freq_factor
+    high_wavelen = original_max_position / high_freq_factor
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(factor), inv_freq)
+    smooth = ((original_max_position / wavelen - low_freq_factor)
+              / (high_freq_factor - low_freq_factor))
+    smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+  elif rope_type == "yarn":
+    def correction_dim(rotations):
+      return (head_dim * math.log(original_max_position / (rotations * 2 * math.pi))
+              / (2 * math.log(theta)))
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+      high += 0.001
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = (1 - ramp).astype(np.float32)
+    pos_freqs = np.float32(theta) ** exponents
+    inv_freq = ((1.0 / (factor * pos_freqs)) * (1 - extrapolation)
+                + (1.0 / pos_freqs) * extrapolation).astype(np.float32)
+    scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+  else:
+    raise ValueError(f"unsupported rope_type {rope_type!r}; expected 'default', 'linear', "
+                     "'llama3' or 'yarn'")
+  if attention_factor:
+    scale = float(attention_factor)
+  return inv_freq, float(scale)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray,
+                 scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """positions [B,T] -> (cos, sin) [B,T,head_dim/2] in float32."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  if scale != 1.0:
+    cos, sin = cos * scale, sin * scale
+  return cos, sin
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates x [B,T,N,D] in HF's half-split layout (rotate_half), not interleaved."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  cos = cos[:, :, None, :].astype(x.dtype)
+  sin = sin[:, :, None, :].astype(x.dtype)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+# -------------------------------------------------------------- attention ---
+
+def padding_mask(key_mask: jax.Array) -> jax.Array:
+  """[B,S] (1 = real) -> boolean [B,1,1,S] for bidirectional attention."""
+  return key_mask.astype(bool)[:, None, None, :]
+
+
+def causal_mask(query_slots: jax.Array, key_slots: jax.Array,
+                key_mask: jax.Array | None = None, sliding_window: int = 0) -> jax.Array:
+  """Boolean [B|1, 1, T, S]: key slot <= query slot, key real, within the window.
+
+  query_slots [T] and key_slots [S] are positions in the key sequence (cache
+  slots), not rotary positions, so left padding does not move the window.
+  """
+  q = query_slots[:, None]
+  k = key_slots[None, :]
+  mask = k <= q
+  if sliding_window:
+    mask = mask & (k > q - sliding_window)
+  mask = mask[None, None]
+  if key_mask is not None:
+    mask = mask & key_mask.astype(bool)[:, None, None, :]
+  return mask
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+           is_causal: bool = False, scale: float | None = None, dropout_rate: float = 0.0,
+           deterministic: bool = True, dropout_rng: jax.Array | None = None,
+           implementation: str | None = None) -> jax.Array:
+  """q [B,T,N,D], k/v [B,S,K,D] with N % K == 0 -> [B,T,N,D].
+
+  Without dropout this is jax.nn.dot_product_attention (GQA handled inside,
+  fused kernels where the backend has them); with dropout the same math is
+  written out so probabilities can be dropped. Fully masked rows (padding
+  queries) give finite garbage, never NaN.
+  """
+  if deterministic or dropout_rate == 0.0:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal and mask is None,
+                                        scale=scale, implementation=implementation or None)
+  b, t, n, d = q.shape
+  kv_heads = k.shape[2]
+  scale = d ** -0.5 if scale is None else scale
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  if mask is None and is_causal:
+    mask = causal_mask(jnp.arange(t), jnp.arange(k.shape[1]))
+  if mask is not None:
+    # mask [B|1, N|1, T, S] -> [B|1, K|1, G|1, T, S]
+    if mask.shape[1] == 1:
+      mask = mask[:, :, None]
+    else:
+      mask = mask.reshape(mask.shape[0], kv_heads, n // kv_heads, *mask.shape[2:])
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+  probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, n, d)
+
+
+def update_kv_cache(cache, k: jax.Array, v: jax.Array):
+  """Writes k/v [B,t,K,D] into a stacked cache at (layer, :, index) and reads the layer back.
+
+  cache = (k_all [L,B,S,K,D], v_all, layer, index). dynamic_update_slice on
+  the whole stack lets XLA update the buffer in place instead of copying a
+  layer's cache per step. Returns (k_layer, v_layer, (k_all, v_all)).
+  """
+  k_all, v_all, layer, index = cache
+  layer = jnp.asarray(layer, jnp.int32)
+  index = jnp.asarray(index, jnp.int32)
+  zero = jnp.zeros((), jnp.int32)
+  start = (layer, zero, index, zero, zero)
+  k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+  v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+  k_layer = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(k.dtype)
+  v_layer = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(v.dtype)
+  return k_layer, v_layer, (k_all, v_all)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with GQA, optional q/k RMSNorm, RoPE and KV cache.
+
+  Projections are named like HF (q_proj, k_proj, v_proj and `out_name`) so
+  LoRA target patterns and checkpoint keys read naturally.
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  causal: bool = True
+  q_bias: bool = False
+  k_bias: bool = False
+  v_bias: bool = False
+  o_bias: bool = False
+  qk_norm: bool = False
+  norm_eps: float = 1e-6
+  out_name: str = "o_proj"
+  dropout_rate: float = 0.0
+  lora: LoRAConfig | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+               rope: tuple[jax.Array, jax.Array] | None = None, cache=None,
+               deterministic: bool = True):
+    """x [B,T,E] -> [B,T,E], or (out, (k_all, v_all)) when `cache` is given.
+
+    mask: complete boolean mask [B|1, N|1, T, S] or None (then `causal`).
+    rope: (cos, sin) [B,T,D/2] from rope_cos_sin. cache: see update_kv_cache.
+    """
+    b, t, features = x.shape
+    n, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+
+    def proj(name, out, axes, bias):
+      return Dense(out, use_bias=bias, kernel_axes=axes, lora=self.lora, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=name)
+
+    q = proj("q_proj", n * d, ("embed", "heads"), self.q_bias)(x, deterministic).reshape(b, t, n, d)
+    k = proj("k_proj", kv * d, ("embed", "kv_heads"), self.k_bias)(x, deterministic)
+    v = proj("v_proj", kv * d, ("embed", "kv_heads"), self.v_bias)(x, deterministic)
+    k, v = k.reshape(b, t, kv, d), v.reshape(b, t, kv, d)
+    if self.qk_norm:
+      norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+      q = RMSNorm(**norm, name="q_norm")(q)
+      k = RMSNorm(**norm, name="k_norm")(k)
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    new_cache = None
+    if cache is not None:
+      k, v, new_cache = update_kv_cache(cache, k, v)
+    dropout_rng = None
+    if not deterministic and self.dropout_rate > 0:
+      dropout_rng = self.make_rng("dropout")
+    out = attend(q, k, v, mask, is_causal=self.causal, dropout_rate=self.dropout_rate,
+                 deterministic=deterministic, dropout_rng=dropout_rng,
+                 implementation=self.implementation)
+    out = proj(self.out_name, features, ("heads", "embed"), self.o_bias)(
+        out.reshape(b, t, n * d), deterministic)
+    return out if cache is None else (out, new_cache)
+
+
+class GatedMLP(nn.Module):
+  """down(act(gate(x)) * up(x)) - the Llama/Qwen/Mistral feed-forward block."""
+
+  hidden_size: int
+  intermediate_size: int
+  activation: str = "silu"
+  use_bias: bool = False
+  lora: LoRAConfig | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def dense(name, out, axes):
+      return Dense(out, use_bias=self.use_bias, kernel_axes=axes, lora=self.lora,
+                   dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    gate = dense("gate_proj", self.intermediate_size, ("embed", "mlp"))(x, deterministic)
+    up = dense("up_proj", self.intermediate_size, ("embed", "mlp"))(x, deterministic)
+    h = activation_fn(self.activation)(gate) * up
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    return dense("down_proj", self.hidden_size, ("mlp", "embed"))(h, deterministic)
+
+
+def default_positions(attention_mask: jax.Array | None, batch: int, length: int,
+                      offset: jax.Array | int = 0) -> jax.Array:
+  """Rotary/learned positions [B,T]: cumsum(mask)-1 (clipped at 0), so padding
+  does not shift real tokens; arange (+offset) without a mask.
+
+  With a cache the mask covers all slots; positions of the `length` new tokens
+  starting at slot `offset` are read from the cumulative sum over slots.
+  """
+  if attention_mask is None:
+    pos = jnp.arange(length, dtype=jnp.int32)[None] + jnp.asarray(offset, jnp.int32)
+    return jnp.broadcast_to(pos, (batch, length))
+  pos = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+  if pos.shape[1] != length:
+    pos = jax.lax.dynamic_slice_in_dim(pos, jnp.asarray(offset, jnp.int32), length, axis=1)
+  return pos

@@ -1,0 +1,235 @@
+"""The speech LLM: Whisper encoder -> projector -> decoder LLM (+ optional class head).
+
+The tokenized prompt carries AUDIO_PLACEHOLDER_ID (-1) at the audio slots,
+exactly num_audio_tokens(F, cfg) of them per row for F padded mel frames.
+The model replaces them, in order, with the projected audio frames (row-wise
+gather by the running count of placeholders), and ANDs the projector's frame
+mask into attention_mask at those slots, so padded audio frames are invisible
+and, with positions = cumsum(attention_mask) - 1, do not shift the text after
+them. A row padded into a batch therefore computes what it would alone.
+
+Parameters sit in top-level subtrees 'encoder', 'projector', 'decoder' and
+(when num_classes > 0) 'classifier', so freezing is a regex on the path. The
+top-level LoRA config is pushed into every sub-config, so target patterns
+such as r'^encoder/.*q_proj$' or r'^projector/fc1$' reach any Dense.
+
+    model = SpeechLLM(cfg)
+    variables = model.init(rngs, *init_inputs(cfg))
+    logits = model.apply(variables, features, feature_mask, input_ids, attention_mask)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from speechjax.models.audio_encoder import (WhisperEncoder, WhisperEncoderConfig,
+                                            coerce_lora_config, encoder_output_length,
+                                            encoder_output_mask)
+from speechjax.models.decoder import DecoderConfig, make_decoder
+from speechjax.models.gpt2 import GPT2Config
+from speechjax.models.heads import POOLINGS, ClassificationHead
+from speechjax.models.lora import LoRAConfig
+from speechjax.models.projector import ProjectorConfig, make_projector, projector_output_length
+
+AUDIO_PLACEHOLDER_ID = -1
+
+
+def _from_dict(cls, value):
+  if isinstance(value, Mapping):
+    value = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(value).items()}
+    return cls(**value)
+  return value
+
+
+def _decoder_from_dict(value):
+  if isinstance(value, Mapping):
+    cls = GPT2Config if dict(value).get("model_type") == "gpt2" else DecoderConfig
+    return _from_dict(cls, value)
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechLLMConfig:
+  """The three parts plus the shared LoRA config and the optional class head.
+
+  Sub-configs may be given as dicts (from ml_collections); a decoder dict
+  with model_type 'gpt2' becomes a GPT2Config, otherwise a DecoderConfig.
+  The `lora` of the sub-configs is ignored: the top-level one is used.
+  """
+
+  encoder: WhisperEncoderConfig = WhisperEncoderConfig()
+  projector: ProjectorConfig = ProjectorConfig()
+  decoder: DecoderConfig | GPT2Config = DecoderConfig()
+  lora: LoRAConfig = LoRAConfig()
+  num_classes: int = 0
+  classifier_pooling: str = "mean"
+  classifier_dropout: float = 0.0
+
+  def __post_init__(self):
+    set_ = lambda k, v: object.__setattr__(self, k, v)
+    set_("lora", coerce_lora_config(self.lora))
+    set_("encoder", _from_dict(WhisperEncoderConfig, self.encoder))
+    set_("projector", _from_dict(ProjectorConfig, self.projector))
+    set_("decoder", _decoder_from_dict(self.decoder))
+    if not isinstance(self.decoder, (DecoderConfig, GPT2Config)):
+      raise TypeError(f"SpeechLLMConfig.decoder must be a DecoderConfig or GPT2Config, got "
+                      f"{type(self.decoder).__name__}")
+    if self.classifier_pooling not in POOLINGS:
+      raise ValueError(f"SpeechLLMConfig.classifier_pooling={self.classifier_pooling!r}; "
+                       f"expected one of {POOLINGS}")
+    out_dim = self.projector.output_dim
+    if out_dim and out_dim != self.decoder.hidden_size:
+      raise ValueError(f"SpeechLLMConfig: projector.output_dim={out_dim} differs from the "
+                       f"decoder's hidden_size={self.decoder.hidden_size} (use 0 to follow it)")
+
+  def encoder_config(self) -> WhisperEncoderConfig:
+    return dataclasses.replace(self.encoder, lora=self.lora)
+
+  def projector_config(self) -> ProjectorConfig:
+    return dataclasses.replace(self.projector, lora=self.lora,
+                               output_dim=self.decoder.hidden_size)
+
+  def decoder_config(self) -> DecoderConfig | GPT2Config:
+    return dataclasses.replace(self.decoder, lora=self.lora)
+
+
+def num_audio_tokens(num_feature_frames: int, cfg: SpeechLLMConfig) -> int:
+  """Placeholders a prompt needs for a batch padded to `num_feature_frames` mel frames."""
+  return projector_output_length(encoder_output_length(num_feature_frames), cfg.projector)
+
+
+def init_inputs(cfg: SpeechLLMConfig, batch_size: int = 1, num_frames: int = 8,
+                num_text_tokens: int = 2):
+  """Small (features, feature_mask, input_ids, attention_mask) for model.init."""
+  m = num_audio_tokens(num_frames, cfg)
+  features = np.zeros((batch_size, cfg.encoder.num_mel_bins, num_frames), np.float32)
+  feature_mask = np.ones((batch_size, num_frames), np.int32)
+  ids = np.concatenate([np.full((batch_size, m), AUDIO_PLACEHOLDER_ID, np.int32),
+                        np.ones((batch_size, num_text_tokens), np.int32)], axis=1)
+  return features, feature_mask, ids, np.ones_like(ids)
+
+
+def check_placeholders(input_ids, num_audio: int) -> None:
+  """Raises if a row of concrete input_ids does not hold exactly `num_audio`
+  placeholders (under jit the ids are abstract and cannot be checked)."""
+  try:
+    ids = np.asarray(input_ids)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
+          RuntimeError):  # traced, or sharded over several hosts
+    return
+  counts = np.sum(ids == AUDIO_PLACEHOLDER_ID, axis=1)
+  bad = np.nonzero(counts != num_audio)[0]
+  if bad.size:
+    raise ValueError(
+        f"SpeechLLM: every row of input_ids must hold exactly {num_audio} audio placeholders "
+        f"({AUDIO_PLACEHOLDER_ID}) for these features (see num_audio_tokens); rows "
+        f"{bad[:5].tolist()} hold {counts[bad[:5]].tolist()}")
+
+
+def merge_audio_embeddings(token_embeds: jax.Array, audio: jax.Array, audio_mask: jax.Array,
+                           input_ids: jax.Array, attention_mask: jax.Array):
+  """Places audio [B,M,H] at the placeholder slots of token_embeds [B,T,H].
+
+  The k-th placeholder of a row takes the row's k-th audio frame; the slot's
+  attention mask becomes attention_mask AND audio_mask[k].
+  """
+  is_audio = input_ids == AUDIO_PLACEHOLDER_ID
+  slot = jnp.clip(jnp.cumsum(is_audio, axis=1, dtype=jnp.int32) - 1, 0, audio.shape[1] - 1)
+  audio_at = jnp.take_along_axis(audio.astype(token_embeds.dtype), slot[..., None], axis=1)
+  embeds = jnp.where(is_audio[..., None], audio_at, token_embeds)
+  audio_valid = jnp.take_along_axis(audio_mask.astype(attention_mask.dtype), slot, axis=1)
+  mask = jnp.where(is_audio, attention_mask * audio_valid, attention_mask)
+  return embeds, mask
+
+
+class SpeechLLM(nn.Module):
+  """See the module docstring; methods follow /tmp/contracts.md 'Speech LLM'."""
+
+  config: SpeechLLMConfig
+
+  def setup(self):
+    cfg = self.config
+    self.encoder = WhisperEncoder(cfg.encoder_config())
+    self.projector = make_projector(cfg.projector_config())
+    dec_cfg = cfg.decoder_config()
+    self.decoder = make_decoder(dec_cfg)
+    if cfg.num_classes > 0:
+      self.classifier = ClassificationHead(
+          cfg.num_classes, cfg.classifier_pooling, cfg.classifier_dropout, lora=cfg.lora,
+          dtype=jnp.dtype(dec_cfg.dtype), param_dtype=jnp.dtype(dec_cfg.param_dtype))
+
+  def encode_audio(self, features: jax.Array, feature_mask: jax.Array | None = None,
+                   deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """features [B,n_mels,F] -> (audio embeddings [B,M,H], mask [B,M])."""
+    hidden = self.encoder(features, feature_mask, deterministic)
+    if feature_mask is None:
+      mask = jnp.ones(hidden.shape[:2], jnp.int32)
+    else:
+      mask = encoder_output_mask(feature_mask).astype(jnp.int32)
+    return self.projector(hidden, mask, deterministic)
+
+  def embed_inputs(self, features, feature_mask, input_ids, attention_mask=None,
+                   deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """-> (inputs_embeds [B,T,H], attention_mask [B,T]) with audio in place."""
+    if input_ids.ndim != 2 or input_ids.shape[0] != features.shape[0]:
+      raise ValueError(f"SpeechLLM: input_ids must be [batch, length] with the features' batch "
+                       f"{features.shape[0]}, got {input_ids.shape}")
+    check_placeholders(input_ids, num_audio_tokens(features.shape[-1], self.config))
+    audio, audio_mask = self.encode_audio(features, feature_mask, deterministic)
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    elif attention_mask.shape != input_ids.shape:
+      raise ValueError(f"SpeechLLM: attention_mask {attention_mask.shape} does not match "
+                       f"input_ids {input_ids.shape}")
+    is_audio = input_ids == AUDIO_PLACEHOLDER_ID
+    tokens = self.decoder.embed(jnp.where(is_audio, 0, input_ids))
+    embeds, mask = merge_audio_embeddings(tokens, audio, audio_mask, input_ids,
+                                          jnp.asarray(attention_mask))
+    return nn.with_logical_constraint(embeds, ("batch", "length", "embed")), mask
+
+  def __call__(self, features, feature_mask, input_ids, attention_mask=None, *,
+               deterministic: bool = True, return_hidden: bool = False):
+    """-> logits [B,T,V] float32 (and final hidden [B,T,H] with return_hidden)."""
+    embeds, mask = self.embed_inputs(features, feature_mask, input_ids, attention_mask,
+                                     deterministic)
+    out = self.decoder(inputs_embeds=embeds, attention_mask=mask, deterministic=deterministic,
+                       return_hidden=return_hidden or self._init_classifier())
+    if self._init_classifier():
+      self.classifier(out[1], mask, deterministic)  # creates its params during init
+      return out if return_hidden else out[0]
+    return out
+
+  def _init_classifier(self) -> bool:
+    return self.config.num_classes > 0 and self.is_initializing()
+
+  def decode(self, inputs_embeds=None, input_ids=None, positions=None, attention_mask=None,
+             cache=None, deterministic: bool = True):
+    """The decoder alone with a KV cache: prefill with inputs_embeds (from
+    embed_inputs), then step with input_ids. -> (logits, cache)."""
+    return self.decoder(input_ids, inputs_embeds=inputs_embeds, positions=positions,
+                        attention_mask=attention_mask, cache=cache, deterministic=deterministic)
+
+  def classify(self, features, feature_mask, input_ids, attention_mask=None,
+               deterministic: bool = True) -> jax.Array:
+    """-> class logits [B, num_classes] (float32) from pooled decoder states."""
+    return self.logits_and_classes(features, feature_mask, input_ids, attention_mask,
+                                   deterministic=deterministic)[1]
+
+  def logits_and_classes(self, features, feature_mask, input_ids, attention_mask=None, *,
+                         deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Token logits and class logits from one forward pass (for a joint loss).
+    Under jit, unused token logits are dead code and cost nothing."""
+    if self.config.num_classes <= 0:
+      raise ValueError("SpeechLLM.classify needs SpeechLLMConfig.num_classes > 0")
+    embeds, mask = self.embed_inputs(features, feature_mask, input_ids, attention_mask,
+                                     deterministic)
+    logits, hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask,
+                                  deterministic=deterministic, return_hidden=True)
+    return logits, self.classifier(hidden, mask, deterministic)
+

@@ -1,0 +1,179 @@
+"""TFDS builders (manifest, LibriSpeech layout) and bad-input handling, without TensorFlow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from speechjax.data import sources
+from speechjax.data import validate
+from speechjax.data.builders import librispeech
+from speechjax.data.builders import manifest
+
+
+def _tone(seconds, sr, freq=220.0):
+  return (0.3 * np.sin(2 * np.pi * freq * np.arange(int(seconds * sr)) / sr)).astype(np.float32)
+
+
+def _write_manifest(path, rows, extra_lines=()):
+  with open(path, 'w', encoding='utf-8') as f:
+    for row in rows:
+      f.write(json.dumps(row) + '\n')
+    for line in extra_lines:
+      f.write(line + '\n')
+
+
+@pytest.fixture()
+def corpus_dir(tmp_path):
+  """Good files in several formats plus one bad file of every kind."""
+  audio_dir = tmp_path / 'audio'
+  audio_dir.mkdir()
+  sf.write(str(audio_dir / 'good.wav'), _tone(1.0, 16000), 16000, subtype='PCM_16')
+  sf.write(str(audio_dir / 'stereo.flac'), np.stack([_tone(1.5, 22050)] * 2, 1), 22050)
+  sf.write(str(audio_dir / 'vorbis.ogg'), _tone(0.5, 44100), 44100, format='OGG', subtype='VORBIS')
+  nan = _tone(1.0, 16000)
+  nan[100:200] = np.nan
+  sf.write(str(audio_dir / 'nan.wav'), nan, 16000, subtype='FLOAT')
+  (audio_dir / 'corrupt.wav').write_bytes(b'RIFF\x10\x00\x00\x00WAVEjunkjunkjunk' * 4)
+  (audio_dir / 'not_audio.flac').write_text('hello')
+  sf.write(str(audio_dir / 'empty.wav'), np.zeros(0, np.float32), 16000)
+  sf.write(str(audio_dir / 'long.wav'), _tone(3.0, 8000), 8000)
+  sf.write(str(audio_dir / 'short.wav'), _tone(0.05, 16000), 16000)
+  return tmp_path
+
+
+GOOD = [
+    {'audio': 'audio/good.wav', 'text': 'turn on the lights', 'label': 'lights_on', 'id': 'a'},
+    {'audio': 'audio/stereo.flac', 'text': 'play jazz', 'translation': 'joue du jazz',
+     'speaker': 's1'},
+    {'audio': 'audio/vorbis.ogg', 'text': 'describe', 'prompt': 'What is this?',
+     'target': 'A tone.'},
+]
+BAD = {
+    'non_finite_audio': {'audio': 'audio/nan.wav', 'text': 'x'},
+    'unreadable_audio': {'audio': 'audio/corrupt.wav', 'text': 'x'},
+    'empty_audio': {'audio': 'audio/empty.wav', 'text': 'x'},
+    'too_long': {'audio': 'audio/long.wav', 'text': 'x'},
+    'too_short': {'audio': 'audio/short.wav', 'text': 'x'},
+    'audio_not_found': {'audio': 'audio/missing.wav', 'text': 'x'},
+    'missing_text': {'audio': 'audio/good.wav'},
+    'empty_text': {'audio': 'audio/good.wav', 'text': '   '},
+    'missing_audio_field': {'text': 'no audio'},
+}
+
+
+def test_manifest_builder_keeps_good_and_lists_every_bad_kind(corpus_dir):
+  bad_rows = list(BAD.values()) + [{'audio': 'audio/not_audio.flac', 'text': 'x'}]
+  _write_manifest(corpus_dir / 'train.jsonl', GOOD[:2] + bad_rows + GOOD[2:], ['{broken json'])
+  _write_manifest(corpus_dir / 'dev.jsonl', [GOOD[0]])
+  # An absolute path in a manifest kept elsewhere resolves too.
+  other = corpus_dir / 'elsewhere'
+  other.mkdir()
+  _write_manifest(other / 'test.jsonl', [{
+      **GOOD[1], 'audio': str(corpus_dir / 'audio/stereo.flac')
+  }])
+  dataset_dir = manifest.build_manifest_dataset(
+      {
+          'train': str(corpus_dir / 'train.jsonl'),
+          'dev': str(corpus_dir / 'dev.jsonl'),
+          'test': str(other / 'test.jsonl')
+      }, str(corpus_dir / 'tfds'), 'toy', max_seconds=2.0)
+  assert dataset_dir.endswith(os.path.join('toy', '1.0.0'))
+
+  skipped = manifest.read_skipped(dataset_dir)
+  reasons = sorted(s['reason'] for s in skipped)
+  assert reasons == sorted(list(BAD) + ['unreadable_audio', 'invalid_json'])
+  assert all(s['split'] == 'train' and s['manifest'].endswith('train.jsonl') for s in skipped)
+  lines = {s['reason']: s['line'] for s in skipped if s['reason'] != 'unreadable_audio'}
+  assert lines['non_finite_audio'] == 3 and lines['invalid_json'] == 14
+
+  train = manifest.load_data_source(dataset_dir, 'train')
+  assert len(train) == 3  # manifest order is kept
+  first, second, third = train[0], train[1], train[2]
+  assert first['text'] == b'turn on the lights' and first['label'] == b'lights_on' and first[
+      'id'] == b'a'
+  assert first['audio'].dtype == np.int16 and first['audio'].shape == (16000,)
+  assert second['audio'].shape == (24000,) and second['translation'] == b'joue du jazz'
+  assert second['id'] == b'train-000002' and second['speaker'] == b's1'
+  assert third['prompt'] == b'What is this?' and third['audio'].shape == (8000,)
+  assert abs(float(first['duration']) - 1.0) < 1e-6
+  np.testing.assert_allclose(first['audio'] / 32767.0, _tone(1.0, 16000), atol=1e-4)
+
+  meta = manifest.dataset_metadata(dataset_dir)
+  assert meta['label_names'] == ['lights_on']
+  assert meta['num_samples']['train'] == [16000, 24000, 8000]
+  assert meta['fields']['train'] == [
+      manifest.HAS_LABEL, manifest.HAS_TRANSLATION, manifest.HAS_INSTRUCTION
+  ]
+  assert meta['num_skipped'] == {'train': 11, 'dev': 0, 'test': 0}
+  assert len(manifest.load_data_source(dataset_dir, 'test')) == 1
+
+  source, info = sources.tfds_split(str(corpus_dir / 'tfds'), 'train', 'toy')
+  assert len(source) == 3 and info.num_samples.tolist() == [16000, 24000, 8000
+                                                           ] and info.num_skipped == 11
+
+
+def test_all_bad_manifest_fails_naming_it(corpus_dir):
+  _write_manifest(corpus_dir / 'good.jsonl', GOOD)
+  _write_manifest(corpus_dir / 'all_bad.jsonl', list(BAD.values()))
+  with pytest.raises(validate.AllExamplesSkippedError, match='all_bad.jsonl'):
+    manifest.build_manifest_dataset(
+        {'train': [str(corpus_dir / 'good.jsonl'),
+                   str(corpus_dir / 'all_bad.jsonl')]}, str(corpus_dir / 'tfds'), 'mixed',
+        max_seconds=2.0)
+  with pytest.raises(FileNotFoundError, match='nope.jsonl'):
+    manifest.build_manifest_dataset({'train': str(corpus_dir / 'nope.jsonl')},
+                                    str(corpus_dir / 'tfds'), 'x')
+
+
+def test_manifest_source_reads_without_building(corpus_dir):
+  _write_manifest(corpus_dir / 'eval.jsonl', GOOD + [BAD['non_finite_audio'], BAD['empty_text']])
+  for cache_mb in (1024.0, 0.0):
+    source = sources.ManifestSource(str(corpus_dir / 'eval.jsonl'), max_seconds=2.0,
+                                    cache_mb=cache_mb, label_names=('other', 'lights_on'))
+    assert len(source) == 3 and sorted(
+        s.reason for s in source.skipped) == ['empty_text', 'non_finite_audio']
+    assert source[1]['audio'].dtype == np.int16 and source[1]['audio'].size == 24000
+    assert source.info.label_names == ('other', 'lights_on') and source.info.num_skipped == 2
+
+
+def _fake_librispeech(root, rng):
+  layout = {'dev-clean': {'84': ['121123'], '174': ['50561']}, 'test-clean': {'1089': ['134686']}}
+  for split, speakers in layout.items():
+    for speaker, chapters in speakers.items():
+      for chapter in chapters:
+        folder = root / 'LibriSpeech' / split / speaker / chapter
+        folder.mkdir(parents=True)
+        lines = []
+        for utt in range(3):
+          uid = f'{speaker}-{chapter}-{utt:04d}'
+          sf.write(str(folder / f'{uid}.flac'),
+                   (0.1 * rng.standard_normal(16000 + 800 * utt)).astype(np.float32), 16000)
+          lines.append(f'{uid} HELLO WORLD NUMBER {utt}')
+        (folder / f'{speaker}-{chapter}.trans.txt').write_text('\n'.join(lines) + '\n')
+  return layout
+
+
+def test_librispeech_builder_reads_local_layout(tmp_path):
+  _fake_librispeech(tmp_path / 'raw', np.random.default_rng(0))
+  assert librispeech.split_name('train-clean-100') == 'train_clean100'
+  dataset_dir = librispeech.build_librispeech(str(tmp_path / 'raw'), str(tmp_path / 'tfds'))
+  dev = manifest.load_data_source(dataset_dir, 'dev_clean')
+  test = manifest.load_data_source(dataset_dir, 'test_clean')
+  assert len(dev) == 6 and len(test) == 3
+  ids = [dev[i]['id'].decode() for i in range(len(dev))]
+  assert ids == [f'84-121123-{u:04d}' for u in range(3)] + [f'174-50561-{u:04d}' for u in range(3)]
+  assert dev[2]['text'] == b'hello world number 2' and dev[2]['speaker'] == b'84'
+  assert dev[2]['audio'].shape == (17600,)
+  with pytest.raises(FileNotFoundError, match='train-clean-100'):
+    librispeech.Librispeech(manual_dir=str(tmp_path / 'raw'), splits=['train-clean-100'],
+                            data_dir=str(tmp_path / 'tfds2'))
+
+
+def test_tensorflow_is_not_needed():
+  assert importlib.util.find_spec('tensorflow') is None

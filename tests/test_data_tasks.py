@@ -1,0 +1,102 @@
+"""Prompt templates: layout of audio slots, targets, masks, generation prompts, task mixing."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from speechjax.data import tasks
+from speechjax.data import tokenizer as tokenizer_lib
+
+EXAMPLE = {
+    'text': 'turn on the lights in the kitchen',
+    'translation': 'allume les lumières dans la cuisine',
+    'label': 'lights_on',
+    'prompt': '',
+    'target': ''
+}
+
+
+@pytest.fixture(scope='module')
+def tok():
+  texts = [EXAMPLE['text'], EXAMPLE['translation'], 'lights_on', 'what is said here', 'a beep'] * 5
+  for pool in tasks.INSTRUCTIONS.values():
+    texts += [t.replace('{language}', 'French') for t in pool]
+  texts += [p + s for p, s, _ in tasks.CHAT_FORMATS.values()]
+  return tokenizer_lib.train_bpe_tokenizer(texts, vocab_size=300)
+
+
+@pytest.mark.parametrize('template', ['plain', 'llama2', 'chatml'])
+@pytest.mark.parametrize('task', ['asr', 'translate', 'classify'])
+def test_training_example_layout(tok, template, task):
+  num_audio = lambda frames: frames // 8  # noqa: E731
+  out = tasks.build_training_example(tok, EXAMPLE, task, 96, num_audio, template=template,
+                                     instruction_index=1)
+  ids, targets, mask = out['input_ids'], out['targets'], out['target_mask']
+  assert ids.dtype == targets.dtype == np.int32 and mask.dtype == np.float32
+  assert (ids == tasks.AUDIO_PLACEHOLDER_ID).sum() == 12
+  slots = np.flatnonzero(ids == tasks.AUDIO_PLACEHOLDER_ID)
+  assert np.all(np.diff(slots) == 1)  # one contiguous run
+  np.testing.assert_array_equal(targets[:-1][ids[1:] >= 0], ids[1:][ids[1:] >= 0])  # shifted left
+  assert (targets >= 0).all()  # placeholders never appear as targets
+  prompt_length = int(out['prompt_length'])
+  supervised = targets[mask > 0]
+  assert supervised[-1] == tok.eos_token_id and mask.sum() == len(ids) - prompt_length
+  answer = tasks.answer_text(EXAMPLE, task)
+  assert tok.decode(supervised[:-1]).strip() == answer
+  assert mask[:prompt_length - 1].sum() == 0
+  prompt = tok.decode([i for i in ids[:prompt_length] if i >= 0])
+  user = tasks.INSTRUCTIONS[task][1].replace('{language}',
+                                             'French').replace(tasks.AUDIO_PLACEHOLDER, '')
+  assert user.strip().split('\n')[0].strip() in prompt
+  prefix, suffix, _ = tasks.CHAT_FORMATS[template]
+  assert prompt.startswith('<s>' + prefix) and prompt.endswith(suffix)
+  # The generation prompt is exactly the training ids up to the answer.
+  gen = tasks.build_generation_prompt(tok, EXAMPLE, task, 96, num_audio, template=template,
+                                      instruction_index=1)
+  np.testing.assert_array_equal(gen, ids[:prompt_length])
+
+
+def test_instruct_task_uses_manifest_prompt(tok):
+  example = {'text': 'x', 'prompt': 'Is this a beep?', 'target': 'yes'}
+  builder = tasks.PromptBuilder(tok, 'chatml')
+  assert builder.instruction(example, 'instruct') == '<audio>\nIs this a beep?'
+  example['prompt'] = 'Listen: <audio> What is said here?'
+  out = builder.training_example(example, 'instruct', 4)
+  prompt = tok.decode([i for i in out['input_ids'][:int(out['prompt_length'])] if i >= 0])
+  assert 'Listen: ' in prompt and 'What is said here?' in prompt
+  assert tok.decode(out['targets'][out['target_mask'] > 0][:-1]).strip() == 'yes'
+  with pytest.raises(ValueError, match='exactly one'):
+    builder.training_example({'prompt': 'a <audio> b <audio>', 'target': 'y'}, 'instruct', 4)
+
+
+def test_task_sampling_respects_fields_and_weights():
+  rng = np.random.default_rng(0)
+  asr_only = {'text': 'hello', 'label': '', 'translation': None}
+  assert tasks.supported_tasks(asr_only) == ['asr']
+  assert tasks.sample_task(asr_only, ('translate', 'classify'), (1.0, 1.0), rng) is None
+  counts = collections.Counter(
+      tasks.sample_task(EXAMPLE, ('asr', 'translate', 'classify'), (2.0, 1.0, 1.0), rng)
+      for _ in range(4000))
+  assert set(counts) == {'asr', 'translate', 'classify'}
+  assert abs(counts['asr'] / 4000 - 0.5) < 0.04 and abs(counts['classify'] / 4000 - 0.25) < 0.04
+  counts = collections.Counter(
+      tasks.sample_task(asr_only, ('asr', 'classify'), (1.0, 5.0), rng) for _ in range(50))
+  assert counts == {'asr': 50}
+  with pytest.raises(ValueError, match='differ in length'):
+    tasks.sample_task(EXAMPLE, ('asr',), (1.0, 2.0), rng)
+
+
+def test_unknown_template_and_task_raise(tok):
+  with pytest.raises(ValueError, match='chat template'):
+    tasks.PromptBuilder(tok, 'vicuna')
+  with pytest.raises(ValueError, match='Unknown task'):
+    tasks.supports(EXAMPLE, 'summarize')
+
+
+def test_each_task_has_paraphrases_with_one_audio_slot():
+  for task, pool in tasks.INSTRUCTIONS.items():
+    assert len(pool) >= 4 and len(set(pool)) == len(pool)
+    assert all(text.count(tasks.AUDIO_PLACEHOLDER) == 1 for text in pool), task

@@ -1,0 +1,196 @@
+"""Decoder LLM modules on random weights: KV cache, scan/remat, dropout, call contract."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from speechjax.models import layers as L
+from speechjax.models.decoder import (Decoder, DecoderConfig, init_cache, make_decoder,
+                                      make_decoder_config)
+from speechjax.models.gpt2 import GPT2, GPT2Config
+
+VOCAB = 64
+LLAMA = DecoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=12, qk_norm=True, qkv_bias=True,
+                      sliding_window=4, rope_theta=1000.0)
+GPT = GPT2Config(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+                 max_position_embeddings=32)
+
+
+def init(cfg, seed=0):
+  """Random params from numpy: model.init would compile an RNG program per test."""
+  ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+  shapes = nn.unbox(jax.eval_shape(make_decoder(cfg).init, jax.random.key(0), ids))["params"]
+  rng = np.random.RandomState(seed)
+  return jax.tree_util.tree_map(
+      lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape) + (1.0 if len(s.shape) == 1 else 0.0),
+                            s.dtype), shapes)
+
+
+def tokens(seed=0, batch=2, length=10):
+  ids = np.random.RandomState(seed).randint(0, VOCAB, (batch, length)).astype(np.int32)
+  mask = np.ones((batch, length), np.int32)
+  mask[0, :2] = 0  # left padding
+  return jnp.asarray(ids), jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, dataclasses.replace(LLAMA, scan_layers=True), GPT],
+                         ids=["llama", "llama_scan", "gpt2"])
+def test_kv_cache_decoding_matches_full_forward(cfg):
+  model = make_decoder(cfg)
+  params = init(cfg)
+  ids, mask = tokens()
+  full = jax.jit(lambda p: model.apply({"params": p}, ids, attention_mask=mask))(params)
+
+  max_len = 12  # more slots than tokens: unused slots are masked out
+  slot_mask = jnp.pad(mask, ((0, 0), (0, max_len - ids.shape[1])))
+
+  @jax.jit
+  def step(p, new_ids, cache):
+    return model.apply({"params": p}, new_ids, attention_mask=slot_mask, cache=cache)
+
+  cache = init_cache(cfg, 2, max_len, jnp.float32)
+  assert cache["k"].shape == (cfg.num_layers, 2, max_len, cfg.num_kv_heads, cfg.head_dim)
+  prefill, cache = step(params, ids[:, :6], cache)
+  pieces = [prefill]
+  for t in range(6, 10):
+    logits, cache = step(params, ids[:, t:t + 1], cache)
+    pieces.append(logits)
+  assert int(cache["index"]) == 10
+  incremental = np.concatenate([np.asarray(p) for p in pieces], axis=1)
+  real = np.asarray(mask).astype(bool)
+  np.testing.assert_allclose(incremental[real], np.asarray(full)[real], atol=1e-5, rtol=0)
+
+
+def stack_layers(params, key):
+  layers = [params.pop(f"{key}_{i}") for i in range(2)]
+  params[key] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+  return params
+
+
+def test_scan_and_remat_give_same_logits_and_grads():
+  params = init(LLAMA)
+  unrolled = dataclasses.replace(LLAMA, remat_policy="full")
+  scanned = dataclasses.replace(LLAMA, scan_layers=True, remat_policy="dots_saveable")
+  scanned_params = stack_layers(dict(params), "layers")
+  ids, mask = tokens(1)
+
+  def loss(model, p):
+    logits = model.apply({"params": p}, ids, attention_mask=mask)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  for cfg, p in ((unrolled, params), (scanned, scanned_params)):
+    assert "remat" in str(jax.make_jaxpr(lambda p, cfg=cfg: loss(Decoder(cfg), p))(p))
+  assert "remat" not in str(jax.make_jaxpr(lambda p: loss(Decoder(LLAMA), p))(params))
+  ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: loss(Decoder(unrolled), p)))(params)
+  got_loss, got_grads = jax.jit(jax.value_and_grad(lambda p: loss(Decoder(scanned), p)))(
+      scanned_params)
+  np.testing.assert_allclose(got_loss, ref_loss, atol=1e-6)
+  np.testing.assert_allclose(got_grads["layers"]["mlp"]["up_proj"]["kernel"][1],
+                             ref_grads["layers_1"]["mlp"]["up_proj"]["kernel"], atol=1e-6)
+  np.testing.assert_allclose(got_grads["embed_tokens"]["embedding"],
+                             ref_grads["embed_tokens"]["embedding"], atol=1e-6)
+
+
+def test_scanned_params_have_layer_axis():
+  cfg = dataclasses.replace(LLAMA, scan_layers=True)
+  boxed = jax.eval_shape(Decoder(cfg).init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+  specs = nn.get_partition_spec(boxed)["params"]
+  assert specs["layers"]["self_attn"]["q_proj"]["kernel"] == jax.sharding.PartitionSpec(
+      "layers", "embed", "heads")
+  assert specs["layers"]["self_attn"]["k_proj"]["kernel"] == jax.sharding.PartitionSpec(
+      "layers", "embed", "kv_heads")
+  assert specs["embed_tokens"]["embedding"] == jax.sharding.PartitionSpec("vocab", "embed")
+  assert specs["lm_head"]["kernel"] == jax.sharding.PartitionSpec("embed", "vocab")
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT], ids=["llama", "gpt2"])
+def test_embeds_hidden_and_embed_method(cfg):
+  model = make_decoder(cfg)
+  params = init(cfg)
+  ids, mask = tokens(2)
+
+  @jax.jit
+  def run(p):
+    embeds = model.apply({"params": p}, ids, method="embed")
+    from_ids = model.apply({"params": p}, ids, attention_mask=mask, return_hidden=True)
+    from_embeds = model.apply({"params": p}, inputs_embeds=embeds, attention_mask=mask)
+    return embeds, from_ids, from_embeds
+
+  embeds, (logits, hidden), from_embeds = run(params)
+  assert embeds.shape == (2, 10, 32) and hidden.shape == (2, 10, 32)
+  assert logits.shape == (2, 10, VOCAB) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(from_embeds, logits, atol=1e-6)
+
+
+def test_dropout_needs_rng_and_is_off_when_deterministic():
+  cfg = dataclasses.replace(LLAMA, residual_dropout=0.3, attention_dropout=0.3)
+  params = init(LLAMA)
+  ids, mask = tokens(3)
+
+  @jax.jit
+  def run(p, rng):
+    kw = dict(attention_mask=mask)
+    return (Decoder(cfg).apply({"params": p}, ids, **kw),
+            Decoder(LLAMA).apply({"params": p}, ids, **kw),
+            Decoder(cfg).apply({"params": p}, ids, deterministic=False, rngs={"dropout": rng},
+                               **kw))
+
+  eval_logits, plain, train_logits = run(params, jax.random.key(1, impl="unsafe_rbg"))
+  np.testing.assert_allclose(eval_logits, plain, atol=1e-6)
+  assert np.all(np.isfinite(train_logits))
+  assert np.abs(np.asarray(train_logits - plain)).max() > 1e-3
+
+
+def test_attention_dropout_path_matches_fused_kernel():
+  """The written-out path (used under dropout) is the same math as the fused one, GQA included."""
+  rng = np.random.RandomState(0)
+  q = jnp.asarray(rng.randn(2, 5, 4, 8), jnp.float32)
+  k = jnp.asarray(rng.randn(2, 7, 2, 8), jnp.float32)
+  v = jnp.asarray(rng.randn(2, 7, 2, 8), jnp.float32)
+  key_mask = jnp.asarray([[1] * 7, [0, 0] + [1] * 5])
+  mask = L.causal_mask(jnp.arange(5) + 2, jnp.arange(7), key_mask, sliding_window=3)
+
+  @jax.jit
+  def both(q, k, v, mask):
+    fused = L.attend(q, k, v, mask)
+    written = L.attend(q, k, v, mask, dropout_rate=1e-9, deterministic=False,
+                       dropout_rng=jax.random.key(0, impl="unsafe_rbg"))
+    return fused, written
+
+  for m in (mask, L.padding_mask(key_mask)):
+    fused, written = both(q, k, v, m)
+    np.testing.assert_allclose(written, fused, atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+  model = Decoder(LLAMA)
+  params = init(LLAMA)
+  ids, mask = tokens()
+  with pytest.raises(ValueError, match="exactly one of input_ids"):
+    model.apply({"params": params})
+  with pytest.raises(ValueError, match="attention_mask has shape"):
+    model.apply({"params": params}, ids, attention_mask=mask[:, :5])
+  with pytest.raises(ValueError, match="cache slots"):
+    model.apply({"params": params}, ids, attention_mask=mask, cache=init_cache(LLAMA, 2, 12))
+  with pytest.raises(ValueError, match="KV cache 'k' has shape"):
+    model.apply({"params": params}, ids, cache=init_cache(GPT, 2, 12))
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    DecoderConfig(num_heads=4, num_kv_heads=3, hidden_size=32)
+  with pytest.raises(ValueError, match="remat_policy"):
+    DecoderConfig(remat_policy="sometimes")
+  assert isinstance(make_decoder(GPT), GPT2)
+
+
+def test_config_from_ml_collections_dict():
+  cfg = DecoderConfig(**{**dataclasses.asdict(LLAMA), "lora": {"rank": 4, "targets": ["q_proj$"]}})
+  assert cfg.lora.rank == 4 and cfg.lora.targets == ("q_proj$",)
+  assert hash(cfg)
+  gpt = make_decoder_config(**{**dataclasses.asdict(GPT), "dtype": "bfloat16"})
+  assert isinstance(gpt, GPT2Config) and gpt.head_dim == 8 and gpt.num_kv_heads == 4
