@@ -159,3 +159,29 @@ def peak_matmul_flops(n: int = 2048, reps: int = 7) -> dict[str, float]:
   flops = 2.0 * n ** 3
   return {"n": n, "seconds": spread(times), "flops_per_s": flops / statistics.median(times),
           "best_flops_per_s": flops / min(times)}
+
+
+class PeakMatmul:
+  """A blocking n^3 fp32 matmul in JAX: call it to time the device's matmul
+  speed now; `flops` is what one call does."""
+
+  def __init__(self, n: int = 2048):
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    self.a = jax.random.normal(key_a, (n, n), jnp.float32)
+    self.b = jax.random.normal(key_b, (n, n), jnp.float32)
+    self.matmul = jax.jit(jnp.matmul)
+    self.n = n
+    self.flops = 2.0 * n ** 3
+    self()
+
+  def __call__(self):
+    return self.matmul(self.a, self.b).block_until_ready()
+
+
+def paired_utilisation(model_flops: float, step_times: list[float], peak: PeakMatmul,
+                       peak_times: list[float]) -> dict[str, float]:
+  """MFU per round: (model FLOPs / step time) / (matmul FLOPs / matmul time)."""
+  values = [(model_flops / t) / (peak.flops / p) for t, p in zip(step_times, peak_times)]
+  out = spread(values)
+  out["values"] = values
+  return out

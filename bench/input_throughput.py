@@ -106,7 +106,10 @@ def _time_pipeline(source, info, tok, config, batches: int) -> float:
   return seconds / elapsed
 
 
-def _log_mel_comparison(waves: np.ndarray, repeats: int) -> dict:
+def log_mel_functions(waves: np.ndarray):
+  """(ours, theirs): zero-argument functions computing the log-mel of the
+  [batch, samples] `waves` with speechjax (jit'd JAX) and with transformers'
+  WhisperFeatureExtractor, both returning numpy [batch, 80, frames]."""
   from transformers import WhisperFeatureExtractor  # pylint: disable=g-import-not-at-top
   extractor = WhisperFeatureExtractor(feature_size=80)
   as_list = list(waves)
@@ -118,6 +121,11 @@ def _log_mel_comparison(waves: np.ndarray, repeats: int) -> dict:
     return extractor(as_list, sampling_rate=16000, padding='longest',
                      return_tensors='np').input_features
 
+  return ours, theirs
+
+
+def _log_mel_comparison(waves: np.ndarray, repeats: int) -> dict:
+  ours, theirs = log_mel_functions(waves)
   ours()
   theirs()
   times = {'jax': [], 'hf': []}

@@ -70,7 +70,8 @@ class JaxStep:
     return metrics["loss"].block_until_ready()
 
 
-def jax_train_step(model, variables, batch_np, mode: str) -> JaxStep:
+def jax_train_step(model, variables, batch_np, mode: str,
+                   compiler_options: dict | None = None) -> JaxStep:
   opt, schedule = optim.make_optimizer(optim_config(), num_steps=1000)
   tcfg = train_config(mode)
   trainable, frozen = partition.split_variables(variables, partition.trainable_patterns(tcfg))
@@ -82,7 +83,7 @@ def jax_train_step(model, variables, batch_np, mode: str) -> JaxStep:
   lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch)
   lower_seconds = time.perf_counter() - start
   start = time.perf_counter()
-  compiled = lowered.compile()
+  compiled = lowered.compile(compiler_options)
   compile_seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -168,8 +169,15 @@ def torch_train_step(model, batch_t, compile_model: bool = False) -> TorchStep:
 def run(size: sm.BenchSize, folder: str, *, reps: int = 5, calls: int = 2,
         torch_compile: bool = True, modes=("lora", "full"), hf_models=None,
         encoder_overrides: dict | None = None, decoder_overrides: dict | None = None,
+        peak_matmul: Callable[[], Any] | None = None, compiler_options: dict | None = None,
         log=print) -> dict[str, Any]:
-  """Both modes; per mode the variants run interleaved (jax, eager, compiled)."""
+  """Both modes; per mode the variants run interleaved (jax, eager, compiled).
+
+  `peak_matmul` (a blocking fp32 matmul of known FLOPs) joins each round, so
+  MFU is computed pair by pair against the device's speed at that moment.
+  `compiler_options` go to XLA (the smoke test turns optimisation down to
+  compile faster).
+  """
   import torch  # pylint: disable=import-outside-toplevel
   enc, proj, lm, enc_dir, lm_dir = hf_models or sm.build_hf_models(size, folder)
   batch_np = sm.make_batch(size)
@@ -181,7 +189,7 @@ def run(size: sm.BenchSize, folder: str, *, reps: int = 5, calls: int = 2,
     model, variables = sm.jax_speech_llm(size, enc_dir, lm_dir, proj, lora, torch_model,
                                          encoder_overrides, decoder_overrides)
     log(f"[train/{mode}] compiling the speechjax step")
-    jax_step = jax_train_step(model, variables, batch_np, mode)
+    jax_step = jax_train_step(model, variables, batch_np, mode, compiler_options)
     del variables
     log(f"[train/{mode}] speechjax compiled in {jax_step.compile_seconds:.1f}s; "
         "PyTorch eager first step")
@@ -194,6 +202,8 @@ def run(size: sm.BenchSize, folder: str, *, reps: int = 5, calls: int = 2,
       compiled = torch_train_step(torch_model_c, batch_t, compile_model=True)
       variants["torch_compile"] = compiled
       log(f"[train/{mode}] torch.compile first step took {compiled.first_step_seconds:.1f}s")
+    if peak_matmul is not None:
+      variants["peak_matmul"] = peak_matmul
     for fn in variants.values():  # warm-up (excluded)
       fn()
     times = common.interleaved_timings(variants, reps, calls)
@@ -217,6 +227,15 @@ def run(size: sm.BenchSize, folder: str, *, reps: int = 5, calls: int = 2,
                    "trainable": trainable_params},
         "reps": reps, "calls_per_rep": calls,
     }
+    if peak_matmul is not None:
+      result["achieved_flops_per_s"] = {
+          k: jax_step.model_flops / common.spread(v)["median"] for k, v in times.items()
+          if k != "peak_matmul"}
+      result["peak_matmul_flops_per_s"] = common.spread(
+          [peak_matmul.flops / t for t in times["peak_matmul"]])
+      result["mfu"] = {k: common.paired_utilisation(jax_step.model_flops, v, peak_matmul,
+                                                    times["peak_matmul"])
+                       for k, v in times.items() if k != "peak_matmul"}
     if compiled is not None:
       result["speedup_vs_compile"] = common.paired_speedup(times["torch_compile"],
                                                            times["speechjax"])

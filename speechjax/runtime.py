@@ -20,8 +20,11 @@ def setup(config, flags_values=None) -> None:
         getattr(flags_values, "process_id", -1))
   cache_dir = config.get("compile_cache_dir", "")
   if cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # A gs:// path works too (shared by the hosts of a pod); abspath would mangle it.
+    jax.config.update("jax_compilation_cache_dir",
+                      cache_dir if "://" in cache_dir else os.path.abspath(cache_dir))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   logging.getLogger().setLevel(logging.INFO)
   if jax.process_index() != 0:
     logging.getLogger().setLevel(logging.WARNING)

@@ -263,6 +263,8 @@ class Trainer:
     first = True
 
     def save(best=False, force=False):
+      if not force and int(jax.device_get(self.state["bad_in_a_row"])):
+        return  # never replace the last good checkpoint during a run of bad steps
       meta = {"data_state": self.data.train.get_state(), "early_stopping": stopper.state(),
               "last_eval": last_eval}
       self.checkpoints.save(self.state, meta, best=best, force=force)
@@ -310,6 +312,7 @@ class Trainer:
 
         if is_best or step % cfg.checkpoint.every_steps == 0 or step == total:
           save(best=is_best)
+          _maybe_inject_fault(step, self.checkpoints)
         if preemption.requested:
           save(force=True)
           stopped_by = "signal"
@@ -328,6 +331,16 @@ class Trainer:
     if self.is_main:
       logging.info("training finished: %s", json.dumps(summary, default=float))
     return summary
+
+
+def _maybe_inject_fault(step: int, checkpoints) -> None:
+  """Test hook: SPEECHJAX_KILL_AFTER_CHECKPOINT=N hard-kills this process
+  (SIGKILL, no clean-up) right after the checkpoint of step N is on disk, so
+  tests can check that a resumed run continues exactly."""
+  target = os.environ.get("SPEECHJAX_KILL_AFTER_CHECKPOINT")
+  if target and int(target) == step:
+    checkpoints.wait()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _mean_metrics(history: list[dict]) -> dict:

@@ -1,0 +1,163 @@
+"""Multi-host training on one machine: processes on 127.0.0.1 with their own
+fake CPU devices, started by launch/local.sh, must train exactly what one
+process with all the devices trains, write one set of files, and leave a
+checkpoint that a run with another process layout resumes from."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import tiny_runs
+
+LOCAL_SH = os.path.join(tiny_runs.REPO, "launch", "local.sh")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_corpus, tmp_path_factory):
+  """One process x 4 devices and 2 processes x 2 devices, 10 steps each."""
+  data_dir, tokenizer, _ = tiny_corpus
+  root = tmp_path_factory.mktemp("multihost")
+  config = tiny_runs.write_config(root / "tiny.py", data_dir, tokenizer)
+  cache = str(root / "compile_cache")
+  one, two = str(root / "one_process"), str(root / "two_processes")
+  env = tiny_runs.subprocess_env()
+  tiny_runs.run(["bash", LOCAL_SH, "-d", "4", f"--config={config}", f"--workdir={one}",
+                 f"--config.compile_cache_dir={cache}"], env=env, log_path=root / "one.log")
+  result = tiny_runs.run(
+      ["bash", LOCAL_SH, "-n", "2", "-d", "2", "--port", str(tiny_runs.free_port()),
+       "--log_dir", str(root / "logs"), "--", f"--config={config}", f"--workdir={two}"],
+      env=env, log_path=root / "two.log")
+  return dict(root=root, config=config, cache=cache, one=one, two=two, two_output=result.stdout)
+
+
+def test_two_processes_train_what_one_process_trains(runs):
+  one = tiny_runs.read_metrics(runs["one"])
+  two = tiny_runs.read_metrics(runs["two"])
+  assert sorted(one) == sorted(two) == list(range(1, 11))  # logging.every_steps=1, one writer
+  # The same global batches in the same order: equal up to float32 summation
+  # order (gloo's cross-process all-reduce adds the per-device partial sums in
+  # another order than one process' in-process reduction). Another data order
+  # would show in the 3rd digit from the first step on.
+  for step in one:
+    np.testing.assert_allclose(two[step]["loss"], one[step]["loss"], rtol=2e-6, err_msg=f"step {step}")
+    np.testing.assert_allclose(two[step]["grad_norm"], one[step]["grad_norm"], rtol=1e-4)
+  dev_one, dev_two = tiny_runs.read_metrics(runs["one"], "dev"), tiny_runs.read_metrics(runs["two"], "dev")
+  np.testing.assert_allclose(dev_two[10]["loss"], dev_one[10]["loss"], rtol=1e-5)
+  # Process 0 alone wrote the run's files; process 1 logged warnings only.
+  assert os.path.exists(os.path.join(runs["two"], "config.json"))
+  assert os.path.isdir(os.path.join(runs["two"], "checkpoints", "last", "10"))
+  assert "jax.distributed (explicit coordinator): process 0 of 2" in open(
+      runs["root"] / "logs" / "process_0.log").read()
+  assert "loop.py" not in open(runs["root"] / "logs" / "process_1.log").read()
+
+
+def test_two_process_checkpoint_resumes_in_one_process(runs):
+  """The 2x2 checkpoint restores onto a 1x4 mesh and training goes on to step
+  12; the compilation cache the first one-process run filled is used."""
+  assert any(name.startswith("jit_train_step") for name in os.listdir(runs["cache"]))
+  resumed = str(runs["root"] / "resumed")
+  shutil.copytree(runs["two"], resumed)
+  result = tiny_runs.run(
+      ["bash", LOCAL_SH, "-d", "4", f"--config={runs['config']}", f"--workdir={resumed}",
+       "--config.train.num_steps=12", f"--config.compile_cache_dir={runs['cache']}"],
+      env=tiny_runs.subprocess_env(JAX_LOG_COMPILES="1"), log_path=runs["root"] / "resumed.log")
+  assert "restored checkpoint at step 10" in result.stdout
+  assert "Persistent compilation cache hit" in result.stdout
+  train = tiny_runs.read_metrics(resumed)
+  assert sorted(train) == list(range(1, 13))
+  assert all(np.isfinite(train[s]["loss"]) for s in (11, 12))
+  assert os.path.isdir(os.path.join(resumed, "checkpoints", "last", "12"))
+
+
+def test_local_sh_fails_when_a_process_fails(tmp_path):
+  env = tiny_runs.subprocess_env()
+  result = subprocess.run(
+      ["bash", LOCAL_SH, "-n", "2", "--log_dir", str(tmp_path), "--",
+       f"--config={tmp_path / 'missing.py'}", f"--workdir={tmp_path / 'w'}"],
+      cwd=tiny_runs.REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode != 0
+  assert "failed" in result.stderr
+  help_text = subprocess.run(["bash", LOCAL_SH, "--help"], capture_output=True, text=True,
+                             check=True).stdout
+  assert "--num_processes" in help_text
+
+
+def test_initialize_distributed_is_a_no_op_for_one_plain_process(monkeypatch):
+  from speechjax import parallel
+
+  for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(name, raising=False)
+  assert parallel.initialize_distributed() is False
+  # One SLURM task (salloc + plain python) is not a cluster.
+  monkeypatch.setenv("SLURM_JOB_ID", "1")
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  assert parallel.initialize_distributed() is False
+  monkeypatch.setenv("SPEECHJAX_DISTRIBUTED", "0")
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "a,b")
+  assert parallel.initialize_distributed() is False
+
+
+def test_slurm_one_task_per_node_keeps_every_gpu(monkeypatch):
+  from speechjax import parallel
+
+  local_ids = parallel._slurm_local_device_ids  # pylint: disable=protected-access
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+  monkeypatch.setenv("SLURM_LOCALID", "1")
+  monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "1(x2)")
+  assert local_ids() == [0, 1, 2, 3]  # one task per node: all of them
+  monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "4(x2)")
+  assert local_ids() == [1]  # one task per GPU
+  monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "2")
+  assert local_ids() == [2, 3]
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # --gpus-per-task=1: the task sees one
+  assert local_ids() == [0]
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+  assert local_ids() is None  # CPU: JAX's default
+
+
+def test_process_rows_of_a_one_process_mesh():
+  from speechjax import parallel
+
+  mesh = parallel.make_mesh((-1, 1, 1))
+  assert parallel.process_batch_rows(mesh, parallel.DEFAULT_RULES, 16) == slice(0, 16)
+
+
+def test_slurm_sbatch_runs_train_in_every_task(tmp_path):
+  """Run as a plain script with a stand-in `srun` that prints what it was given."""
+  stub = tmp_path / "bin"
+  stub.mkdir()
+  (stub / "srun").write_text('#!/usr/bin/env bash\necho "srun $*"\n')
+  (stub / "srun").chmod(0o755)
+  env = dict(os.environ, PATH=f"{stub}:{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_NNODES="2",
+             SLURM_NTASKS="2", SPEECHJAX_DIR=str(tmp_path), PYTHON="py")
+  script = os.path.join(tiny_runs.REPO, "launch", "slurm.sbatch")
+  out = subprocess.run(["bash", script, "--config=c.py:x", "--workdir=/shared/w"], env=env,
+                       capture_output=True, text=True, check=True).stdout
+  assert out.strip() == "srun --kill-on-bad-exit=1 py -m speechjax.train --config=c.py:x --workdir=/shared/w"
+  outside = dict(env)
+  outside.pop("SLURM_JOB_ID")
+  assert subprocess.run(["bash", script, "--config=c.py"], env=outside, capture_output=True,
+                        check=False).returncode == 2
+
+
+def test_tpu_vm_sh_dry_run_names_only_what_it_was_given():
+  script = os.path.join(tiny_runs.REPO, "launch", "tpu_vm.sh")
+  out = subprocess.run(
+      ["bash", script, "--dry_run", "--name=my-tpu", "--zone=zone-a", "--project=proj", "--create",
+       "--accelerator=v4-16", "--version=tpu-ubuntu2204-base", "--delete", "--",
+       "--config=configs/demo.py:speech", "--workdir=/mnt/shared/x"],
+      capture_output=True, text=True, check=True).stdout.splitlines()
+  assert out[0].startswith("gcloud compute tpus tpu-vm create my-tpu --zone=zone-a --project=proj "
+                           "--accelerator-type=v4-16 --version=tpu-ubuntu2204-base")
+  assert "tpu-vm scp" in out[1] and "--worker=all" in out[1]
+  assert "speechjax.train" in out[-2] and "--worker=all" in out[-2]
+  assert "--workdir=/mnt/shared/x" in out[-2]
+  assert out[-1].startswith("gcloud compute tpus tpu-vm delete my-tpu --zone=zone-a --project=proj")
+  missing = subprocess.run(["bash", script, "--dry_run", "--", "--config=c.py"],
+                           capture_output=True, text=True, check=False)
+  assert missing.returncode == 2 and "--name and --zone" in missing.stderr

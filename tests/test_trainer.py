@@ -1,0 +1,184 @@
+"""The training engine end to end on a tiny speech LLM and the real data
+pipeline: sharding equivalence, optimizer state, exact resume after a hard
+kill, preemption, NaN guard, config errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from speechjax.trainer import checkpoint as ckpt_lib
+from speechjax.trainer.loop import NonFiniteLossError, Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import tiny  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def tiny_config(corpus, **overrides):
+  data_dir, tok_dir, _ = corpus
+  c = tiny.get_config()
+  c.data.data_dir = data_dir
+  c.model.tokenizer = tok_dir
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def cli_args(corpus, workdir, *extra):
+  data_dir, tok_dir, _ = corpus
+  return [sys.executable, "-m", "speechjax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", f"--config.model.tokenizer={tok_dir}", *extra]
+
+
+def run_cli(args, env=None, **kwargs):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env or {})}
+  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def logged(workdir, split="train", key="loss"):
+  """{step: value}, the last record per step winning (a resumed run re-logs)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      if r["split"] == split and key in r:
+        out[r["step"]] = r[key]
+  return out
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_mesh_2x2x2_matches_one_device(tiny_corpus, tmp_path):
+  one = Trainer(tiny_config(tiny_corpus, **{"mesh.shape": (1, 1, 1)}), str(tmp_path / "one"))
+  eight = Trainer(tiny_config(tiny_corpus, **{"mesh.shape": (2, 2, 2)}), str(tmp_path / "eight"))
+  assert len(one.mesh.devices.flat) == 1 and eight.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
+  # Weights really are split over the mesh.
+  specs = {x.sharding.spec for x in jax.tree_util.tree_leaves(eight.frozen)}
+  assert any(any(a is not None for a in spec) for spec in specs)
+  for step in range(20):
+    batch = next(one.data.train)
+    a = float(one.train_one(batch)["loss"])
+    b = float(eight.train_one(batch)["loss"])
+    assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
+  for x, y in zip(leaves(one.state["trainable"]), leaves(eight.state["trainable"])):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+  # A checkpoint written on the 8-device mesh restores onto one device.
+  eight.checkpoints.save(eight.state, {"data_state": eight.data.train.get_state()}, force=True)
+  eight.checkpoints.wait()
+  restored = Trainer(tiny_config(tiny_corpus, **{"mesh.shape": (1, 1, 1)}), str(tmp_path / "eight"))
+  assert restored.step == 20
+  for x, y in zip(leaves(eight.state["trainable"]), leaves(restored.state["trainable"])):
+    np.testing.assert_array_equal(x, y)
+  assert len(jax.tree_util.tree_leaves(restored.state["trainable"])[0].sharding.device_set) == 1
+
+
+def test_optimizer_state_holds_only_trainables(tiny_corpus, tmp_path):
+  trainer = Trainer(tiny_config(tiny_corpus), str(tmp_path / "run"))
+  trainable = jax.tree_util.tree_leaves(trainer.state["trainable"])
+  frozen = jax.tree_util.tree_leaves(trainer.frozen)
+  moments = [x for x in jax.tree_util.tree_leaves(trainer.state["opt_state"]) if x.ndim > 0]
+  # AdamW: one first and one second moment per trainable leaf, nothing else.
+  assert len(moments) == 2 * len(trainable)
+  assert sum(x.nbytes for x in moments) == 2 * sum(x.nbytes for x in trainable)
+  assert sum(x.size for x in frozen) > 5 * sum(x.size for x in trainable)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainer.state["trainable"])[0]]
+  assert all("lora" in p or "projector" in p for p in paths), paths
+
+
+def test_resume_after_hard_kill_is_exact(tiny_corpus, tmp_path):
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  result = run_cli(cli_args(tiny_corpus, straight))
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = run_cli(cli_args(tiny_corpus, killed), env={"SPEECHJAX_KILL_AFTER_CHECKPOINT": "10"})
+  assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+  assert ckpt_lib.Checkpoints(killed).latest_step() == 10
+  result = run_cli(cli_args(tiny_corpus, killed))
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  a, b = logged(straight), logged(killed)
+  assert sorted(a) == list(range(1, 21)) and sorted(b) == list(range(1, 21))
+  for step in range(1, 21):
+    assert a[step] == pytest.approx(b[step], rel=1e-6), step
+  trainer_cfg = tiny_config(tiny_corpus)
+  template = Trainer(trainer_cfg, str(tmp_path / "template")).state["trainable"]
+  ta, _, sa = ckpt_lib.restore_trainable(straight, template, "last")
+  tb, _, sb = ckpt_lib.restore_trainable(killed, template, "last")
+  assert sa == sb == 20
+  for x, y in zip(leaves(ta), leaves(tb)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tiny_corpus, tmp_path):
+  workdir = str(tmp_path / "run")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  proc = subprocess.Popen(cli_args(tiny_corpus, workdir, "--config.train.num_steps=100000",
+                                   "--config.checkpoint.every_steps=100000"),
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  step = ckpt_lib.Checkpoints(workdir).latest_step()
+  assert step is not None and step >= 3
+  assert max(logged(workdir)) == step  # the checkpoint holds the last step trained
+  assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints", "last")) if "tmp" in d]
+
+
+def test_nan_guard_stops_with_last_good_checkpoint(tiny_corpus, tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer = Trainer(tiny_config(tiny_corpus, **{"train.max_bad_steps": 3, "logging.every_steps": 1,
+                                                "checkpoint.every_steps": 2}), workdir)
+  clean = trainer.data.train
+
+  class Poisoned:
+    """Clean batches for 4 steps, then features full of NaN."""
+
+    def __init__(self):
+      self.n = 0
+
+    def __next__(self):
+      batch = next(clean)
+      self.n += 1
+      if self.n > 4:
+        batch["features"] = np.full_like(batch["features"], np.nan)
+      return batch
+
+    def get_state(self):
+      return clean.get_state()
+
+    def set_state(self, s):
+      clean.set_state(s)
+
+  trainer.data.train = Poisoned()
+  with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+    trainer.run()
+  assert int(trainer.state["skipped"]) == 3
+  assert ckpt_lib.Checkpoints(workdir).latest_step() == 4
+  skipped = logged(workdir, key="skipped_steps")
+  assert skipped[5] == 1 and skipped[7] == 1
+
+
+def test_unknown_config_key_lists_valid_keys(tiny_corpus, tmp_path):
+  result = run_cli(cli_args(tiny_corpus, str(tmp_path / "run"), "--config.optim.lrr=1e-3"))
+  assert result.returncode != 0
+  assert "unknown config key(s): optim.lrr" in result.stderr
+  assert "optim.lr\n" in result.stderr and "train.num_steps" in result.stderr
