@@ -150,13 +150,8 @@ def _build_speech_llm(config, lora) -> ModelBundle:
     ids = jnp.concatenate([jnp.ones((1, 2), jnp.int32), jnp.full((1, n_audio), sl.AUDIO_PLACEHOLDER_ID, jnp.int32),
                            jnp.ones((1, 3), jnp.int32)], axis=1)
     args = (jnp.zeros((1, n_mels, frames)), jnp.ones((1, frames), jnp.int32), ids, jnp.ones_like(ids))
-    rngs = {"params": rng, "dropout": rng}
-    variables = module.init(rngs, *args)
-    if model_cfg.num_classes:
-      classify_vars = module.init(rngs, *args, method="classify")
-      variables = {**classify_vars, **variables,
-                   "params": {**classify_vars["params"], **variables["params"]}}
-    return variables
+    # __call__ creates the classifier's weights too when num_classes > 0.
+    return module.init({"params": rng, "dropout": rng}, *args)
 
   def load(variables, shardings):
     if config.model.encoder_pretrained:

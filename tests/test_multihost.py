@@ -23,7 +23,7 @@ def runs(tiny_corpus, tmp_path_factory):
   data_dir, tokenizer, _ = tiny_corpus
   root = tmp_path_factory.mktemp("multihost")
   config = tiny_runs.write_config(root / "tiny.py", data_dir, tokenizer)
-  cache = str(root / "compile_cache")
+  cache = tiny_runs.compile_cache(tmp_path_factory)
   one, two = str(root / "one_process"), str(root / "two_processes")
   env = tiny_runs.subprocess_env()
   tiny_runs.run(["bash", LOCAL_SH, "-d", "4", f"--config={config}", f"--workdir={one}",
@@ -67,7 +67,7 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
        "--config.train.num_steps=12", f"--config.compile_cache_dir={runs['cache']}"],
       env=tiny_runs.subprocess_env(JAX_LOG_COMPILES="1"), log_path=runs["root"] / "resumed.log")
   assert "restored checkpoint at step 10" in result.stdout
-  assert "Persistent compilation cache hit" in result.stdout
+  assert "Persistent compilation cache hit for 'jit_train_step'" in result.stdout
   train = tiny_runs.read_metrics(resumed)
   assert sorted(train) == list(range(1, 13))
   assert all(np.isfinite(train[s]["loss"]) for s in (11, 12))
@@ -85,6 +85,47 @@ def test_local_sh_fails_when_a_process_fails(tmp_path):
   help_text = subprocess.run(["bash", LOCAL_SH, "--help"], capture_output=True, text=True,
                              check=True).stdout
   assert "--num_processes" in help_text
+
+
+def test_hosts_feed_their_rows_of_the_one_process_batches(tiny_corpus):
+  """What each of 2 hosts feeds, stacked in process order, is the batch one
+  process makes: same examples, same order, same padded shapes (the bucket is
+  the global batch's, so hosts never disagree on shapes)."""
+  import grain
+  from transformers import AutoTokenizer
+  from speechjax.data import pipeline, sources
+
+  data_dir, tokenizer, _ = tiny_corpus
+  config = pipeline.default_data_config()
+  config.update(data_dir=data_dir, batch_size=8, eval_batch_size=8, worker_threads=1,
+                audio_buckets_seconds=(2.0, 3.0, 4.0, 5.0), token_buckets=(32, 48, 64, 128))
+  tok = AutoTokenizer.from_pretrained(tokenizer)
+  audio_tokens = lambda frames: (frames + 1) // 2 // 4
+  source, info = sources.open_source(config, "train")
+  hosts = [grain.sharding.ShardOptions(i, 2, drop_remainder=True) for i in range(2)]
+
+  def first(shard, n=4):
+    iterator = pipeline.make_train_iterator(source, info, tok, audio_tokens, config,
+                                            shard_options=shard)
+    return [next(iterator) for _ in range(n)]
+
+  single = first(grain.sharding.NoSharding())
+  per_host = [first(shard) for shard in hosts]
+  for k, batch in enumerate(single):
+    for key in pipeline.BATCH_KEYS:
+      parts = [h[k][key] for h in per_host]
+      assert parts[0].shape == parts[1].shape, (k, key)
+      np.testing.assert_array_equal(np.concatenate(parts), batch[key], err_msg=f"batch {k} {key}")
+
+  dev, dev_info = sources.open_source(config, "dev")
+  whole = list(pipeline.make_eval_iterator(dev, dev_info, tok, audio_tokens, config))
+  split = [list(pipeline.make_eval_iterator(dev, dev_info, tok, audio_tokens, config,
+                                            shard_options=shard)) for shard in hosts]
+  assert len(split[0]) == len(split[1]) == len(whole)
+  for k, batch in enumerate(whole):
+    for key in pipeline.BATCH_KEYS:
+      np.testing.assert_array_equal(np.concatenate([split[0][k][key], split[1][k][key]]),
+                                    batch[key], err_msg=f"dev batch {k} {key}")
 
 
 def test_initialize_distributed_is_a_no_op_for_one_plain_process(monkeypatch):

@@ -141,14 +141,14 @@ def test_run_status(tmp_path):
 
 # ------------------------------------------------------------ a real sweep
 
-def test_sweep_runs_scores_skips_and_tabulates(tiny_corpus, tmp_path):
+def test_sweep_runs_scores_skips_and_tabulates(tiny_corpus, tmp_path, tmp_path_factory):
   data_dir, tokenizer, _ = tiny_corpus
   config = tiny_runs.write_config(tmp_path / "tiny.py", data_dir, tokenizer)
   root = tmp_path / "sweep"
   cmd = [sys.executable, "-m", "speechjax.sweep", f"--config={config}", f"--workdir={root}",
          "--sweep=seed=1,2", "--sweep=optim.lr=1e-3", "--eval_max_examples=2", "--",
-         f"--config.compile_cache_dir={tmp_path / 'cache'}"]
-  env = tiny_runs.subprocess_env()
+         f"--config.compile_cache_dir={tiny_runs.compile_cache(tmp_path_factory)}"]
+  env = tiny_runs.subprocess_env(devices=4)  # as test_multihost's runs: shared compilations
   first = tiny_runs.run(cmd, env=env, log_path=tmp_path / "first.log")
   names = ["seed=1_lr=1e-3", "seed=2_lr=1e-3"]
   for name in names:

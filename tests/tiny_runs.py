@@ -34,7 +34,9 @@ def get_config(arg=None):
   c.data.worker_threads = 1
   c.data.prefetch_batches = 2
   c.train.num_steps = 10
-  c.optim.update(lr=1e-3, warmup_steps=2)
+  # A constant schedule keeps num_steps out of the compiled step, so a run
+  # resumed with more steps reuses the compilation cache.
+  c.optim.update(lr=1e-3, warmup_steps=2, schedule="constant")
   c.eval.every_steps = 10
   c.eval.max_batches = 1
   c.eval.task_metrics = False
@@ -84,6 +86,12 @@ def read_metrics(workdir, split: str = "train") -> dict[int, dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f if line.strip()]
   return {r["step"]: r for r in records if r["split"] == split}
+
+
+def compile_cache(tmp_path_factory) -> str:
+  """One persistent compilation cache for every subprocess run of the test
+  session: runs with the same shapes and device count compile once."""
+  return str(tmp_path_factory.getbasetemp() / "compile_cache")
 
 
 def free_port() -> int:

@@ -118,6 +118,9 @@ def open_source(config, split: str, label_names: Sequence[str] | None = None):
   A split ending in .jsonl is read directly as a manifest (e.g. `evaluate
   --manifest`); pass the training `label_names` so class ids agree.
   """
+  if '+' in split:  # e.g. 'train_clean_100+train_clean_360+train_other_500'
+    parts = [open_source(config, part, label_names) for part in split.split('+')]
+    return ConcatSource([p[0] for p in parts]), concat_info([p[1] for p in parts])
   if split.endswith('.jsonl'):
     source = ManifestSource(split, max_seconds=config.get('max_audio_seconds', 30.0),
                             label_names=label_names)
@@ -126,3 +129,26 @@ def open_source(config, split: str, label_names: Sequence[str] | None = None):
   if label_names is not None:
     info.label_names = tuple(label_names)
   return source, info
+
+
+class ConcatSource:
+  """Several random-access sources read as one (indices run through them in order)."""
+
+  def __init__(self, sources):
+    self._sources = list(sources)
+    self._starts = np.cumsum([0] + [len(s) for s in self._sources])
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    which = int(np.searchsorted(self._starts, index, side='right')) - 1
+    return self._sources[which][index - int(self._starts[which])]
+
+
+def concat_info(infos: Sequence[SourceInfo]) -> SourceInfo:
+  labels = sorted({name for info in infos for name in info.label_names})
+  return SourceInfo(np.concatenate([i.num_samples for i in infos]), np.concatenate([i.fields for i in infos]),
+                    tuple(labels), sum(i.num_skipped for i in infos))

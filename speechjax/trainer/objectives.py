@@ -71,14 +71,17 @@ def speech_llm_objective(model, lm_weight: float = 1.0, cls_weight: float = 0.0)
     args = (batch["features"], batch["feature_mask"], batch["input_ids"], batch["attention_mask"])
     total = jnp.zeros((), jnp.float32)
     stats = {}
-    if lm_weight > 0:
+    if use_head:  # one forward pass gives both outputs
+      logits, class_logits = model.apply(variables, *args, deterministic=deterministic, rngs=rngs,
+                                         method="logits_and_classes")
+    else:
       logits = model.apply(variables, *args, deterministic=deterministic, rngs=rngs)
+    if lm_weight > 0:
       xent, correct = token_cross_entropy(logits, batch["targets"], batch["target_mask"])
       total += lm_weight * xent / norms["tokens"]
       stats.update(lm_loss_sum=xent, tokens=jnp.sum(batch["target_mask"]), correct_tokens=correct)
     if use_head:
-      class_logits = model.apply(variables, *args, deterministic=deterministic, rngs=rngs,
-                                 method="classify").astype(jnp.float32)
+      class_logits = class_logits.astype(jnp.float32)
       labels = batch["class_labels"]
       valid = ((labels >= 0) * batch["example_mask"]).astype(jnp.float32)
       xent = optax.softmax_cross_entropy_with_integer_labels(class_logits, jnp.maximum(labels, 0))
