@@ -19,6 +19,8 @@ from speechjax import model_builder, parallel
 from speechjax.trainer import checkpoint as ckpt_lib
 from speechjax.trainer import partition
 
+log = logging.getLogger(__name__)
+
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
@@ -45,5 +47,5 @@ def load_trained(workdir: str, which: str = "best", *, config=None):
   patterns = partition.trainable_patterns(config.train, bundle.num_decoder_layers)
   trainable, frozen = partition.split_variables(variables, patterns)
   trainable, meta, step = ckpt_lib.restore_trainable(workdir, trainable, which)
-  logging.info("loaded %s checkpoint of %s at step %d", which, workdir, step)
+  log.info("loaded %s checkpoint of %s at step %d", which, workdir, step)
   return config, bundle, partition.join_variables(trainable, frozen), step

@@ -27,6 +27,8 @@ from speechjax.config_base import dataclass_from_config
 from speechjax.models.lora import LoRAConfig
 from speechjax.trainer import objectives
 
+log = logging.getLogger(__name__)
+
 # Fields an experiment may set on top of a pretrained checkpoint's architecture.
 RUNTIME_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention_dropout", "residual_dropout",
                   "attention_impl")
@@ -115,7 +117,7 @@ def _load_subtree(variables, shardings, key: str | None, path: str, cfg):
     params = _place_like(loaded, variables["params"], shardings["params"], path)
   else:
     params[key] = _place_like(loaded, params[key], shardings["params"][key], path)
-  logging.info("loaded pretrained weights from %s into %s", path, key or "the model")
+  log.info("loaded pretrained weights from %s into %s", path, key or "the model")
   return {**variables, "params": params}
 
 

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+log = logging.getLogger(__name__)
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes. Batch is split over data and fsdp (FSDP is data
@@ -72,7 +74,7 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axes: Sequence[str] = MESH_AXES
   if -1 not in shape and math.prod(shape) < len(devices):
     # An explicit smaller mesh takes the first devices (e.g. a 1-device
     # reference run on a host with 8).
-    logging.info("mesh %s uses %d of %d devices", tuple(shape), math.prod(shape), len(devices))
+    log.info("mesh %s uses %d of %d devices", tuple(shape), math.prod(shape), len(devices))
     devices = devices[:math.prod(shape)]
   shape = resolve_mesh_shape(shape, len(devices))
   return jax.make_mesh(shape, tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
@@ -181,8 +183,8 @@ def _check_process_rows(mesh: Mesh, rules, local_rows: int) -> None:
   if rows.start != index * local_rows:
     # Still the same examples per step, in another order: the losses agree with
     # a one-process run only up to float summation order.
-    logging.warning("process %d holds global batch rows %d:%d, not block %d; data order differs "
-                    "from a single-process run", index, rows.start, rows.stop, index)
+    log.warning("process %d holds global batch rows %d:%d, not block %d; data order differs "
+                "from a single-process run", index, rows.start, rows.stop, index)
   _checked_row_layouts.add(key)
 
 
@@ -307,9 +309,8 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
   if local_device_ids is not None:
     kwargs["local_device_ids"] = local_device_ids
   jax.distributed.initialize(**kwargs)
-  logging.info("jax.distributed (%s): process %d of %d, %d local / %d global devices", how,
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  log.info("jax.distributed (%s): process %d of %d, %d local / %d global devices", how,
+           jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
 
 
@@ -319,4 +320,4 @@ def is_main_process() -> bool:
 
 def log_on_main(msg: str, *args) -> None:
   if is_main_process():
-    logging.info(msg, *args)
+    log.info(msg, *args)

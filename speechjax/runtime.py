@@ -25,9 +25,9 @@ def setup(config, flags_values=None) -> None:
                       cache_dir if "://" in cache_dir else os.path.abspath(cache_dir))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  logging.getLogger().setLevel(logging.INFO)
-  if jax.process_index() != 0:
-    logging.getLogger().setLevel(logging.WARNING)
+  # Our progress at INFO; the libraries' (orbax, tfds) chatter only when it matters.
+  logging.getLogger("speechjax").setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+  logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def write_config(config, workdir: str) -> None:

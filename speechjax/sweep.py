@@ -224,10 +224,20 @@ def _final_checkpoint_written(run_dir: str, config: dict) -> bool:
       os.path.join(run_dir, "checkpoints", "last", str(int(num_steps))))
 
 
-def run_status(run_dir: str, evaluate: bool) -> str:
+def run_status(run_dir: str, evaluate: bool, args: Sequence[str] | None = None) -> str:
   """'done' (marker written), 'trained' (final checkpoint, not yet scored),
-  'started' (a folder, no final checkpoint) or 'missing'."""
-  if os.path.exists(os.path.join(run_dir, DONE_MARKER)):
+  'started' (a folder, no final checkpoint), 'changed' (finished, but with
+  other train arguments than `args`) or 'missing'."""
+  marker = os.path.join(run_dir, DONE_MARKER)
+  if os.path.exists(marker):
+    if args is not None:
+      try:
+        with open(marker) as f:
+          recorded = json.load(f).get("args")
+      except (OSError, json.JSONDecodeError):
+        recorded = None
+      if recorded is not None and list(recorded) != list(args):
+        return "changed"
     return "done"
   if not os.path.isdir(run_dir):
     return "missing"
@@ -268,10 +278,15 @@ def execute_run(config: str, root: str, run: Run, extra: Sequence[str] = (), *,
   """Trains (resuming if the folder holds a checkpoint) and scores one run;
   returns its status: 'done', 'skipped' (already done) or 'failed'."""
   run_dir = os.path.join(root, run.name)
-  status = run_status(run_dir, evaluate != "never")
+  args = [f"--config={config}", *run.config_args(), *extra]
+  status = run_status(run_dir, evaluate != "never", args)
   if status == "done":
     logging.info("%s: already finished, skipped", run.name)
     return "skipped"
+  if status == "changed":
+    logging.info("%s: finished with other arguments; training again (it resumes from its "
+                 "checkpoint, so e.g. a larger train.num_steps continues it)", run.name)
+    os.remove(os.path.join(run_dir, DONE_MARKER))
   os.makedirs(run_dir, exist_ok=True)
   log_path = os.path.join(run_dir, "sweep.log")
   start = time.time()
@@ -296,7 +311,7 @@ def execute_run(config: str, root: str, run: Run, extra: Sequence[str] = (), *,
                     log_path, _tail(log_path))
       return "failed"
   with open(os.path.join(run_dir, DONE_MARKER), "w") as f:
-    json.dump({"name": run.name, "overrides": run.overrides, "evaluated": evaluated,
+    json.dump({"name": run.name, "overrides": run.overrides, "args": args, "evaluated": evaluated,
                "eval_split": eval_split if evaluated else None,
                "seconds": round(time.time() - start, 1)}, f, indent=2, default=str)
   return "done"
@@ -551,13 +566,19 @@ def print_commands(config: str, root: str, runs: Sequence[Run], extra: Sequence[
   """Shell lines that train (and score) every run, for a cluster scheduler."""
   out = out or sys.stdout
   launcher = list(launcher) if launcher else ["python", "-m", "speechjax.train"]
-  print(f"# {len(runs)} runs of {config} under {root}; when they are done:", file=out)
-  print(f"#   python -m speechjax.sweep --workdir={shlex.quote(root)} --collect", file=out)
+  print(f"# {len(runs)} runs of {config} under {root}: train", file=out)
+  scoring = []
   for run in runs:
     run_dir = os.path.join(root, run.name)
     print(shlex.join(train_command(config, run_dir, run, extra, launcher)), file=out)
     if wants_evaluation({"model": {"kind": model_kind(config, run, extra)}}, evaluate):
-      print(shlex.join(evaluate_command(run_dir, eval_split, eval_max_examples, "python")), file=out)
+      scoring.append(shlex.join(evaluate_command(run_dir, eval_split, eval_max_examples, "python")))
+  if scoring:
+    print("# when they have finished: score them", file=out)
+    for line in scoring:
+      print(line, file=out)
+  print("# then tabulate:", file=out)
+  print(f"python -m speechjax.sweep --workdir={shlex.quote(root)} --collect", file=out)
 
 
 # ------------------------------------------------------------------ main

@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+log = logging.getLogger(__name__)
+
 
 def _manager(directory: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
@@ -73,7 +75,7 @@ class Checkpoints:
         train_state=ocp.args.StandardRestore(_abstract(train_target)),
         meta=ocp.args.JsonRestore()))
     state = {"trainable": restored["trainable"], **restored["train_state"]}
-    logging.info("restored checkpoint at step %d", step)
+    log.info("restored checkpoint at step %d", step)
     return state, dict(restored["meta"])
 
   def wait(self) -> None:

@@ -28,6 +28,8 @@ from speechjax.trainer import partition
 from speechjax.trainer import step as step_lib
 from speechjax.trainer.metric_writer import MetricWriter
 
+log = logging.getLogger(__name__)
+
 
 class NonFiniteLossError(RuntimeError):
   pass
@@ -50,7 +52,7 @@ class _Preemption:
     return self
 
   def _handle(self, signum, frame):
-    logging.warning("received signal %d: checkpointing and stopping", signum)
+    log.warning("received signal %d: checkpointing and stopping", signum)
     self.requested = True
 
   def __exit__(self, *exc):
@@ -186,7 +188,7 @@ class Trainer:
       self.state, self.meta = self.checkpoints.restore(self.state)
       if self.meta.get("data_state") is not None:
         self.data.train.set_state(self.meta["data_state"])
-    logging.info("trainable: %d params (%.1f MB), frozen: %d params (%.1f MB), optimizer state %.1f MB",
+    log.info("trainable: %d params (%.1f MB), frozen: %d params (%.1f MB), optimizer state %.1f MB",
                  sum(x.size for x in jax.tree_util.tree_leaves(self.state["trainable"])),
                  _count_bytes(self.state["trainable"]) / 1e6,
                  sum(x.size for x in jax.tree_util.tree_leaves(self.frozen)),
@@ -214,7 +216,7 @@ class Trainer:
       msg += (f"; memory: arguments {analysis.argument_size_in_bytes / 1e6:.1f} MB, outputs "
               f"{analysis.output_size_in_bytes / 1e6:.1f} MB, temporaries "
               f"{analysis.temp_size_in_bytes / 1e6:.1f} MB")
-    logging.info(msg)
+    log.info(msg)
     self.memory_analysis = analysis
 
   def train_one(self, batch: dict) -> dict:
@@ -308,7 +310,7 @@ class Trainer:
           last_eval = self.evaluate()
           is_best = stopper.update(last_eval)
           writer.write(step, "dev", {**last_eval, "best_" + cfg.eval.metric: stopper.best})
-          logging.info("step %d dev: %s", step, json.dumps(last_eval, default=float))
+          log.info("step %d dev: %s", step, json.dumps(last_eval, default=float))
 
         if is_best or step % cfg.checkpoint.every_steps == 0 or step == total:
           save(best=is_best)
@@ -329,7 +331,7 @@ class Trainer:
     summary = {"final_step": self.step, "stopped_by": stopped_by, "best": stopper.best,
                "skipped_steps": int(jax.device_get(self.state["skipped"])), "last_eval": last_eval}
     if self.is_main:
-      logging.info("training finished: %s", json.dumps(summary, default=float))
+      log.info("training finished: %s", json.dumps(summary, default=float))
     return summary
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 
 def _plain(value: Any):
   value = np.asarray(jax.device_get(value)).item() if np.ndim(value) == 0 else value
@@ -38,7 +40,7 @@ class MetricWriter:
       try:
         import wandb
       except ImportError:
-        logging.warning("logging.wandb.enabled is set but wandb is not installed; skipping W&B")
+        log.warning("logging.wandb.enabled is set but wandb is not installed; skipping W&B")
       else:
         self._wandb = wandb.init(project=wandb_cfg.project, mode=wandb_cfg.mode, dir=workdir,
                                  config=config_dict, resume="allow",
