@@ -75,6 +75,7 @@ def machine_info() -> dict[str, Any]:
       "platform": platform.platform(), "python": platform.python_version(),
       "jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", jax.__version__),
       "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default: active spinning)"),
       "jax_device": str(jax.devices()[0]), "loadavg_at_start": [round(x, 2) for x in load],
   }
 

@@ -40,7 +40,8 @@ def generated_section(res: dict) -> str:
            f"Machine: {m['cpu']} ({', '.join(m['simd'])}), {m['cores']} cores (shared; load "
            f"average {m['loadavg_at_start']} at start), {m['platform']}; Python {m['python']}, "
            f"JAX {m['jax']} ({m['jax_device']}), PyTorch {m['torch']} "
-           f"({m['torch_threads']} threads). All fp32.", "",
+           f"({m['torch_threads']} threads, OMP_WAIT_POLICY={m.get('omp_wait_policy')}). "
+           "All fp32.", "",
            f"Model: Whisper-style encoder ({mod['enc_layers']} layers, d={mod['enc_dim']}) + "
            f"frame-stack projector (k={mod['stack_factor']}, hidden {mod['proj_hidden']}) + "
            f"Qwen2-style LLM ({mod['layers']} layers, d={mod['hidden']}, {mod['heads']} heads / "

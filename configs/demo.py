@@ -80,18 +80,17 @@ def get_config(arg: str | None = None):
   if stage == "lm":
     c.model.kind = "lm"
     c.train.mode = "full"
-    c.train.num_steps = 600
-    c.optim.update(lr=3e-3, warmup_steps=50)
-    c.data.batch_size = 64
+    c.train.num_steps = 400
+    c.optim.update(lr=3e-3, warmup_steps=40)
     c.data.token_buckets = (32, 48, 64)  # text alone: no audio slots
-    c.eval.every_steps = 300
+    c.eval.every_steps = 400
     c.eval.metric, c.eval.mode = "loss", "min"
   elif stage == "ctc":
     c.model.kind = "ctc"
     c.train.mode = "full"
-    c.train.num_steps = 600
+    c.train.num_steps = 700
     c.optim.update(lr=2e-3, warmup_steps=60)
-    c.eval.every_steps = 200
+    c.eval.every_steps = 350
     c.eval.metric, c.eval.mode = "cer", "min"
   else:
     c.model.kind = "speech_llm"
@@ -107,6 +106,9 @@ def get_config(arg: str | None = None):
 
   c.checkpoint.every_steps = c.train.num_steps
   if quick:
+    # One shape per stage: compiling dominates a run this short.
+    c.data.audio_buckets_seconds = (c.data.max_audio_seconds,)
+    c.data.token_buckets = (max(c.data.token_buckets),)
     c.data.batch_size = 16
     c.data.eval_batch_size = 16
     c.train.num_steps = 30

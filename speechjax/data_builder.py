@@ -116,9 +116,17 @@ def _text_lm_data(config, tokenizer) -> RunData:
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   buckets = tuple(sorted(int(t) for t in data_cfg.token_buckets))
   batch_size = int(data_cfg.batch_size)
+  # Global batches, the same on every host; each host feeds its block of rows
+  # (see speechjax.data.pipeline: per-host sharding).
+  shard = pipeline.shard_options_from_config(data_cfg)
+  if batch_size % shard.shard_count:
+    raise ValueError(f"data.batch_size={batch_size} is not divisible by {shard.shard_count} processes")
+  per_host = batch_size // shard.shard_count
+  rows = slice(shard.shard_index * per_host, (shard.shard_index + 1) * per_host)
   dataset = (grain.MapDataset.source(train_seqs).seed(int(data_cfg.seed)).shuffle().repeat()
              .batch(batch_size, drop_remainder=True,
-                    batch_fn=lambda seqs: _pad_text_batch(list(seqs), buckets, pad)))
+                    batch_fn=lambda seqs: pipeline.take_rows(_pad_text_batch(list(seqs), buckets, pad),
+                                                             rows)))
   train = _StatelessStats(iter(dataset.to_iter_dataset()))
 
   def dev_batches(max_batches: int):
@@ -128,7 +136,7 @@ def _text_lm_data(config, tokenizer) -> RunData:
       mask = np.zeros(batch_size, np.float32)
       mask[:len(chunk)] = 1
       chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
-      yield _pad_text_batch(chunk, buckets, pad, mask)
+      yield pipeline.take_rows(_pad_text_batch(chunk, buckets, pad, mask), rows)
 
   return RunData(train, dev_batches, lambda: {})
 
@@ -191,7 +199,6 @@ def _ctc_train_iterator(source, info, tokenizer, data_cfg, add_labels):
   asr_only = dict(data_cfg.to_dict(), tasks=("asr",), task_weights=(1.0,))
   maker = pipeline.BatchMaker(source, info, pipeline._prompt_builder(tokenizer, asr_only),  # pylint: disable=protected-access
                               lambda f: 0, asr_only, train=True)
-  ones = np.ones(planner.batch_size, np.float32)
-  dataset = grain.MapDataset.range(2 ** 62).map(lambda k: maker(planner(k), ones, k))
+  dataset = grain.MapDataset.range(2 ** 62).map(lambda k: planner.make_host_batch(maker, k))
   return _CTCTrainIterator(iter(dataset.to_iter_dataset(pipeline._read_options(data_cfg))), planner,  # pylint: disable=protected-access
                            add_labels)

@@ -40,6 +40,8 @@ def load_stage_config(config_arg: str, stage: str, workdir: str):
   config = module.get_config(stage + (",quick" if quick else ""))
   config.data.data_dir = os.path.join(workdir, "data", "tfds")
   config.model.tokenizer = os.path.join(workdir, "tokenizer")
+  # Re-running the demo (or one stage) reuses compiled programs.
+  config.compile_cache_dir = os.path.join(workdir, "xla_cache")
   if stage == "speech":
     config.model.encoder_pretrained = os.path.join(workdir, "encoder")
     config.model.decoder_pretrained = os.path.join(workdir, "lm")

@@ -55,6 +55,14 @@ def classify_batch(bundle, variables, batch: dict, label_names) -> list[str]:
   return [label_names[int(i)] for i in np.argmax(jax.device_get(logits), -1)]
 
 
+def _every_example():
+  """Every host decodes every example: the prompts go into the decode as
+  replicated inputs (the same on all hosts, as SPMD needs) and each host gets
+  all predictions, so process 0 scores the whole split, not its share."""
+  import grain
+  return grain.sharding.NoSharding()
+
+
 @dataclasses.dataclass
 class TaskResult:
   task: str
@@ -72,7 +80,7 @@ def evaluate_task(bundle, variables, source, info, data_cfg, task: str, decode_c
   use_head = task == "classify" and classify_with == "head"
   iterator = pipeline.make_eval_iterator(source, info, bundle.tokenizer, bundle.num_audio_tokens, data_cfg,
                                          task=task, generate=not use_head, with_metadata=True,
-                                         max_batches=max_batches)
+                                         max_batches=max_batches, shard_options=_every_example())
   predictions = []
   bar = tqdm.tqdm(total=iterator.num_examples, desc=f"eval {task}", disable=not progress, leave=False)
   for batch, meta in iterator:

@@ -84,8 +84,12 @@ def test_print_commands_for_a_cluster(tmp_path):
   lines = [l for l in out.getvalue().splitlines() if not l.startswith("#")]
   assert lines[0] == (f"sbatch launch/slurm.sbatch --config=cfg.py --workdir={tmp_path}/rank=4 "
                       "--config.lora.rank=4 --config.train.num_steps=5")
-  assert lines[1] == f"python -m speechjax.evaluate --workdir={tmp_path}/rank=4 --split=test"
-  assert len(lines) == 4
+  assert lines[1].endswith("--workdir=" + f"{tmp_path}/rank=8 --config.lora.rank=8 "
+                           "--config.train.num_steps=5")
+  # Scoring comes after all training (a scheduler runs the train lines later).
+  assert lines[2] == f"python -m speechjax.evaluate --workdir={tmp_path}/rank=4 --split=test"
+  assert lines[4] == f"python -m speechjax.sweep --workdir={tmp_path} --collect"
+  assert len(lines) == 5
 
 
 def _fake_run(root, name, *, kind, dev_loss, wer=None, done=True):
@@ -135,6 +139,10 @@ def test_run_status(tmp_path):
   _fake_run(root, "speech", kind="speech_llm", dev_loss=1.0, done=False)
   os.makedirs(os.path.join(root, "speech", "checkpoints", "last", "10"))
   assert sweep.run_status(os.path.join(root, "speech"), evaluate=True) == "trained"
+  with open(os.path.join(root, "speech", sweep.DONE_MARKER), "w") as f:
+    json.dump({"args": ["--config=a.py"]}, f)
+  assert sweep.run_status(os.path.join(root, "speech"), True, ["--config=a.py"]) == "done"
+  assert sweep.run_status(os.path.join(root, "speech"), True, ["--config=b.py"]) == "changed"
   assert sweep.wants_evaluation({"model": {"kind": "ctc"}}, "auto") is False
   assert sweep.wants_evaluation({"model": {"kind": "ctc"}}, "always") is True
 

@@ -20,8 +20,12 @@ Design:
     tokenization run per batch on grain's prefetch threads (`worker_threads`);
     batches come out in order whatever the thread timing, and all randomness
     comes from a generator seeded by (seed, batch index).
-  * Per-host sharding: each process reads a disjoint slice of the examples
-    (grain ShardByJaxProcess), with batch_size // process_count rows per batch.
+  * Per-host sharding: batches are planned globally, the same on every host,
+    and process i feeds rows [i*b, (i+1)*b) of each one (b = batch_size //
+    process_count; grain ShardByJaxProcess gives i). That contiguous block is
+    where jax.make_array_from_process_local_data puts a process' rows, so the
+    global batch is the one a single process would train on, and every host
+    pads to the same bucket (the global batch's), so local shapes agree.
 """
 
 from __future__ import annotations
@@ -145,47 +149,80 @@ def eligible_indices(info, task_list: Sequence[str], weights: Sequence[float] | 
 
 
 class BatchPlanner:
-  """Which source indices make batch k (pure function of seed, epoch and shard)."""
+  """Which source indices make batch k (pure function of seed and epoch).
+
+  The plan is global: `global_batch(k)` is the same on every host whatever the
+  number of hosts. `batch_size` is the per-host size; this host's share of a
+  global batch is its `rows` (a contiguous block, in process order).
+  """
 
   def __init__(self, indices: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int,
                window: int, shard: grain.sharding.ShardOptions):
-    per_shard = len(indices) // shard.shard_count
-    self.indices = np.asarray(indices[shard.shard_index::shard.shard_count][:per_shard], np.int64)
+    self.indices = np.asarray(indices, np.int64)
     self.lengths = np.asarray(lengths, np.int64)
     self.batch_size, self.seed, self.window = batch_size, seed, window
-    self.batches_per_epoch = len(self.indices) // batch_size
+    self.global_batch_size = batch_size * shard.shard_count
+    self.rows = slice(shard.shard_index * batch_size, (shard.shard_index + 1) * batch_size)
+    self.batches_per_epoch = len(self.indices) // self.global_batch_size
     if self.batches_per_epoch == 0:
       raise ValueError(
-          f'{len(self.indices)} training examples on this host is less than one batch of '
-          f'{batch_size}; lower data.batch_size.')
+          f'{len(self.indices)} training examples is less than one global batch of '
+          f'{self.global_batch_size}; lower data.batch_size.')
     self._lock = threading.Lock()
     self._epoch_cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
 
-  def epoch(self, epoch: int) -> np.ndarray:
-    """[batches_per_epoch, batch_size] source indices."""
+  def global_epoch(self, epoch: int) -> np.ndarray:
+    """[batches_per_epoch, global_batch_size] source indices (every host's rows)."""
     with self._lock:
       if epoch in self._epoch_cache:
         return self._epoch_cache[epoch]
     rng = np.random.default_rng([self.seed, 7, epoch])
     order = self.indices[rng.permutation(len(self.indices))]
-    usable = self.batches_per_epoch * self.batch_size
+    size = self.global_batch_size
+    usable = self.batches_per_epoch * size
     if self.window > 0:
-      span = self.window * self.batch_size
+      span = self.window * size
       chunks = [order[i:i + span] for i in range(0, len(order), span)]
       order = np.concatenate([c[np.argsort(self.lengths[c], kind='stable')] for c in chunks])
-      batches = order[:usable].reshape(self.batches_per_epoch, self.batch_size)
+      batches = order[:usable].reshape(self.batches_per_epoch, size)
       batches = batches[rng.permutation(self.batches_per_epoch)]
     else:
-      batches = order[:usable].reshape(self.batches_per_epoch, self.batch_size)
+      batches = order[:usable].reshape(self.batches_per_epoch, size)
     with self._lock:
       self._epoch_cache[epoch] = batches
       while len(self._epoch_cache) > 2:
         self._epoch_cache.popitem(last=False)
     return batches
 
-  def __call__(self, batch_index: int) -> np.ndarray:
+  def epoch(self, epoch: int) -> np.ndarray:
+    """[batches_per_epoch, batch_size] source indices of this host's rows."""
+    return self.global_epoch(epoch)[:, self.rows]
+
+  def global_batch(self, batch_index: int) -> np.ndarray:
     epoch, k = divmod(int(batch_index), self.batches_per_epoch)
-    return self.epoch(epoch)[k]
+    return self.global_epoch(epoch)[k]
+
+  def __call__(self, batch_index: int) -> np.ndarray:
+    return self.global_batch(batch_index)[self.rows]
+
+  def make_host_batch(self, maker: 'BatchMaker', batch_index: int) -> dict[str, Any]:
+    """This host's rows of global batch k. The whole global batch is made (so
+    the bucket, hence every host's shapes, and the per-batch random draws are
+    those of the global batch) and then cut."""
+    indices = self.global_batch(batch_index)
+    batch = maker(indices, np.ones(len(indices), np.float32), batch_index)
+    return take_rows(batch, self.rows) if self.global_batch_size != self.batch_size else batch
+
+
+def take_rows(batch: dict[str, Any], rows: slice) -> dict[str, Any]:
+  """Rows of a made batch: arrays and '_meta' lists are cut; '_stats' stay
+  those of the whole (global) batch."""
+  out = {key: value[rows] for key, value in batch.items() if not key.startswith('_')}
+  if '_stats' in batch:
+    out['_stats'] = batch['_stats']
+  if '_meta' in batch:
+    out['_meta'] = {key: values[rows] for key, values in batch['_meta'].items()}
+  return out
 
 
 class BatchMaker:
@@ -387,8 +424,7 @@ def make_train_iterator(source, info, tokenizer, num_audio_tokens: Callable[[int
                      train=True)
   epochs = int(_get(config, 'num_epochs', 0))
   total = planner.batches_per_epoch * epochs if epochs > 0 else 2**62
-  ones = np.ones(planner.batch_size, np.float32)
-  dataset = grain.MapDataset.range(total).map(lambda k: maker(planner(k), ones, k))
+  dataset = grain.MapDataset.range(total).map(lambda k: planner.make_host_batch(maker, k))
   return TrainIterator(iter(dataset.to_iter_dataset(_read_options(config))), planner)
 
 
@@ -412,17 +448,22 @@ class EvalIterator:
     # Bad inputs left out when the source was built or read, plus examples
     # without this task's fields or longer than data.max_audio_seconds.
     self.num_skipped = int(getattr(info, 'num_skipped', 0)) + len(everything) - len(usable)
-    mine = usable[shard.shard_index::shard.shard_count]
-    per_host = -(-len(usable) // shard.shard_count)
     self.batch_size = int(batch_size or
                           _get(config, 'eval_batch_size', _get(config, 'batch_size', 16)))
     if shard.shard_count > 1:
       self.batch_size = max(1, self.batch_size // shard.shard_count)
-    self.num_batches = -(-per_host // self.batch_size)  # equal on every host
+    # Global batches in dataset order; this host feeds its block of rows of
+    # each (as in training), so every host runs the same steps with the same shapes.
+    self.global_batch_size = self.batch_size * shard.shard_count
+    self._rows = slice(shard.shard_index * self.batch_size,
+                       (shard.shard_index + 1) * self.batch_size)
+    self.num_batches = -(-len(usable) // self.global_batch_size)
     if max_batches:
       self.num_batches = min(self.num_batches, int(max_batches))
-    self.num_examples = min(len(mine), self.num_batches * self.batch_size)
-    self._indices = mine
+    position = np.arange(min(len(usable), self.num_batches * self.global_batch_size))
+    position %= self.global_batch_size
+    self.num_examples = int(((position >= self._rows.start) & (position < self._rows.stop)).sum())
+    self._indices = usable
     # A host with no example of its own still runs every step, on padding rows.
     self._filler = int(usable[0]) if len(usable) else 0
     self._maker = BatchMaker(source, info, _prompt_builder(tokenizer, config), num_audio_tokens,
@@ -434,12 +475,14 @@ class EvalIterator:
     return self.num_batches
 
   def _batch(self, k: int):
-    rows = self._indices[k * self.batch_size:(k + 1) * self.batch_size]
-    mask = np.zeros(self.batch_size, np.float32)
+    size = self.global_batch_size
+    rows = self._indices[k * size:(k + 1) * size]
+    mask = np.zeros(size, np.float32)
     mask[:len(rows)] = 1.0
     fill = rows[-1] if len(rows) else self._filler
-    rows = np.concatenate([rows, np.full(self.batch_size - len(rows), fill, np.int64)])
-    return self._maker(rows, mask, k)
+    rows = np.concatenate([rows, np.full(size - len(rows), fill, np.int64)])
+    batch = self._maker(rows, mask, k)
+    return take_rows(batch, self._rows) if size != self.batch_size else batch
 
   def __iter__(self) -> Iterator[Any]:
     if self.num_batches == 0:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from speechjax.models import layers as L
-from speechjax.models.lora import Dense, LoRAConfig
+from speechjax.models.lora import Dense, LoRAConfig, as_lora_config
 
 LAYER_NORM_EPS = 1e-5  # HF Whisper uses torch's default.
 
@@ -39,18 +39,6 @@ WHISPER_SIZES = {
     "large-v3": (1280, 32, 20, 5120, 128),
     "large-v3-turbo": (1280, 32, 20, 5120, 128),
 }
-
-
-def coerce_lora_config(value) -> LoRAConfig:
-  """Accepts a LoRAConfig or the dict an ml_collections config turns it into."""
-  if value is None:
-    return LoRAConfig()
-  if isinstance(value, LoRAConfig):
-    return value
-  value = dict(value)
-  if "targets" in value:
-    value["targets"] = tuple(value["targets"])
-  return LoRAConfig(**value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +66,7 @@ class WhisperEncoderConfig:
   lora: LoRAConfig = LoRAConfig()
 
   def __post_init__(self):
-    object.__setattr__(self, "lora", coerce_lora_config(self.lora))
+    object.__setattr__(self, "lora", as_lora_config(self.lora))
     if self.d_model % self.num_heads:
       raise ValueError(f"WhisperEncoderConfig: d_model={self.d_model} is not divisible by "
                        f"num_heads={self.num_heads}")

@@ -29,19 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from speechjax.models import layers as L
-from speechjax.models.lora import Dense, LoRAConfig
-
-
-def lora_config(value) -> LoRAConfig:
-  """Accepts a LoRAConfig, None, or the dict an ml_collections config gives."""
-  if value is None:
-    return LoRAConfig()
-  if isinstance(value, LoRAConfig):
-    return value
-  value = dict(value)
-  if "targets" in value:
-    value["targets"] = tuple(value["targets"])
-  return LoRAConfig(**value)
+from speechjax.models.lora import Dense, LoRAConfig, as_lora_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +78,7 @@ class DecoderConfig:
   lora: LoRAConfig = LoRAConfig()
 
   def __post_init__(self):
-    object.__setattr__(self, "lora", lora_config(self.lora))
+    object.__setattr__(self, "lora", as_lora_config(self.lora))
     if not self.num_kv_heads:
       object.__setattr__(self, "num_kv_heads", self.num_heads)
     if not self.head_dim:

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from speechjax.models import layers as L
-from speechjax.models.decoder import (build_mask, check_inputs, finish_outputs, lora_config,
+from speechjax.models.decoder import (build_mask, check_inputs, finish_outputs,
                                       make_layers, run_layers)
-from speechjax.models.lora import Dense, LoRAConfig
+from speechjax.models.lora import Dense, LoRAConfig, as_lora_config
 
 GPT2_LORA_TARGETS = (r"^(?!encoder/).*attn/c_attn$",)
 
@@ -56,7 +56,7 @@ class GPT2Config:
   lora: LoRAConfig = LoRAConfig()
 
   def __post_init__(self):
-    object.__setattr__(self, "lora", lora_config(self.lora))
+    object.__setattr__(self, "lora", as_lora_config(self.lora))
     if not self.intermediate_size:
       object.__setattr__(self, "intermediate_size", 4 * self.hidden_size)
     if self.hidden_size % self.num_heads:

@@ -46,6 +46,19 @@ class LoRAConfig:
     return self.rank > 0 and any(re.search(t, path) for t in self.targets)
 
 
+def as_lora_config(value) -> LoRAConfig:
+  """A LoRAConfig from itself, None (LoRA off) or the dict an ml_collections
+  config turns it into."""
+  if value is None:
+    return LoRAConfig()
+  if isinstance(value, LoRAConfig):
+    return value
+  value = dict(value)
+  if "targets" in value:
+    value["targets"] = tuple(value["targets"])
+  return LoRAConfig(**value)
+
+
 def module_path(module: nn.Module) -> str:
   return "/".join(str(p) for p in module.scope.path)
 

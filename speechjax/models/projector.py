@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from speechjax.models import layers as L
-from speechjax.models.audio_encoder import Conv1d, coerce_lora_config
-from speechjax.models.lora import Dense, LoRAConfig
+from speechjax.models.audio_encoder import Conv1d
+from speechjax.models.lora import Dense, LoRAConfig, as_lora_config
 
 PROJECTOR_KINDS = ("frame_stack", "conv", "qformer", "pool")
 
@@ -64,7 +64,7 @@ class ProjectorConfig:
   lora: LoRAConfig = LoRAConfig()
 
   def __post_init__(self):
-    object.__setattr__(self, "lora", coerce_lora_config(self.lora))
+    object.__setattr__(self, "lora", as_lora_config(self.lora))
     if self.kind not in PROJECTOR_KINDS:
       raise ValueError(f"ProjectorConfig.kind={self.kind!r}; expected one of {PROJECTOR_KINDS}")
     for name in ("stack_factor", "conv_kernel", "conv_stride", "window_size", "num_queries",

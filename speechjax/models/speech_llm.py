@@ -29,12 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from speechjax.models.audio_encoder import (WhisperEncoder, WhisperEncoderConfig,
-                                            coerce_lora_config, encoder_output_length,
+                                            encoder_output_length,
                                             encoder_output_mask)
 from speechjax.models.decoder import DecoderConfig, make_decoder
 from speechjax.models.gpt2 import GPT2Config
 from speechjax.models.heads import POOLINGS, ClassificationHead
-from speechjax.models.lora import LoRAConfig
+from speechjax.models.lora import LoRAConfig, as_lora_config
 from speechjax.models.projector import ProjectorConfig, make_projector, projector_output_length
 
 AUDIO_PLACEHOLDER_ID = -1
@@ -73,7 +73,7 @@ class SpeechLLMConfig:
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
-    set_("lora", coerce_lora_config(self.lora))
+    set_("lora", as_lora_config(self.lora))
     set_("encoder", _from_dict(WhisperEncoderConfig, self.encoder))
     set_("projector", _from_dict(ProjectorConfig, self.projector))
     set_("decoder", _decoder_from_dict(self.decoder))

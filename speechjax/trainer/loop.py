@@ -109,12 +109,6 @@ def _count_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
-def _abstract_batch(batch: dict, mesh, rules):
-  return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
-                                  sharding=parallel.batch_sharding(mesh, rules, np.ndim(v)))
-          for k, v in batch.items()}
-
-
 class Trainer:
   """Holds what one run needs; `run()` is the loop. Kept as an object so tests
   and the demo can build one, step it, and inspect it."""
@@ -206,9 +200,12 @@ class Trainer:
     """Ahead-of-time compile of the step for this batch shape, logging its
     memory use (what would OOM shows here, before any data is read)."""
     start = time.time()
+    # Lower for the global batch (every process's rows), as the step will run.
+    global_batch = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        parallel.shard_batch(batch, self.mesh, self.rules))
     with self._context():
-      compiled = self.train_step.lower(self.state, self.frozen,
-                                       _abstract_batch(batch, self.mesh, self.rules)).compile()
+      compiled = self.train_step.lower(self.state, self.frozen, global_batch).compile()
     self.compile_seconds = time.time() - start
     analysis = compiled.memory_analysis()
     msg = f"train step compiled in {self.compile_seconds:.1f}s"
