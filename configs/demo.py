@@ -88,9 +88,9 @@ def get_config(arg: str | None = None):
   elif stage == "ctc":
     c.model.kind = "ctc"
     c.train.mode = "full"
-    c.train.num_steps = 700
+    c.train.num_steps = 400
     c.optim.update(lr=2e-3, warmup_steps=60)
-    c.eval.every_steps = 350
+    c.eval.every_steps = 200
     c.eval.metric, c.eval.mode = "cer", "min"
   else:
     c.model.kind = "speech_llm"
@@ -98,9 +98,9 @@ def get_config(arg: str | None = None):
     c.model.decoder_pretrained = "runs/demo/lm"
     c.train.mode = "lora_encoder"
     c.lora.update(rank=16, alpha=32.0, dropout=0.0)
-    c.train.num_steps = 500
-    c.optim.update(lr=1e-3, warmup_steps=50)
-    c.eval.every_steps = 250
+    c.train.num_steps = 300
+    c.optim.update(lr=1e-3, warmup_steps=30)
+    c.eval.every_steps = 150
     c.eval.metric, c.eval.mode = "wer", "min"
     c.eval.tasks = ("asr",)  # dev WER during training; the final evaluation scores every task
 

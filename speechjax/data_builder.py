@@ -88,7 +88,7 @@ def _pad_text_batch(seqs: list[np.ndarray], buckets, pad_id: int, example_mask=N
           "example_mask": np.ones(b, np.float32) if example_mask is None else example_mask}
 
 
-class _StatelessStats:
+class _CheckpointableIterator:
   def __init__(self, iterator):
     self._iterator = iterator
 
@@ -127,7 +127,7 @@ def _text_lm_data(config, tokenizer) -> RunData:
              .batch(batch_size, drop_remainder=True,
                     batch_fn=lambda seqs: pipeline.take_rows(_pad_text_batch(list(seqs), buckets, pad),
                                                              rows)))
-  train = _StatelessStats(iter(dataset.to_iter_dataset()))
+  train = _CheckpointableIterator(iter(dataset.to_iter_dataset()))
 
   def dev_batches(max_batches: int):
     n = len(dev_seqs) // batch_size if not max_batches else min(max_batches, -(-len(dev_seqs) // batch_size))

@@ -144,7 +144,6 @@ class Trainer:
 
     patterns = partition.trainable_patterns(cfg.train, bundle.num_decoder_layers)
     trainable, frozen = partition.split_variables(variables, patterns)
-    shardings_by_path = parallel.path_shardings(var_shardings["params"])
     frozen_dtype = jnp.dtype(cfg.model.frozen_dtype)
 
     def cast_frozen(x):
@@ -157,8 +156,8 @@ class Trainer:
     self.optimizer, self.schedule = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
     trainable_shardings = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
     abstract_opt = jax.eval_shape(self.optimizer.init, trainable)
-    flat_shardings = {**parallel.path_shardings(trainable_shardings)}
-    opt_shardings = parallel.shardings_like(abstract_opt, flat_shardings, self.mesh)
+    opt_shardings = parallel.shardings_like(abstract_opt, parallel.path_shardings(trainable_shardings),
+                                            self.mesh)
     repl = parallel.replicated(self.mesh)
     self.state_shardings = {
         "step": repl, "trainable": trainable_shardings, "opt_state": opt_shardings,
@@ -167,7 +166,6 @@ class Trainer:
     self.state = jax.jit(lambda t, r: step_lib.init_train_state(t, self.optimizer, r),
                          out_shardings=self.state_shardings)(trainable, state_rng)
     self.frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.frozen)
-    del shardings_by_path
 
     train_step = step_lib.make_train_step(bundle.objective, self.optimizer, self.schedule, cfg.train)
     self.train_step = jax.jit(
@@ -183,10 +181,10 @@ class Trainer:
       if self.meta.get("data_state") is not None:
         self.data.train.set_state(self.meta["data_state"])
     log.info("trainable: %d params (%.1f MB), frozen: %d params (%.1f MB), optimizer state %.1f MB",
-                 sum(x.size for x in jax.tree_util.tree_leaves(self.state["trainable"])),
-                 _count_bytes(self.state["trainable"]) / 1e6,
-                 sum(x.size for x in jax.tree_util.tree_leaves(self.frozen)),
-                 _count_bytes(self.frozen) / 1e6, _count_bytes(self.state["opt_state"]) / 1e6)
+             sum(x.size for x in jax.tree_util.tree_leaves(self.state["trainable"])),
+             _count_bytes(self.state["trainable"]) / 1e6,
+             sum(x.size for x in jax.tree_util.tree_leaves(self.frozen)),
+             _count_bytes(self.frozen) / 1e6, _count_bytes(self.state["opt_state"]) / 1e6)
 
   def _context(self):
     """Mesh and logical-axis rules for activation sharding constraints."""
