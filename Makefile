@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_CONFIG ?= configs/demo.py
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2  # two workers: most tests wait on single-threaded XLA compiles
 
 .PHONY: install test demo demo-quick bench clean
 

@@ -22,8 +22,10 @@ a speed-up is the median of the per-round ratios.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # of 0.4 ms. PASSIVE makes them sleep instead; it is the setting that gives
 # PyTorch its best numbers here, so the baseline uses it (must precede `import torch`).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch.compile reuses compiled kernels from its on-disk cache across runs; a
+# fresh cache per run makes its first-step time a cold compile, like JAX's.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+  os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_inductor_")
+  atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
 
