@@ -2,7 +2,7 @@
 
     source, info = sources.open_source(config.data, 'train')
     train = make_train_iterator(source, info, tokenizer, num_audio_tokens, config.data)
-    batch = next(train)              # the Batch of /tmp/contracts.md, numpy, fixed shapes
+    batch = next(train)              # numpy arrays named in BATCH_KEYS, fixed shapes per bucket
     state = train.get_state()        # JSON-able; set_state(state) resumes exactly
     train.stats()                    # padding fractions, audio seconds per batch
 

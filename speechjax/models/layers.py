@@ -2,7 +2,7 @@
 
 Norms keep their statistics in float32 whatever the compute dtype; attention
 logits and softmax run in float32 too. Every parameter carries logical axis
-names (see /tmp/contracts.md) so the same modules shard under any rules.
+names (mapped to mesh axes by the rules in speechjax/parallel.py) so the same modules shard under any rules.
 
 `Attention` is general: causal or not, grouped-query heads, optional q/k
 RMSNorm, rotary embeddings and a KV cache. Pass either a complete boolean

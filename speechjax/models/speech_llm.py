@@ -149,7 +149,7 @@ def merge_audio_embeddings(token_embeds: jax.Array, audio: jax.Array, audio_mask
 
 
 class SpeechLLM(nn.Module):
-  """See the module docstring; methods follow /tmp/contracts.md 'Speech LLM'."""
+  """See the module docstring; the methods are listed there."""
 
   config: SpeechLLMConfig
 
