@@ -38,7 +38,8 @@ def generated_section(res: dict) -> str:
            f"Command: `{res.get('command', 'make bench')}` "
            f"(plan `{plan['name']}`, {res.get('total_seconds', 0):.0f} s in all).", "",
            f"Machine: {m['cpu']} ({', '.join(m['simd'])}), {m['cores']} cores (shared; load "
-           f"average {m['loadavg_at_start']} at start), {m['platform']}; Python {m['python']}, "
+           f"average {m['loadavg_at_start']} at start, {m.get('loadavg_at_end')} at the end), "
+           f"{m['platform']}; Python {m['python']}, "
            f"JAX {m['jax']} ({m['jax_device']}), PyTorch {m['torch']} "
            f"({m['torch_threads']} threads, OMP_WAIT_POLICY={m.get('omp_wait_policy')}). "
            "All fp32.", "",

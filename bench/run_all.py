@@ -131,6 +131,7 @@ def run(plan_name: str = "full", *, size_name: str | None = None, torch_compile:
                                                      batch_size=8)
   results.update(headline(results))
   results["total_seconds"] = time.perf_counter() - start
+  results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
   return results
 
 

@@ -1,8 +1,10 @@
 """Smoke test of the benchmark harness (bench/) on a minuscule model.
 
-One round of everything but torch.compile and the subprocess memory probes;
-checks that the result keys exist and that the two frameworks agree on the
-step-0 loss. Never asserts on timings.
+One round of the LoRA training step, decoding and log-mel features (no
+torch.compile, no subprocess memory probes, no full fine-tuning: those only
+cost time here); checks the result keys, the step-0 loss agreement of the two
+frameworks and that optimizer state is sized by the trainables. Never asserts
+on timings.
 """
 
 import os
@@ -13,23 +15,20 @@ from bench import report, run_all
 def test_harness_produces_every_key(tmp_path):
   results = run_all.run("quick", size_name="tiny", torch_compile=False, train_reps=1,
                         train_calls=1, decode_reps=1, feature_reps=1, feature_batch=1,
-                        memory=False, input_pipeline=False,
-                        # Unoptimised XLA compiles the tiny steps ~3x faster.
+                        memory=False, input_pipeline=False, train_modes=("lora",),
+                        # Unoptimised XLA compiles the tiny step ~3x faster.
                         jax_compiler_options={"xla_backend_optimization_level": 0})
-  for key in ("train_step_speedup", "full_finetune_speedup", "decode_speedup",
-              "features_speedup", "mfu"):
+  for key in ("train_step_speedup", "decode_speedup", "features_speedup", "mfu"):
     assert results[key] is not None and results[key] > 0, key
   assert "train_step_speedup_vs_compile" in results  # None without torch.compile
-  for mode in ("lora", "full"):
-    train = results["train"][mode]
-    assert abs(train["step0_loss"]["speechjax"] - train["step0_loss"]["torch"]) < 1e-4
-    assert train["memory"]["speechjax"]["optimizer_state_bytes"] > 0
-  lora, full = results["train"]["lora"], results["train"]["full"]
-  # Optimizer state only for trainables: LoRA's is a fraction of full fine-tuning's.
-  assert (lora["memory"]["speechjax"]["optimizer_state_bytes"]
-          < full["memory"]["speechjax"]["optimizer_state_bytes"])
-  assert (lora["memory"]["torch"]["optimizer_state_bytes"]
-          < full["memory"]["torch"]["optimizer_state_bytes"])
+  lora = results["train"]["lora"]
+  assert abs(lora["step0_loss"]["speechjax"] - lora["step0_loss"]["torch"]) < 1e-4
+  # AdamW state = two moments of the trainables only, on both sides.
+  for side in ("speechjax", "torch"):
+    memory = lora["memory"][side]
+    # (+ a step counter per tensor or per optimizer)
+    assert abs(memory["optimizer_state_bytes"] - 2 * memory["trainable_bytes"]) <= 1024, side
+  assert lora["memory"]["speechjax"]["trainable_bytes"] < lora["memory"]["speechjax"]["frozen_bytes"]
   results["command"] = "pytest"
   path = os.path.join(tmp_path, "BENCHMARKS.md")
   report.write_markdown(path, results)
