@@ -1,7 +1,7 @@
 r"""Every benchmark of speechjax against PyTorch + transformers + peft, one process.
 
     make bench                          # = python -m bench.run_all  (~10-15 min, 2 cores)
-    python -m bench.run_all --quick     # smaller model, fewer rounds (~2-3 min)
+    python -m bench.run_all --quick     # smaller model, LoRA only, fewer rounds (~2 min)
 
 Writes bench/results.json and the generated part of BENCHMARKS.md. Sections:
 
@@ -51,12 +51,14 @@ import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (model size, train rounds, calls per round, decode rounds, feature rounds, feature batch)
 PLANS = {
     "full": dict(size="full", train_reps=5, train_calls=2, decode_reps=5, feature_reps=7,
-                 feature_batch=16, memory_probes=True, input_pipeline=True),
+                 feature_batch=16, memory_probes=True, input_pipeline=True,
+                 train_modes=("lora", "full")),
+    # Smoke run: a smaller model, LoRA only (each torch.compile costs ~1 min).
     "quick": dict(size="quick", train_reps=3, train_calls=1, decode_reps=3, feature_reps=3,
-                  feature_batch=8, memory_probes=False, input_pipeline=False),
+                  feature_batch=8, memory_probes=False, input_pipeline=False,
+                  train_modes=("lora",)),
 }
 
 
@@ -88,7 +90,7 @@ def run(plan_name: str = "full", *, size_name: str | None = None, torch_compile:
         train_reps: int | None = None, train_calls: int | None = None,
         decode_reps: int | None = None, feature_reps: int | None = None,
         feature_batch: int | None = None, memory: bool | None = None,
-        input_pipeline: bool | None = None, train_modes=("lora", "full"),
+        input_pipeline: bool | None = None, train_modes: tuple[str, ...] | None = None,
         jax_compiler_options: dict | None = None) -> dict:
   """All sections; arguments override the plan (the smoke test uses a tiny model)."""
   import torch  # pylint: disable=import-outside-toplevel
@@ -99,7 +101,7 @@ def run(plan_name: str = "full", *, size_name: str | None = None, torch_compile:
   overrides = dict(size=size_name, train_reps=train_reps, train_calls=train_calls,
                    decode_reps=decode_reps, feature_reps=feature_reps,
                    feature_batch=feature_batch, memory_probes=memory,
-                   input_pipeline=input_pipeline)
+                   input_pipeline=input_pipeline, train_modes=train_modes)
   plan.update({k: v for k, v in overrides.items() if v is not None})
   size = sm.SIZES[plan["size"]]
   start = time.perf_counter()
@@ -115,7 +117,8 @@ def run(plan_name: str = "full", *, size_name: str | None = None, torch_compile:
   with tempfile.TemporaryDirectory() as folder:
     hf_models = sm.build_hf_models(size, folder)
     train = train_bench.run(size, folder, reps=plan["train_reps"], calls=plan["train_calls"],
-                            torch_compile=torch_compile, modes=train_modes, hf_models=hf_models,
+                            torch_compile=torch_compile, modes=plan["train_modes"],
+                            hf_models=hf_models,
                             peak_matmul=peak, compiler_options=jax_compiler_options, log=log)
     results["train"] = train
     if plan["memory_probes"]:
@@ -165,7 +168,8 @@ def _dig(d, *keys):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="~2-3 minute smoke run")
+  parser.add_argument("--quick", action="store_true",
+                      help="~2 minute smoke run (smaller model, LoRA step only)")
   parser.add_argument("--no_torch_compile", action="store_true",
                       help="skip the torch.compile variants (each compiles for 30-90 s)")
   parser.add_argument("--out", default=os.path.join(REPO, "bench", "results.json"))
