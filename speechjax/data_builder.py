@@ -52,15 +52,52 @@ def _speech_data(config, bundle) -> RunData:
 
 # ---------------------------------------------------------------- text LM
 
+LM_AUDIO_SLOTS = ("empty", "transcript")
+
+
+def noisy_slot(ids: list[int], noise: float, pool: np.ndarray, rng: np.random.Generator) -> list[int]:
+  """Each token, with probability `noise`, is replaced by a token drawn from
+  `pool`, dropped, or said twice (one third each)."""
+  out = []
+  for token in ids:
+    if rng.random() >= noise:
+      out.append(token)
+      continue
+    kind = rng.integers(3)
+    if kind == 0:
+      out.append(int(pool[rng.integers(len(pool))]))
+    elif kind == 2:
+      out += [token, token]
+  return out
+
+
 def text_lm_examples(records: Iterable[dict], tokenizer, data_cfg, tasks=None) -> list[np.ndarray]:
-  """Every (record, task) pair as prompt-without-audio + answer + EOS token ids."""
+  """Every (record, task, instruction) as prompt + answer + EOS token ids.
+
+  The audio slot holds nothing (`data.lm_audio_slot='empty'`) or the
+  record's transcript tokens ('transcript', with `data.lm_slot_noise`).
+  """
+  slot_kind = data_cfg.get("lm_audio_slot", "empty")
+  if slot_kind not in LM_AUDIO_SLOTS:
+    raise ValueError(f"data.lm_audio_slot={slot_kind!r}; valid: {LM_AUDIO_SLOTS}")
+  noise = float(data_cfg.get("lm_slot_noise", 0.0))
   prompts = tasks_lib.PromptBuilder(tokenizer, data_cfg.template, data_cfg.translation_language,
                                     bool(data_cfg.add_bos))
+  records = list(records)
+  slots = [[] for _ in records]
+  if slot_kind == "transcript":
+    # Exactly the tokens of the ASR answer: transcribing is then copying.
+    slots = [prompts.answer_ids(r, "asr")[:-1] if tasks_lib.supports(r, "asr") else [] for r in records]
+  pool = np.asarray(sorted({t for s in slots for t in s}) or [0], np.int64)
+  rng = np.random.default_rng([int(data_cfg.get("seed", 0)), 23])
   out = []
-  for record in records:
+  for record, slot in zip(records, slots):
     for task in tasks_lib.supported_tasks(record, tuple(tasks or data_cfg.tasks)):
       for k in range(prompts.num_instructions(task)):
-        out.append(np.asarray(prompts.prompt_ids(record, task, 0, k) + prompts.answer_ids(record, task, k),
+        prompt = prompts.prompt_ids(record, task, 1, k)
+        at = prompt.index(tasks_lib.AUDIO_PLACEHOLDER_ID)
+        filled = noisy_slot(slot, noise, pool, rng) if noise > 0 else slot
+        out.append(np.asarray(prompt[:at] + filled + prompt[at + 1:] + prompts.answer_ids(record, task, k),
                               np.int32))
   return out
 

@@ -95,7 +95,8 @@ def pretrain_encoder(config_arg: str, workdir: str) -> None:
     return
   config, _ = load_stage_config(config_arg, "ctc", workdir)
   trainer, _ = train_stage(config, os.path.join(workdir, "stages", "ctc"))
-  export_whisper_encoder(out, trainer.bundle.model_config.encoder, trainer.variables()["params"]["encoder"])
+  export_whisper_encoder(out, trainer.bundle.model_config.encoder, trainer.variables()["params"]["encoder"],
+                         hop_length=int(config.data.hop_length))
 
 
 def plot_curves(workdir: str) -> str:

@@ -50,7 +50,8 @@ class Transcriber:
     for i, w in enumerate(waves):
       padded[i, :w.size] = w[:samples]
     feats, mask = features.log_mel_with_mask(padded, np.minimum(lengths, samples),
-                                             n_mels=int(self.config.data.n_mels))
+                                             n_mels=int(self.config.data.n_mels),
+                                             hop_length=pipeline.hop_length(self.config.data))
     num_audio = self.bundle.num_audio_tokens(feats.shape[-1])
     prompts = [self.prompts.prompt_ids({}, task, num_audio) for _ in waves]
     width = max(len(p) for p in prompts)

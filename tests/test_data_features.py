@@ -100,6 +100,27 @@ def test_log_mel_matches_whisper_feature_extractor(n_mels, stft):
   assert np.abs(ours - ref).max() <= 2e-4
 
 
+@pytest.mark.parametrize('hop_length', [240, 320])
+def test_longer_hop_matches_whisper_feature_extractor(hop_length):
+  from transformers import WhisperFeatureExtractor
+  extractor = WhisperFeatureExtractor(hop_length=hop_length)
+  wave = _speech_like(16000 * 3 + 77, seed=5)
+  ref = extractor(wave, sampling_rate=16000, padding='longest', return_tensors='np').input_features[0]
+  ours = np.asarray(features.log_mel(wave, hop_length=hop_length))
+  assert ours.shape == ref.shape == (80, wave.size // hop_length)
+  assert np.abs(ours - ref).max() <= 2e-4
+  lengths = np.array([wave.size, 16000])
+  batch = np.stack([wave, np.pad(wave[:16000], (0, wave.size - 16000))])
+  feats, mask = features.log_mel_with_mask(batch, lengths, hop_length=hop_length)
+  np.testing.assert_array_equal(np.asarray(mask).sum(1), lengths // hop_length)
+  assert np.abs(np.asarray(feats)[0] - ref).max() <= 2e-4
+
+
+def test_bad_hop_length_is_refused():
+  with pytest.raises(ValueError, match='hop_length=100'):
+    features.log_mel(np.zeros(16000, np.float32), hop_length=100)
+
+
 def test_log_mel_resamples_other_rates():
   wave16 = _speech_like(16000 * 2)
   wave8 = audio_lib.resample(wave16, 16000, 8000)

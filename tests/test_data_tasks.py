@@ -100,3 +100,35 @@ def test_each_task_has_paraphrases_with_one_audio_slot():
   for task, pool in tasks.INSTRUCTIONS.items():
     assert len(pool) >= 4 and len(set(pool)) == len(pool)
     assert all(text.count(tasks.AUDIO_PLACEHOLDER) == 1 for text in pool), task
+
+
+@pytest.mark.parametrize('noise', [0.0, 0.3])
+def test_lm_pretraining_puts_the_transcript_in_the_audio_slot(tok, noise):
+  import ml_collections
+  from speechjax.data import pipeline
+  from speechjax.data_builder import text_lm_examples
+
+  cfg = pipeline.default_data_config()
+  cfg.tasks = ('asr', 'translate', 'classify')
+  empty = text_lm_examples([EXAMPLE], tok, cfg)
+  cfg.lm_audio_slot, cfg.lm_slot_noise = 'transcript', noise
+  filled = text_lm_examples([EXAMPLE], tok, cfg)
+  prompts = tasks.PromptBuilder(tok)
+  transcript = prompts.answer_ids(EXAMPLE, 'asr')[:-1]
+  assert len(filled) == len(empty) == sum(prompts.num_instructions(t) for t in cfg.tasks)
+  for with_slot, without in zip(filled, empty):
+    assert tasks.AUDIO_PLACEHOLDER_ID not in with_slot
+    if noise == 0:
+      # The slot sits where the placeholder was; the rest is unchanged.
+      head = next(i for i, (a, b) in enumerate(zip(with_slot, without)) if a != b)
+      assert list(with_slot[head:head + len(transcript)]) == transcript
+      assert list(with_slot[:head]) + list(with_slot[head + len(transcript):]) == list(without)
+  if noise > 0:
+    clean_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    clean_cfg.lm_slot_noise = 0.0
+    clean = text_lm_examples([EXAMPLE], tok, clean_cfg)
+    assert any(len(a) != len(b) or np.any(a != b) for a, b in zip(filled, clean))
+  cfg.lm_audio_slot = 'audio'
+  with pytest.raises(ValueError, match='lm_audio_slot'):
+    text_lm_examples([EXAMPLE], tok, cfg)
+

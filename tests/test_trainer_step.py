@@ -1,14 +1,17 @@
 """Train-step mechanics on a toy model: accumulation, NaN guard, LoRA-only
-optimizer state, weight-decay masking, schedules, partitioning."""
+optimizer state, weight-decay masking, schedules, partitioning, and the fused
+(self-guarded) AdamW against optax's clip + adamw."""
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 import flax.linen as nn
 
 from speechjax.models.lora import Dense, LoRAConfig
+from speechjax.trainer import adamw as adamw_lib
 from speechjax.trainer import optim, partition
 from speechjax.trainer import step as step_lib
 from speechjax.trainer.objectives import Objective, token_cross_entropy
@@ -149,3 +152,139 @@ def test_top_n_mode_and_bad_mode():
   cfg.mode = "everything"
   with pytest.raises(ValueError, match="valid"):
     partition.trainable_patterns(cfg, 4)
+
+
+# ------------------------------------------------- fused AdamW + NaN guard ---
+
+def _opt_params(seed=0):
+  rs = np.random.RandomState(seed)
+  f = lambda *s: jnp.asarray(rs.randn(*s).astype(np.float32))
+  return {"q_proj": {"kernel": f(4, 3), "bias": f(3), "lora_b": f(2, 3)},
+          "norm": {"scale": f(3)}, "projector": {"kernel": f(3, 5)}}
+
+
+def _random_grads(params, rs, scale):
+  return jax.tree_util.tree_map(
+      lambda p: jnp.asarray(scale * rs.randn(*p.shape).astype(np.float32)), params)
+
+
+def _reference_optimizer(schedule, clip_norm, wd=0.1):
+  ref = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd, mask=optim.decay_mask)
+  return optax.chain(optax.clip_by_global_norm(clip_norm), ref) if clip_norm else ref
+
+
+@pytest.mark.parametrize("clip_norm,grad_scale", [(0.5, 1.0), (1e3, 1.0), (None, 3.0)])
+def test_fused_adamw_equals_optax_clip_adamw(clip_norm, grad_scale):
+  optim_cfg, _ = configs()
+  schedule = optim.learning_rate_schedule(optim_cfg, 10)
+  fused = adamw_lib.fused_adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1,
+                                mask=optim.decay_mask, clip_norm=clip_norm)
+  ref = _reference_optimizer(schedule, clip_norm)
+  p_f = p_r = _opt_params()
+  s_f, s_r = fused.init(p_f), ref.init(p_r)
+  # mu / nu mirror the params (same tree structure, so the same shardings).
+  assert jax.tree_util.tree_structure(s_f.mu) == jax.tree_util.tree_structure(p_f)
+  assert jax.tree_util.tree_structure(s_f.nu) == jax.tree_util.tree_structure(p_f)
+  upd_f, upd_r = jax.jit(fused.update), jax.jit(ref.update)
+  rs = np.random.RandomState(1)
+  clipped = []
+  for _ in range(6):
+    g = _random_grads(p_f, rs, grad_scale)
+    clipped.append(clip_norm is not None and float(optax.tree.norm(g)) > clip_norm)
+    u_f, s_f = upd_f(g, s_f, p_f)
+    u_r, s_r = upd_r(g, s_r, p_r)
+    p_f, p_r = optax.apply_updates(p_f, u_f), optax.apply_updates(p_r, u_r)
+    for a, b in zip(jax.tree_util.tree_leaves(p_f), jax.tree_util.tree_leaves(p_r)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  if clip_norm == 0.5:
+    assert all(clipped)
+  elif clip_norm is not None:
+    assert not any(clipped)
+  adam_r = next(s for s in jax.tree_util.tree_leaves(
+      s_r, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+                if isinstance(s, optax.ScaleByAdamState))
+  assert int(s_f.count) == int(adam_r.count) == 6
+  for ours, theirs in ((s_f.mu, adam_r.mu), (s_f.nu, adam_r.nu)):
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
+      # Relative to the buffer's scale: a moment summed to ~0 keeps only absolute accuracy.
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize("bad", ["nan_grad", "inf_grad", "finite_false"])
+def test_fused_adamw_non_finite_step_changes_nothing(bad):
+  optim_cfg, _ = configs()
+  fused = adamw_lib.fused_adamw(optim.learning_rate_schedule(optim_cfg, 10), weight_decay=0.1,
+                                mask=optim.decay_mask, clip_norm=1.0)
+  assert adamw_lib.guards_itself(fused)
+  params = _opt_params()
+  state = fused.init(params)
+  rs = np.random.RandomState(2)
+  update = jax.jit(fused.update)
+  for _ in range(3):
+    u, state = update(_random_grads(params, rs, 1.0), state, params)
+    params = optax.apply_updates(params, u)
+  grads = _random_grads(params, rs, 1.0)
+  kwargs = {}
+  if bad == "finite_false":  # e.g. a NaN loss whose gradients happen to be finite
+    kwargs["finite"] = jnp.asarray(False)
+  else:
+    grads["q_proj"]["bias"] = grads["q_proj"]["bias"].at[1].set(
+        np.nan if bad == "nan_grad" else np.inf)
+  u, new_state = jax.jit(lambda g, s, p: fused.update(g, s, p, **kwargs))(grads, state, params)
+  new_params = optax.apply_updates(params, u)
+  for a, b in zip(jax.tree_util.tree_leaves((params, state)),
+                  jax.tree_util.tree_leaves((new_params, new_state))):
+    np.testing.assert_array_equal(a, b)
+  assert int(new_state.count) == 3
+
+
+def _legacy_step(model, optim_cfg, train_cfg):
+  """The pre-fusion step: optax clip + adamw, guarded by the step's own select."""
+  schedule = optim.learning_rate_schedule(optim_cfg, 10)
+  opt = _reference_optimizer(schedule, optim_cfg.clip_norm, optim_cfg.weight_decay)
+  assert not adamw_lib.guards_itself(opt)
+  return opt, jax.jit(step_lib.make_train_step(toy_objective(model), opt, schedule, train_cfg))
+
+
+def test_fused_train_step_matches_guarded_optax_step():
+  state, frozen, step = setup()
+  optim_cfg, train_cfg = configs()
+  opt, legacy = _legacy_step(ToyLM(), optim_cfg, train_cfg)
+  ref_state = step_lib.init_train_state(state["trainable"], opt, jax.random.PRNGKey(1))
+  bad = make_batch(9)
+  bad["target_mask"] = bad["target_mask"] * np.nan
+  for i, batch in enumerate([make_batch(4), make_batch(5), bad, make_batch(6), make_batch(7)]):
+    opt_before = jax.tree_util.tree_map(np.asarray, state["opt_state"])
+    state, m = step(state, frozen, batch)
+    ref_state, m_ref = legacy(ref_state, frozen, batch)
+    assert float(m["finite"]) == float(m_ref["finite"]) == (0.0 if i == 2 else 1.0)
+    if i == 2:  # the NaN loss left the optimizer state (moments and count) as it was
+      for a, b in zip(jax.tree_util.tree_leaves(opt_before), jax.tree_util.tree_leaves(state["opt_state"])):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree_util.tree_leaves(state["trainable"]),
+                    jax.tree_util.tree_leaves(ref_state["trainable"])):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert int(state["skipped"]) == int(ref_state["skipped"]) == 1
+  assert int(state["opt_state"].count) == 4
+
+
+def test_unguarded_optimizer_keeps_the_step_select():
+  model = ToyLM()
+  variables = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32)))
+  optim_cfg, train_cfg = configs()
+  optim_cfg.name = "sgd"
+  trainable, frozen = partition.split_variables(variables, partition.trainable_patterns(train_cfg))
+  opt, schedule = optim.make_optimizer(optim_cfg, num_steps=10)
+  assert not adamw_lib.guards_itself(opt)
+  state = step_lib.init_train_state(trainable, opt, jax.random.PRNGKey(1))
+  step = jax.jit(step_lib.make_train_step(toy_objective(model), opt, schedule, train_cfg))
+  state, _ = step(state, frozen, make_batch(1))
+  state, _ = step(state, frozen, make_batch(2))
+  before = jax.tree_util.tree_map(np.asarray, state)
+  bad = make_batch(3)
+  bad["target_mask"] = bad["target_mask"] * np.nan
+  state, metrics = step(state, frozen, bad)
+  assert float(metrics["finite"]) == 0.0 and int(state["skipped"]) == 1
+  for a, b in zip(jax.tree_util.tree_leaves((before["trainable"], before["opt_state"])),
+                  jax.tree_util.tree_leaves((state["trainable"], state["opt_state"]))):
+    np.testing.assert_array_equal(a, b)

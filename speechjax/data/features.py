@@ -9,7 +9,9 @@ Matches `transformers.WhisperFeatureExtractor` (and openai/whisper's
     log_spec = max(log_spec, log_spec.max() - 8)
     features = (log_spec + 4) / 4
 
-and the last STFT frame dropped, so `num_samples // 160` frames.
+and the last STFT frame dropped, so `num_samples // 160` frames. Every
+function takes `hop_length` (160 by default; 240 or 320 give the same features
+at a lower frame rate, as WhisperFeatureExtractor(hop_length=...) does).
 
 Padded batches: Whisper clamps at "utterance max - 8 dB*10"; with padding, the
 max must not depend on how much padding a batch has. `log_mel_with_mask`
@@ -40,9 +42,19 @@ LOG_FLOOR = 1e-10
 DYNAMIC_RANGE = 8.0  # log10 units kept below the per-utterance max (80 dB)
 
 
-def num_frames(num_samples: int | np.ndarray) -> int | np.ndarray:
+def num_frames(num_samples: int | np.ndarray, hop_length: int = HOP_LENGTH) -> int | np.ndarray:
   """Feature frames for `num_samples` samples (Whisper drops the last STFT frame)."""
-  return num_samples // HOP_LENGTH
+  return num_samples // hop_length
+
+
+def check_hop_length(hop_length: int) -> int:
+  """The hop must divide into the frame pieces `_frames` cuts (a multiple of 80
+  samples, <= n_fft): 160 (Whisper's 10 ms), 240, 320 (20 ms) or 400."""
+  hop_length = int(hop_length)
+  if not 0 < hop_length <= N_FFT or hop_length % 80:
+    raise ValueError(f'hop_length={hop_length}: expected a multiple of 80 samples up to {N_FFT} '
+                     '(160 = Whisper 10 ms, 320 = 20 ms)')
+  return hop_length
 
 
 def _hz_to_mel(freqs: np.ndarray) -> np.ndarray:
@@ -85,7 +97,7 @@ def _hann_window(n_fft: int = N_FFT) -> np.ndarray:
   return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)
 
 
-def _frames(audio: jax.Array, count: int) -> jax.Array:
+def _frames(audio: jax.Array, count: int, hop_length: int = HOP_LENGTH) -> jax.Array:
   """Centred, reflect-padded frames [..., count, N_FFT], built without a gather.
 
   N_FFT (400) and HOP (160) are both multiples of 80: cut the padded signal
@@ -94,8 +106,8 @@ def _frames(audio: jax.Array, count: int) -> jax.Array:
   """
   pad = N_FFT // 2
   padded = jnp.pad(audio, [(0, 0)] * (audio.ndim - 1) + [(pad, pad)], mode='reflect')
-  piece = math.gcd(N_FFT, HOP_LENGTH)
-  per_frame, per_hop = N_FFT // piece, HOP_LENGTH // piece
+  piece = math.gcd(N_FFT, hop_length)
+  per_frame, per_hop = N_FFT // piece, hop_length // piece
   num_pieces = (count - 1) * per_hop + per_frame
   pieces = padded[..., :num_pieces * piece].reshape(audio.shape[:-1] + (num_pieces, piece))
   stacked = jnp.stack(
@@ -103,8 +115,8 @@ def _frames(audio: jax.Array, count: int) -> jax.Array:
   return stacked.reshape(audio.shape[:-1] + (count, N_FFT))
 
 
-def _power_spectrum(audio: jax.Array, count: int, stft: str) -> jax.Array:
-  frames = _frames(audio, count) * _hann_window()
+def _power_spectrum(audio: jax.Array, count: int, stft: str, hop_length: int) -> jax.Array:
+  frames = _frames(audio, count, hop_length) * _hann_window()
   if stft == 'rfft':
     spec = jnp.fft.rfft(frames, n=N_FFT, axis=-1)
     return spec.real**2 + spec.imag**2
@@ -119,29 +131,30 @@ def _power_spectrum(audio: jax.Array, count: int, stft: str) -> jax.Array:
   raise ValueError(f"stft must be 'rfft' or 'matmul', got {stft!r}")
 
 
-def _log_mel_spectrum(audio: jax.Array, n_mels: int, stft: str) -> jax.Array:
+def _log_mel_spectrum(audio: jax.Array, n_mels: int, stft: str, hop_length: int) -> jax.Array:
   """log10 mel power [..., n_mels, frames], before Whisper's clamp and scaling."""
   if audio.ndim == 2:
     # One row at a time keeps the frames of a row in cache: ~2x faster on CPU
     # than one big [batch, frames, 400] FFT, and no slower elsewhere.
-    return jax.lax.map(lambda row: _log_mel_spectrum(row, n_mels, stft), audio)
-  count = audio.shape[-1] // HOP_LENGTH
-  power = _power_spectrum(audio, count, stft)
+    return jax.lax.map(lambda row: _log_mel_spectrum(row, n_mels, stft, hop_length), audio)
+  count = audio.shape[-1] // hop_length
+  power = _power_spectrum(audio, count, stft, hop_length)
   mel = jnp.matmul(power, jnp.asarray(mel_filters(n_mels).T), precision=jax.lax.Precision.HIGHEST)
   return jnp.swapaxes(jnp.log10(jnp.maximum(mel, LOG_FLOOR)), -1, -2)
 
 
-@functools.partial(jax.jit, static_argnames=('n_mels', 'stft'))
-def _log_mel_jit(audio: jax.Array, n_mels: int, stft: str) -> jax.Array:
-  log_spec = _log_mel_spectrum(audio, n_mels, stft)
+@functools.partial(jax.jit, static_argnames=('n_mels', 'stft', 'hop_length'))
+def _log_mel_jit(audio: jax.Array, n_mels: int, stft: str, hop_length: int) -> jax.Array:
+  log_spec = _log_mel_spectrum(audio, n_mels, stft, hop_length)
   peak = jnp.max(log_spec, axis=(-2, -1), keepdims=True)
   return (jnp.maximum(log_spec, peak - DYNAMIC_RANGE) + 4.0) / 4.0
 
 
-@functools.partial(jax.jit, static_argnames=('n_mels', 'stft'))
-def _log_mel_masked_jit(audio: jax.Array, lengths: jax.Array, n_mels: int, stft: str):
-  log_spec = _log_mel_spectrum(audio, n_mels, stft)
-  mask = frame_mask(lengths, log_spec.shape[-1])
+@functools.partial(jax.jit, static_argnames=('n_mels', 'stft', 'hop_length'))
+def _log_mel_masked_jit(audio: jax.Array, lengths: jax.Array, n_mels: int, stft: str,
+                        hop_length: int):
+  log_spec = _log_mel_spectrum(audio, n_mels, stft, hop_length)
+  mask = frame_mask(lengths, log_spec.shape[-1], hop_length)
   valid = mask[:, None, :].astype(bool)
   peak = jnp.max(jnp.where(valid, log_spec, -jnp.inf), axis=(-2, -1), keepdims=True)
   peak = jnp.where(jnp.isfinite(peak), peak, jnp.log10(LOG_FLOOR))  # examples with no frame
@@ -150,10 +163,10 @@ def _log_mel_masked_jit(audio: jax.Array, lengths: jax.Array, n_mels: int, stft:
   return (clamped + 4.0) / 4.0, mask
 
 
-def frame_mask(lengths, frames: int):
-  """int32 [B, frames]: 1 for frames computed from real samples (frame < length // 160)."""
+def frame_mask(lengths, frames: int, hop_length: int = HOP_LENGTH):
+  """int32 [B, frames]: 1 for frames computed from real samples (frame < length // hop)."""
   lengths = jnp.asarray(lengths)
-  return (jnp.arange(frames)[None, :] < (lengths // HOP_LENGTH)[:, None]).astype(jnp.int32)
+  return (jnp.arange(frames)[None, :] < (lengths // hop_length)[:, None]).astype(jnp.int32)
 
 
 def _prepare(audio, sample_rate: int) -> jax.Array:
@@ -175,7 +188,7 @@ def _prepare(audio, sample_rate: int) -> jax.Array:
 
 
 def log_mel(audio, sample_rate: int = SAMPLE_RATE, n_mels: int = 80, *,
-            stft: str = 'rfft') -> jax.Array:
+            stft: str = 'rfft', hop_length: int = HOP_LENGTH) -> jax.Array:
   """Whisper log-mel features.
 
   Args:
@@ -184,17 +197,21 @@ def log_mel(audio, sample_rate: int = SAMPLE_RATE, n_mels: int = 80, *,
     sample_rate: rate of `audio`.
     n_mels: 80 (Whisper v1-v3 small models) or 128 (large-v3).
     stft: 'rfft' (default, faster on CPU) or 'matmul' (DFT as a matmul).
+    hop_length: samples between frames; 160 (10 ms) is Whisper's. A longer
+      hop (320 = 20 ms) halves the frames an encoder trained on them reads.
 
   Returns:
-    float32 [n_mels, samples // 160] or [batch, n_mels, samples // 160]. Each
+    float32 [n_mels, samples // hop] or [batch, n_mels, samples // hop]. Each
     batch row is clamped at its own max - 8, over all of its frames: use
     `log_mel_with_mask` for padded batches.
   """
-  return _log_mel_jit(_prepare(audio, sample_rate), n_mels=n_mels, stft=stft)
+  return _log_mel_jit(_prepare(audio, sample_rate), n_mels=n_mels, stft=stft,
+                      hop_length=check_hop_length(hop_length))
 
 
 def log_mel_with_mask(audio, lengths, sample_rate: int = SAMPLE_RATE, n_mels: int = 80, *,
-                      stft: str = 'rfft') -> tuple[jax.Array, jax.Array]:
+                      stft: str = 'rfft',
+                      hop_length: int = HOP_LENGTH) -> tuple[jax.Array, jax.Array]:
   """Log-mel of a right-padded batch plus its frame mask.
 
   Args:
@@ -203,7 +220,7 @@ def log_mel_with_mask(audio, lengths, sample_rate: int = SAMPLE_RATE, n_mels: in
       `sample_rate` pass lengths at that rate, they are rescaled).
 
   Returns:
-    (features float32 [batch, n_mels, samples // 160], mask int32 [batch, frames]).
+    (features float32 [batch, n_mels, samples // hop], mask int32 [batch, frames]).
     The clamp max is per example over valid frames; padded frames hold the
     example's floor value, like Whisper's silent padding.
   """
@@ -214,4 +231,5 @@ def log_mel_with_mask(audio, lengths, sample_rate: int = SAMPLE_RATE, n_mels: in
   if audio.ndim != 2 or lengths.shape != (audio.shape[0],):
     raise ValueError(f'log_mel_with_mask expects audio [batch, samples] and lengths [batch], got '
                      f'{audio.shape} and {lengths.shape}')
-  return _log_mel_masked_jit(audio, jnp.asarray(lengths, jnp.int32), n_mels=n_mels, stft=stft)
+  return _log_mel_masked_jit(audio, jnp.asarray(lengths, jnp.int32), n_mels=n_mels, stft=stft,
+                             hop_length=check_hop_length(hop_length))

@@ -54,7 +54,6 @@ _TASK_BITS = {
     'classify': manifest_builder.HAS_LABEL,
     'instruct': manifest_builder.HAS_INSTRUCTION
 }
-_SAMPLES_ALIGN = 2 * features_lib.HOP_LENGTH  # even frame counts suit the stride-2 encoder
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -75,8 +74,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.max_audio_seconds = 30.0
   c.length_grouping_window = 32  # batches per sort window; 0 = no length grouping
   c.num_epochs = 0  # 0 = repeat forever
-  # Features.
+  # Features: Whisper log-mel. hop_length 160 (10 ms) is what released Whisper
+  # encoders expect; an encoder trained from scratch may read 320 (20 ms),
+  # half the frames and about half the encoder's compute.
   c.n_mels = 80
+  c.hop_length = features_lib.HOP_LENGTH
   # Prompts and tasks.
   c.template = 'plain'  # plain | llama2 | chatml
   c.tasks = ('asr',)  # asr | translate | classify | instruct
@@ -84,6 +86,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.eval_task = ''  # '' = the first of tasks
   c.translation_language = 'French'
   c.add_bos = True
+  # Text-only LM pretraining (model.kind='lm'): what fills the audio slot of
+  # each prompt. 'empty' trains the answers alone (a prior over answers);
+  # 'transcript' puts the transcript's tokens where the audio will go, so the
+  # LM learns each task as a function of the slot's content (copy, translate,
+  # classify) and the speech stage only has to make audio read like text.
+  # lm_slot_noise: chance per slot token of a substitution, a deletion or a
+  # repeat (one third each), so the LM learns to read an imperfect slot.
+  c.lm_audio_slot = 'empty'
+  c.lm_slot_noise = 0.0
   # Determinism and throughput.
   c.seed = 0
   c.worker_threads = 2
@@ -112,10 +123,14 @@ def _get(config, key, default=None):
   return config.get(key, default) if hasattr(config, 'get') else getattr(config, key, default)
 
 
+def hop_length(config) -> int:
+  return features_lib.check_hop_length(_get(config, 'hop_length', features_lib.HOP_LENGTH))
+
+
 def bucket_sizes_samples(config) -> tuple[int, ...]:
   seconds = sorted(float(s) for s in _get(config, 'audio_buckets_seconds', (30.0,)))
-  return tuple(
-      int(math.ceil(s * audio_lib.SAMPLE_RATE / _SAMPLES_ALIGN)) * _SAMPLES_ALIGN for s in seconds)
+  align = 2 * hop_length(config)  # even frame counts suit the stride-2 encoder
+  return tuple(int(math.ceil(s * audio_lib.SAMPLE_RATE / align)) * align for s in seconds)
 
 
 def smallest_fitting(value: int, buckets: Sequence[int]) -> int | None:
@@ -236,6 +251,7 @@ class BatchMaker:
     self.train, self.task, self.generate = train, task, generate
     self.seed = int(_get(config, 'seed', 0))
     self.n_mels = int(_get(config, 'n_mels', 80))
+    self.hop_length = hop_length(config)
     self.audio_buckets = bucket_sizes_samples(config)
     self.token_buckets = tuple(sorted(int(t) for t in _get(config, 'token_buckets', (256,))))
     self.tasks = tuple(_get(config, 'tasks', ('asr',)))
@@ -276,7 +292,8 @@ class BatchMaker:
     padded = np.zeros((len(waves), samples), np.float32)
     for row, wave in enumerate(waves):
       padded[row, :lengths[row]] = wave[:lengths[row]]
-    features, feature_mask = features_lib.log_mel_with_mask(padded, lengths, n_mels=self.n_mels)
+    features, feature_mask = features_lib.log_mel_with_mask(padded, lengths, n_mels=self.n_mels,
+                                                            hop_length=self.hop_length)
     features, feature_mask = np.array(features), np.asarray(feature_mask, np.int32)
     if self.train and self.aug['spec_augment']:
       for row in range(len(waves)):

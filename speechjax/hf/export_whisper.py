@@ -32,8 +32,21 @@ def whisper_config_to_hf(cfg: WhisperEncoderConfig) -> dict:
   }
 
 
-def export_whisper_encoder(folder: str, cfg: WhisperEncoderConfig, params, lora=None, lora_cfg=None) -> str:
-  """Writes config.json + model.safetensors (names 'encoder.*', WhisperModel layout)."""
+def feature_extractor_config(cfg: WhisperEncoderConfig, hop_length: int = 160) -> dict:
+  """preprocessor_config.json of the WhisperFeatureExtractor the encoder was trained with."""
+  return {
+      "feature_extractor_type": "WhisperFeatureExtractor", "processor_class": "WhisperProcessor",
+      "feature_size": cfg.num_mel_bins, "sampling_rate": 16000, "n_fft": 400,
+      "hop_length": int(hop_length), "chunk_length": 30, "n_samples": 480000,
+      "nb_max_frames": 480000 // int(hop_length), "padding_side": "right", "padding_value": 0.0,
+      "return_attention_mask": False,
+  }
+
+
+def export_whisper_encoder(folder: str, cfg: WhisperEncoderConfig, params, lora=None, lora_cfg=None,
+                           hop_length: int = 160) -> str:
+  """Writes config.json, preprocessor_config.json (the feature hop) and
+  model.safetensors (names 'encoder.*', WhisperModel layout)."""
   from speechjax.models.lora import merge
 
   params = nn.unbox(params)
@@ -44,5 +57,6 @@ def export_whisper_encoder(folder: str, cfg: WhisperEncoderConfig, params, lora=
     return folder
   os.makedirs(folder, exist_ok=True)
   write_json(os.path.join(folder, "config.json"), whisper_config_to_hf(cfg))
+  write_json(os.path.join(folder, "preprocessor_config.json"), feature_extractor_config(cfg, hop_length))
   save_weights(folder, whisper_io.params_to_hf(params, cfg, prefix="encoder."))
   return folder

@@ -33,7 +33,7 @@ def abstract_batch(config, bundle, mesh, rules) -> dict:
               "example_mask": ((b,), jnp.float32)}
   else:
     samples = max(pipeline.bucket_sizes_samples(config.data))
-    frames = samples // 160
+    frames = samples // pipeline.hop_length(config.data)
     t = max(int(x) for x in config.data.token_buckets)
     n_mels = int(config.data.n_mels)
     shapes = {"features": ((b, n_mels, frames), jnp.float32), "feature_mask": ((b, frames), jnp.int32),

@@ -11,6 +11,8 @@ import re
 import jax
 import optax
 
+from speechjax.trainer.adamw import fused_adamw
+
 VALID_OPTIMIZERS = ("adamw", "adafactor", "sgd")
 VALID_SCHEDULES = ("cosine", "linear", "constant")
 
@@ -54,16 +56,20 @@ def make_optimizer(optim_cfg, num_steps: int) -> tuple[optax.GradientTransformat
   name = optim_cfg.name
   if name not in VALID_OPTIMIZERS:
     raise ValueError(f"optim.name={name!r}; valid: {VALID_OPTIMIZERS}")
+  clip_norm = optim_cfg.clip_norm if optim_cfg.clip_norm and optim_cfg.clip_norm > 0 else None
   if name == "adamw":
-    opt = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                      weight_decay=optim_cfg.weight_decay, mask=decay_mask)
-  elif name == "adafactor":
+    # Clipping, AdamW and the NaN/Inf guard in one fused elementwise pass (the
+    # train step skips its own select for it); equals clip_by_global_norm + adamw.
+    opt = fused_adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                      weight_decay=optim_cfg.weight_decay, mask=decay_mask, clip_norm=clip_norm)
+    return opt, schedule
+  if name == "adafactor":
     opt = optax.adafactor(schedule, weight_decay_rate=optim_cfg.weight_decay or None,
                           weight_decay_mask=decay_mask)
   else:
     opt = optax.chain(
         optax.add_decayed_weights(optim_cfg.weight_decay, mask=decay_mask),
         optax.sgd(schedule, momentum=optim_cfg.momentum or None))
-  if optim_cfg.clip_norm and optim_cfg.clip_norm > 0:
-    opt = optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm), opt)
+  if clip_norm is not None:
+    opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
   return opt, schedule

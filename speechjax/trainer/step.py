@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from speechjax.trainer.adamw import guards_itself
 from speechjax.trainer.objectives import Objective
 from speechjax.trainer.partition import join_variables
 
@@ -83,6 +84,7 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     return loss, stats
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  self_guarded = guards_itself(optimizer)
 
   def train_step(state, frozen, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])
@@ -107,14 +109,22 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
 
     grad_norm = _global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = optimizer.update(grads, state["opt_state"], trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
     # A non-finite loss or gradient leaves weights and optimizer state as they were.
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    if self_guarded:
+      # The optimizer selects inside its fused elementwise update (zero update,
+      # old moments), so there is no separate copy of every buffer here.
+      updates, new_opt_state = optimizer.update(grads, state["opt_state"], trainable,
+                                                finite=finite, grad_norm=grad_norm)
+      new_trainable = optax.apply_updates(trainable, updates)
+    else:
+      updates, new_opt_state = optimizer.update(grads, state["opt_state"], trainable)
+      keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+      new_trainable = keep(optax.apply_updates(trainable, updates), trainable)
+      new_opt_state = keep(new_opt_state, state["opt_state"])
     new_state = {
         "step": state["step"] + 1,
-        "trainable": keep(new_trainable, trainable),
-        "opt_state": keep(new_opt_state, state["opt_state"]),
+        "trainable": new_trainable,
+        "opt_state": new_opt_state,
         "rng": state["rng"],
         "skipped": state["skipped"] + (~finite).astype(jnp.int32),
         "bad_in_a_row": jnp.where(finite, 0, state["bad_in_a_row"] + 1),
