@@ -65,14 +65,17 @@ def get_config(arg: str | None = None):
   c.data.worker_threads = 1
 
   # --- model: tiny Whisper-style encoder + frame stacking + tiny Llama
+  # head_dim 128 (q width 512 > hidden 256) is what the README results used.
+  # Measured with head_dim 64 + 400 LM steps + classify weight 2: 23.2 min,
+  # test WER 44.8 % (vs 40.0 %), intent 88.3 % (same), BLEU 34.7 (vs 38.6).
   # scan_layers: one compiled layer body instead of four (compile time dominates short CPU runs).
   c.model.encoder.update(num_mel_bins=80, d_model=192, num_layers=4, num_heads=4, ffn_dim=768,
                          scan_layers=True)
   c.model.projector.update(kind="frame_stack", stack_factor=3, hidden_dim=512)  # 120 ms per LLM slot
   c.model.decoder = decoder_section(
       "llama", vocab_size=512, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
-      num_kv_heads=2, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=True,
-      scan_layers=True)
+      num_kv_heads=2, head_dim=128, max_position_embeddings=256, rope_theta=10000.0,
+      tie_word_embeddings=True, scan_layers=True)
   c.model.tokenizer = "runs/demo/tokenizer"
   c.model.ctc_vocab = CTC_VOCAB
 

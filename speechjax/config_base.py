@@ -16,8 +16,17 @@ import ml_collections
 from speechjax.parallel import DEFAULT_RULES, MESH_AXES
 
 
+def _declared_default(field: dataclasses.Field) -> Any:
+  if field.default_factory is not dataclasses.MISSING:
+    return field.default_factory()
+  return field.default
+
+
 def _dataclass_section(cls, exclude=("lora",), **overrides) -> ml_collections.ConfigDict:
-  fields = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls) if f.name not in exclude}
+  # Declared defaults, not an instance's values: __post_init__ derives fields
+  # such as head_dim = hidden_size // num_heads from the *default* sizes, and
+  # a config that changes hidden_size must derive them again from its own.
+  fields = {f.name: _declared_default(f) for f in dataclasses.fields(cls) if f.name not in exclude}
   unknown = set(overrides) - set(fields)
   if unknown:
     raise KeyError(f"{cls.__name__} has no field(s) {sorted(unknown)}; valid: {sorted(fields)}")

@@ -52,3 +52,17 @@ def test_recipe_train_step_lowers_on_abstract_shapes(name, arg):
   assert 0 < info["trainable_params"] < info["frozen_params"]
   text = lowered.as_text()
   assert "sharding" in text
+
+
+def test_sections_derive_sizes_from_their_own_fields():
+  """Fields a model derives in __post_init__ (head_dim, num_kv_heads, GPT-2's
+  MLP width) stay 'derive me' in a config section, so they follow the section's
+  own sizes rather than the dataclass defaults' (Qwen2.5-0.5B: 896 / 14 heads = 64)."""
+  from speechjax.config_base import dataclass_from_config, decoder_section
+  from speechjax.models.decoder import DecoderConfig
+  from speechjax.models.gpt2 import GPT2Config
+
+  llama = dataclass_from_config(DecoderConfig, decoder_section("llama", hidden_size=896, num_heads=14))
+  assert (llama.head_dim, llama.num_kv_heads) == (64, 14)
+  gpt2 = dataclass_from_config(GPT2Config, decoder_section("gpt2", hidden_size=64, num_heads=4))
+  assert gpt2.intermediate_size == 256
