@@ -19,17 +19,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def slot_filled_prompts(prompts, records, task: str):
-  from speechjax.data import tasks
-
-  seqs = []
-  for record in records:
-    prompt = prompts.prompt_ids(record, task, 1, 0)
-    at = prompt.index(tasks.AUDIO_PLACEHOLDER_ID)
-    seqs.append(prompt[:at] + prompts.answer_ids(record, "asr")[:-1] + prompt[at + 1:])
-  return seqs
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", default="runs/demo")
@@ -53,7 +42,7 @@ def main() -> None:
   prompts = tasks.PromptBuilder(tokenizer)
   result = {"workdir": args.workdir, "split": args.split, "num_examples": len(records)}
   for task in ("asr", "translate", "classify"):
-    seqs = slot_filled_prompts(prompts, records, task)
+    seqs = [prompts.prompt_ids_with_text_slot(r, task, prompts.answer_ids(r, "asr")[:-1]) for r in records]
     width = max(len(s) for s in seqs)
     ids = np.full((len(seqs), width), prompts.pad_id, np.int32)
     mask = np.zeros_like(ids)

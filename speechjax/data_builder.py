@@ -94,11 +94,9 @@ def text_lm_examples(records: Iterable[dict], tokenizer, data_cfg, tasks=None) -
   for record, slot in zip(records, slots):
     for task in tasks_lib.supported_tasks(record, tuple(tasks or data_cfg.tasks)):
       for k in range(prompts.num_instructions(task)):
-        prompt = prompts.prompt_ids(record, task, 1, k)
-        at = prompt.index(tasks_lib.AUDIO_PLACEHOLDER_ID)
         filled = noisy_slot(slot, noise, pool, rng) if noise > 0 else slot
-        out.append(np.asarray(prompt[:at] + filled + prompt[at + 1:] + prompts.answer_ids(record, task, k),
-                              np.int32))
+        out.append(np.asarray(prompts.prompt_ids_with_text_slot(record, task, filled, k)
+                              + prompts.answer_ids(record, task, k), np.int32))
   return out
 
 

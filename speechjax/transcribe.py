@@ -39,6 +39,7 @@ class Transcriber:
     self.prompts = tasks.PromptBuilder(self.bundle.tokenizer, data_cfg.template, data_cfg.translation_language,
                                        bool(data_cfg.add_bos))
     self.buckets = sorted(pipeline.bucket_sizes_samples(data_cfg))
+    self.hop_length = pipeline.hop_length(data_cfg)
     self.batch_size = int(data_cfg.eval_batch_size)
 
   def _batch(self, waves: list[np.ndarray], task: str) -> dict:
@@ -51,7 +52,7 @@ class Transcriber:
       padded[i, :w.size] = w[:samples]
     feats, mask = features.log_mel_with_mask(padded, np.minimum(lengths, samples),
                                              n_mels=int(self.config.data.n_mels),
-                                             hop_length=pipeline.hop_length(self.config.data))
+                                             hop_length=self.hop_length)
     num_audio = self.bundle.num_audio_tokens(feats.shape[-1])
     prompts = [self.prompts.prompt_ids({}, task, num_audio) for _ in waves]
     width = max(len(p) for p in prompts)

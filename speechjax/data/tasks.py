@@ -189,6 +189,13 @@ class PromptBuilder:
     head, tail = self._pieces(self.instruction(example, task, instruction_index))
     return head + [AUDIO_PLACEHOLDER_ID] * int(num_audio_tokens) + tail
 
+  def prompt_ids_with_text_slot(self, example: Mapping[str, Any], task: str, slot_ids: Sequence[int],
+                                instruction_index: int = 0) -> list[int]:
+    """The prompt with token ids (e.g. a transcript) where the audio goes: what
+    a text-only LM is pretrained and probed on."""
+    head, tail = self._pieces(self.instruction(example, task, instruction_index))
+    return head + list(slot_ids) + tail
+
   def answer_ids(self, example: Mapping[str, Any], task: str,
                  instruction_index: int = 0) -> list[int]:
     """Answer + EOS, tokenized as it would be right after the prompt.

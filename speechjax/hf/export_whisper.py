@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from speechjax.data import features
 from speechjax.hf import whisper as whisper_io
 from speechjax.hf.checkpoint_io import save_weights, write_json
 from speechjax.models.audio_encoder import WhisperEncoderConfig
@@ -32,19 +33,21 @@ def whisper_config_to_hf(cfg: WhisperEncoderConfig) -> dict:
   }
 
 
-def feature_extractor_config(cfg: WhisperEncoderConfig, hop_length: int = 160) -> dict:
+def feature_extractor_config(cfg: WhisperEncoderConfig, hop_length: int = features.HOP_LENGTH) -> dict:
   """preprocessor_config.json of the WhisperFeatureExtractor the encoder was trained with."""
+  chunk_seconds = 30
+  n_samples = chunk_seconds * features.SAMPLE_RATE
   return {
       "feature_extractor_type": "WhisperFeatureExtractor", "processor_class": "WhisperProcessor",
-      "feature_size": cfg.num_mel_bins, "sampling_rate": 16000, "n_fft": 400,
-      "hop_length": int(hop_length), "chunk_length": 30, "n_samples": 480000,
-      "nb_max_frames": 480000 // int(hop_length), "padding_side": "right", "padding_value": 0.0,
-      "return_attention_mask": False,
+      "feature_size": cfg.num_mel_bins, "sampling_rate": features.SAMPLE_RATE, "n_fft": features.N_FFT,
+      "hop_length": int(hop_length), "chunk_length": chunk_seconds, "n_samples": n_samples,
+      "nb_max_frames": features.num_frames(n_samples, int(hop_length)), "padding_side": "right",
+      "padding_value": 0.0, "return_attention_mask": False,
   }
 
 
 def export_whisper_encoder(folder: str, cfg: WhisperEncoderConfig, params, lora=None, lora_cfg=None,
-                           hop_length: int = 160) -> str:
+                           hop_length: int = features.HOP_LENGTH) -> str:
   """Writes config.json, preprocessor_config.json (the feature hop) and
   model.safetensors (names 'encoder.*', WhisperModel layout)."""
   from speechjax.models.lora import merge

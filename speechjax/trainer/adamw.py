@@ -48,11 +48,10 @@ def guards_itself(optimizer) -> bool:
   return isinstance(optimizer, SelfGuardedTransformation)
 
 
-def _sum_of_squares(tree) -> jax.Array:
-  leaves = jax.tree_util.tree_leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
+def global_norm(tree) -> jax.Array:
+  """L2 norm over every leaf (optax.tree.norm where optax has it)."""
+  norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
+  return norm(tree) if norm is not None else optax.global_norm(tree)
 
 
 def _resolve_mask(mask, params):
@@ -80,9 +79,9 @@ def fused_adamw(learning_rate: Union[float, Callable[[jax.Array], jax.Array]],
     if params is None:
       raise ValueError("fused_adamw needs the params (for the weight decay)")
     if grad_norm is None and (clip or finite is None):
-      grad_norm = jnp.sqrt(_sum_of_squares(grads))
-    ok = jnp.isfinite(grad_norm) if finite is None else jnp.asarray(finite, bool)
-    if finite is not None and grad_norm is not None:
+      grad_norm = global_norm(grads)
+    ok = jnp.ones((), bool) if finite is None else jnp.asarray(finite, bool)
+    if grad_norm is not None:
       ok = ok & jnp.isfinite(grad_norm)
     count = state.count
     t = (count + 1).astype(jnp.float32)

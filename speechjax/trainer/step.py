@@ -16,14 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from speechjax.trainer.adamw import guards_itself
+from speechjax.trainer.adamw import global_norm, guards_itself
 from speechjax.trainer.objectives import Objective
 from speechjax.trainer.partition import join_variables
-
-
-def _global_norm(tree):
-  norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
-  return norm(tree) if norm is not None else optax.global_norm(tree)
 
 
 def _split_micro(batch: dict, k: int) -> dict:
@@ -107,7 +102,7 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
               jax.tree_util.tree_map(jnp.zeros_like, trainable))
       (loss, stats, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum), micros))
 
-    grad_norm = _global_norm(grads)
+    grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite loss or gradient leaves weights and optimizer state as they were.
     if self_guarded:
