@@ -1,12 +1,13 @@
 r"""How well a demo LM does each task from a *clean* transcript in its audio slot.
 
-    python -m bench.lm_slot_copy --workdir=runs/demo [--split=test] [--every=5]
+    python -m bench.lm_slot_copy --workdir=runs/demo --slot_length=28 [--split=test] [--every=5]
 
 The demo's speech LLM keeps its LM frozen, so the LM's own skill at reading
 the slot bounds what the speech stage can reach: here the slot holds the true
 transcript's tokens instead of audio, and the LM is greedy-decoded on the
 first instruction of each task. Prints one JSON line: ASR WER (copying the
-slot), translation BLEU and intent accuracy, on every `every`-th utterance.
+slot) and how many sentences it got wrong, translation BLEU and intent
+accuracy, on every `every`-th utterance.
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ def main() -> None:
   parser.add_argument("--workdir", default="runs/demo")
   parser.add_argument("--split", default="test")
   parser.add_argument("--every", type=int, default=5)
+  parser.add_argument("--show_errors", type=int, default=0,
+                      help="also print this many wrong ASR copies (reference | output) and their count")
+  parser.add_argument("--slot_length", type=int, default=0,
+                      help="fill the slot to this many tokens (the LM's data.lm_slot_length)")
   args = parser.parse_args()
 
   import ml_collections
   import numpy as np
 
   from speechjax import decode, metrics
+  from speechjax.data_builder import fixed_length_slot
   from speechjax.data import pipeline, sources, tasks
   from speechjax.hf import load_pretrained, load_tokenizer
 
@@ -42,7 +48,10 @@ def main() -> None:
   prompts = tasks.PromptBuilder(tokenizer)
   result = {"workdir": args.workdir, "split": args.split, "num_examples": len(records)}
   for task in ("asr", "translate", "classify"):
-    seqs = [prompts.prompt_ids_with_text_slot(r, task, prompts.answer_ids(r, "asr")[:-1]) for r in records]
+    slots = [prompts.answer_ids(r, "asr")[:-1] for r in records]
+    if args.slot_length:
+      slots = [fixed_length_slot(s, args.slot_length, prompts.pad_id) for s in slots]
+    seqs = [prompts.prompt_ids_with_text_slot(r, task, s) for r, s in zip(records, slots)]
     width = max(len(s) for s in seqs)
     ids = np.full((len(seqs), width), prompts.pad_id, np.int32)
     mask = np.zeros_like(ids)
@@ -55,6 +64,10 @@ def main() -> None:
     references = [tasks.answer_text(r, task).strip() for r in records]
     if task == "asr":
       result["copy_wer"] = metrics.wer(hypotheses, references)
+      wrong = [(r, h) for r, h in zip(references, hypotheses) if r != h]
+      result["copy_sentences_wrong"] = len(wrong)
+      for ref, hyp in wrong[:args.show_errors]:
+        print(f"{ref} | {hyp}")
     elif task == "translate":
       result["bleu"] = metrics.bleu(hypotheses, references)
     else:

@@ -71,16 +71,25 @@ def noisy_slot(ids: list[int], noise: float, pool: np.ndarray, rng: np.random.Ge
   return out
 
 
+def fixed_length_slot(ids: list[int], length: int, fill_id: int) -> list[int]:
+  """`ids` cut or filled with `fill_id` to exactly `length` tokens: the layout
+  of a fixed-size audio slot (projector kind 'ctc_compress'), where the k-th
+  answer token sits a constant distance after the k-th slot token."""
+  return list(ids[:length]) + [fill_id] * max(0, length - len(ids))
+
+
 def text_lm_examples(records: Iterable[dict], tokenizer, data_cfg, tasks=None) -> list[np.ndarray]:
   """Every (record, task, instruction) as prompt + answer + EOS token ids.
 
   The audio slot holds nothing (`data.lm_audio_slot='empty'`) or the
-  record's transcript tokens ('transcript', with `data.lm_slot_noise`).
+  record's transcript tokens ('transcript', with `data.lm_slot_noise`),
+  filled to `data.lm_slot_length` tokens when that is set.
   """
   slot_kind = data_cfg.get("lm_audio_slot", "empty")
   if slot_kind not in LM_AUDIO_SLOTS:
     raise ValueError(f"data.lm_audio_slot={slot_kind!r}; valid: {LM_AUDIO_SLOTS}")
   noise = float(data_cfg.get("lm_slot_noise", 0.0))
+  slot_length = int(data_cfg.get("lm_slot_length", 0))
   prompts = tasks_lib.PromptBuilder(tokenizer, data_cfg.template, data_cfg.translation_language,
                                     bool(data_cfg.add_bos))
   records = list(records)
@@ -95,14 +104,60 @@ def text_lm_examples(records: Iterable[dict], tokenizer, data_cfg, tasks=None) -
     for task in tasks_lib.supported_tasks(record, tuple(tasks or data_cfg.tasks)):
       for k in range(prompts.num_instructions(task)):
         filled = noisy_slot(slot, noise, pool, rng) if noise > 0 else slot
+        if slot_length:
+          filled = fixed_length_slot(filled, slot_length, prompts.pad_id)
         out.append(np.asarray(prompts.prompt_ids_with_text_slot(record, task, filled, k)
                               + prompts.answer_ids(record, task, k), np.int32))
+  copies = int(round(float(data_cfg.get("lm_random_copy", 0.0)) * len(out)))
+  if copies and slot_kind == "transcript" and "asr" in tuple(tasks or data_cfg.tasks):
+    out += random_copy_examples(records, copies, prompts, slot_length, rng)
   return out
 
 
+def random_copy_examples(records, count: int, prompts, slot_length: int,
+                         rng: np.random.Generator) -> list[np.ndarray]:
+  """ASR examples whose transcript is a random sequence of the corpus' words:
+  no sentence prior predicts them, so the only way to lower their loss is to
+  read the slot, which is what a frozen LM under a speech encoder must do."""
+  words = sorted({w for r in records for w in str(r.get("text") or "").split()})
+  lengths = [len(str(r.get("text") or "").split()) for r in records]
+  out = []
+  for _ in range(count):
+    n = int(rng.integers(max(1, min(lengths)), max(lengths) + 1))
+    record = {"text": " ".join(words[i] for i in rng.integers(len(words), size=n))}
+    k = int(rng.integers(prompts.num_instructions("asr")))
+    slot = prompts.answer_ids(record, "asr", k)[:-1]
+    if slot_length:
+      slot = fixed_length_slot(slot, slot_length, prompts.pad_id)
+    out.append(np.asarray(prompts.prompt_ids_with_text_slot(record, "asr", slot, k)
+                          + prompts.answer_ids(record, "asr", k), np.int32))
+  return out
+
+
+TEXT_RECORD_KEYS = ("text", "translation", "label", "prompt", "target", "id")
+
+
 def _text_records(source) -> list[dict]:
-  keys = ("text", "translation", "label", "prompt", "target", "id")
-  return [{k: source[i].get(k) for k in keys} for i in range(len(source))]
+  return [{k: source[i].get(k) for k in TEXT_RECORD_KEYS} for i in range(len(source))]
+
+
+def read_text_manifest(path: str) -> list[dict]:
+  """Text-only records (JSON lines with `text` and optionally `translation`,
+  `label`): extra LM pretraining text, e.g. a domain's sentences that have no
+  audio. A line that is not a JSON object with a non-empty `text` is refused
+  with its file and line number: a silently shorter LM corpus would go unnoticed."""
+  from speechjax.data import validate  # pylint: disable=g-import-not-at-top
+
+  records = []
+  for line_number, record, raw in validate.read_manifest(path):
+    text = record.get("text") if record is not None else None
+    if not isinstance(text, str) or not text.strip():
+      raise ValueError(f"{path}:{line_number}: expected a JSON object with a non-empty 'text', "
+                       f"got {raw[:80]!r}")
+    records.append({k: record.get(k) for k in TEXT_RECORD_KEYS})
+  if not records:
+    raise ValueError(f"{path}: no text records (data.lm_text_manifest)")
+  return records
 
 
 def _pad_text_batch(seqs: list[np.ndarray], buckets, pad_id: int, example_mask=None) -> dict:
@@ -146,7 +201,12 @@ def _text_lm_data(config, tokenizer) -> RunData:
   data_cfg = config.data
   train_source, _ = sources.open_source(data_cfg, data_cfg.train_split)
   dev_source, _ = sources.open_source(data_cfg, data_cfg.eval_split)
-  train_seqs = text_lm_examples(_text_records(train_source), tokenizer, data_cfg)
+  train_records = _text_records(train_source)
+  if data_cfg.get("lm_text_manifest"):
+    # Replaces the paired transcripts: a text corpus is normally a superset
+    # of them (the demo's holds every train-partition sentence of the domain).
+    train_records = read_text_manifest(data_cfg.lm_text_manifest)
+  train_seqs = text_lm_examples(train_records, tokenizer, data_cfg)
   dev_seqs = text_lm_examples(_text_records(dev_source), tokenizer, data_cfg)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   buckets = tuple(sorted(int(t) for t in data_cfg.token_buckets))
@@ -181,17 +241,28 @@ def _text_lm_data(config, tokenizer) -> RunData:
 def _ctc_data(config, bundle) -> RunData:
   from speechjax.models import ctc
 
-  vocab = bundle.model_config.vocab
+  model_cfg = bundle.model_config
   data_cfg = config.data
   train_source, train_info = sources.open_source(data_cfg, data_cfg.train_split)
   dev_source, dev_info = sources.open_source(data_cfg, data_cfg.eval_split, train_info.label_names)
   max_len = int(config.data.get("ctc_max_label_length", 128))
+  if model_cfg.vocab:
+    def encode(text):
+      return ctc.encode_text(text, model_cfg.vocab)
+  else:
+    # Exactly the tokens of the ASR answer (what the LLM writes, and what a
+    # text-pretrained LM saw in its slot), shifted past the blank.
+    prompts = tasks_lib.PromptBuilder(bundle.tokenizer, data_cfg.template,
+                                      data_cfg.translation_language, bool(data_cfg.add_bos))
+
+    def encode(text):
+      return [i + 1 for i in prompts.answer_ids({"text": text}, "asr")[:-1]] if text else []
 
   def add_labels(batch, texts):
     labels = np.zeros((len(texts), max_len), np.int32)
     label_mask = np.zeros((len(texts), max_len), np.int32)
     for row, text in enumerate(texts):
-      ids = ctc.encode_text(text, vocab)[:max_len]
+      ids = encode(text)[:max_len]
       labels[row, :len(ids)] = ids
       label_mask[row, :len(ids)] = 1
     batch["ctc_labels"], batch["ctc_label_mask"] = labels, label_mask

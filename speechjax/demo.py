@@ -40,6 +40,8 @@ def load_stage_config(config_arg: str, stage: str, workdir: str):
   config = module.get_config(stage + (",quick" if quick else ""))
   config.data.data_dir = os.path.join(workdir, "data", "tfds")
   config.model.tokenizer = os.path.join(workdir, "tokenizer")
+  if config.data.get("lm_text_manifest"):  # the corpus' text-only file, in this run's data folder
+    config.data.lm_text_manifest = os.path.join(workdir, "data", os.path.basename(config.data.lm_text_manifest))
   # Re-running the demo (or one stage) reuses compiled programs.
   config.compile_cache_dir = os.path.join(workdir, "xla_cache")
   if stage == "speech":
@@ -95,8 +97,9 @@ def pretrain_encoder(config_arg: str, workdir: str) -> None:
     return
   config, _ = load_stage_config(config_arg, "ctc", workdir)
   trainer, _ = train_stage(config, os.path.join(workdir, "stages", "ctc"))
-  export_whisper_encoder(out, trainer.bundle.model_config.encoder, trainer.variables()["params"]["encoder"],
-                         hop_length=int(config.data.hop_length))
+  params = trainer.variables()["params"]
+  export_whisper_encoder(out, trainer.bundle.model_config.encoder, params["encoder"],
+                         hop_length=int(config.data.hop_length), ctc_head=params["ctc_head"])
 
 
 def plot_curves(workdir: str) -> str:
@@ -134,10 +137,12 @@ def plot_curves(workdir: str) -> str:
   return out
 
 
-def write_report(workdir: str, corpus: dict, results: dict, transcripts, timings: dict) -> str:
+def write_report(workdir: str, corpus: dict, results: dict, transcripts, timings: dict,
+                 projector: str = "") -> str:
   lines = ["# speechjax CPU demo", "",
-           "Speech LLM for spoken commands: Whisper-style encoder (CTC-pretrained) + frame-stack "
-           "projector + frozen Llama-style LM with LoRA, trained on this machine.", "",
+           "Speech LLM for spoken commands: Whisper-style encoder (CTC-pretrained) + "
+           f"{projector + ' ' if projector else ''}projector + frozen Llama-style LM with LoRA, "
+           "trained on this machine.", "",
            "## Test split (held-out voices and sentences)", "",
            "| metric | value |", "|---|---|"]
   for key in ("wer", "cer", "accuracy", "macro_f1", "bleu", "chrf", "num_examples", "num_skipped"):
@@ -191,7 +196,7 @@ def main(argv):
   transcripts = Transcriber(workdir)(files, "asr")
   timings["total"] = time.time() - start
   plot_curves(workdir)
-  write_report(workdir, corpus, results, transcripts, timings)
+  write_report(workdir, corpus, results, transcripts, timings, projector=config.model.projector.kind)
   print("\n=== speechjax demo: test split (held-out voices and sentences) ===")
   for key in ("wer", "cer", "accuracy", "bleu", "num_examples"):
     if key in results:

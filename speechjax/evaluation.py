@@ -143,15 +143,15 @@ def ctc_metrics(bundle, variables, batches: Iterable[dict], max_examples: int = 
   """Greedy CTC transcripts scored with WER / CER (encoder pretraining)."""
   from speechjax.models import ctc
 
-  vocab = bundle.model_config.vocab
+  cfg, tokenizer = bundle.model_config, bundle.tokenizer
   apply = jax.jit(lambda v, f, m: bundle.module.apply(v, f, m))
   preds, refs = [], []
   for batch in batches:
     logits, mask = apply(variables, batch["features"], batch["feature_mask"])
-    texts = ctc.greedy_decode(logits, mask, vocab)
+    texts = ctc.greedy_decode(logits, mask, cfg, tokenizer)
     for row in np.flatnonzero(batch["example_mask"] > 0):
       ids = batch["ctc_labels"][row][batch["ctc_label_mask"][row] > 0]
-      refs.append(" ".join("".join(vocab[i - 1] for i in ids).split()))
+      refs.append(ctc.labels_to_text(ids, cfg, tokenizer))
       preds.append(texts[row])
     if max_examples and len(preds) >= max_examples:
       break

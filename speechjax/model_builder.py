@@ -139,8 +139,18 @@ def _build_speech_llm(config, lora) -> ModelBundle:
 
   enc_cfg = encoder_config(config, lora)
   dec_cfg = decoder_config(config, lora)
-  proj_cfg = dataclass_from_config(
-      ProjectorConfig, {**config.model.projector.to_dict(), "dtype": config.model.dtype}, lora=lora)
+  proj_values = {**config.model.projector.to_dict(), "dtype": config.model.dtype}
+  tokenizer = load_tokenizer(config)
+  if proj_values["kind"] == "ctc_compress":
+    if tokenizer is None and (proj_values["ctc_vocab_size"] <= 0 or proj_values["fill_token_id"] < 0):
+      raise ValueError("projector kind 'ctc_compress' needs model.tokenizer (or "
+                       "model.projector.ctc_vocab_size and fill_token_id)")
+    if proj_values["ctc_vocab_size"] <= 0:
+      proj_values["ctc_vocab_size"] = len(tokenizer) + 1
+    if proj_values["fill_token_id"] < 0:
+      pad = tokenizer.pad_token_id
+      proj_values["fill_token_id"] = pad if pad is not None else tokenizer.eos_token_id
+  proj_cfg = dataclass_from_config(ProjectorConfig, proj_values, lora=lora)
   model_cfg = sl.SpeechLLMConfig(encoder=enc_cfg, projector=proj_cfg, decoder=dec_cfg, lora=lora,
                                  num_classes=int(config.model.num_classes))
   module = sl.SpeechLLM(model_cfg)
@@ -160,11 +170,20 @@ def _build_speech_llm(config, lora) -> ModelBundle:
       variables = _load_subtree(variables, shardings, "encoder", config.model.encoder_pretrained, enc_cfg)
     if config.model.decoder_pretrained:
       variables = _load_subtree(variables, shardings, "decoder", config.model.decoder_pretrained, dec_cfg)
+    if proj_cfg.kind == "ctc_compress" and config.model.encoder_pretrained:
+      from speechjax.hf.export_whisper import load_ctc_head
+      params = dict(variables["params"])
+      projector = dict(params["projector"])
+      projector["ctc_head"] = _place_like(load_ctc_head(config.model.encoder_pretrained),
+                                          projector["ctc_head"], shardings["params"]["projector"]["ctc_head"],
+                                          config.model.encoder_pretrained)
+      params["projector"] = projector
+      variables = {**variables, "params": params}
     return variables
 
   objective = objectives.speech_llm_objective(module, config.train.lm_loss_weight,
                                               config.train.cls_loss_weight if model_cfg.num_classes else 0.0)
-  return ModelBundle("speech_llm", module, model_cfg, init_fn, load, objective, load_tokenizer(config),
+  return ModelBundle("speech_llm", module, model_cfg, init_fn, load, objective, tokenizer,
                      lambda f: sl.num_audio_tokens(f, model_cfg), dec_cfg.num_layers)
 
 
@@ -190,9 +209,14 @@ def _build_ctc(config, lora) -> ModelBundle:
   from speechjax.models import ctc
 
   enc_cfg = encoder_config(config, lora)
-  if not config.model.ctc_vocab:
-    raise ValueError("model.ctc_vocab must list the characters the CTC head predicts")
-  model_cfg = ctc.CTCConfig(encoder=enc_cfg, vocab=config.model.ctc_vocab)
+  tokenizer = load_tokenizer(config)
+  if config.model.ctc_vocab:
+    model_cfg = ctc.CTCConfig(encoder=enc_cfg, vocab=config.model.ctc_vocab)
+  elif tokenizer is not None:  # the LLM's own tokens (for a 'ctc_compress' projector)
+    model_cfg = ctc.CTCConfig(encoder=enc_cfg, token_vocab_size=len(tokenizer))
+  else:
+    raise ValueError("model.kind='ctc' needs model.ctc_vocab (characters) or model.tokenizer "
+                     "(CTC over its token ids)")
   module = ctc.CTCEncoder(model_cfg)
 
   def init_fn(rng):
@@ -205,4 +229,4 @@ def _build_ctc(config, lora) -> ModelBundle:
     return variables
 
   return ModelBundle("ctc", module, model_cfg, init_fn, load, objectives.ctc_objective(module),
-                     load_tokenizer(config), lambda f: 0, 0)
+                     tokenizer, lambda f: 0, 0)

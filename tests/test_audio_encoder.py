@@ -259,3 +259,40 @@ def test_lora_targets_remat_dropout_and_frozen_positions():
     shapes = jax.eval_shape(jax.grad(lambda v: loss(
         v, model=heavy, deterministic=False, rngs={"dropout": jax.random.key(1)})), heavy_vars)
     assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(heavy_vars)
+
+
+def test_ctc_head_over_characters_or_tokenizer_ids_and_export(tmp_path):
+  from speechjax.data import tokenizer as tokenizer_lib
+  from speechjax.hf.export_whisper import export_whisper_encoder, load_ctc_head
+  from speechjax.models import ctc
+  from speechjax.models.audio_encoder import WhisperEncoderConfig
+
+  enc = WhisperEncoderConfig(num_mel_bins=8, d_model=16, num_layers=1, num_heads=2, ffn_dim=32,
+                             max_source_positions=16)
+  with pytest.raises(ValueError, match="exactly one"):
+    ctc.CTCConfig(encoder=enc)
+  chars = ctc.CTCConfig(encoder=enc, vocab="ab ")
+  assert chars.vocab_size == 4
+  # Best path _ a a _ a b _ -> "aab".
+  logits = np.asarray(jax.nn.one_hot(np.array([[0, 1, 1, 0, 1, 2, 0]]), 4))
+  assert ctc.greedy_decode(logits, np.ones((1, 7)), chars) == ["aab"]
+
+  tok = tokenizer_lib.train_bpe_tokenizer(["turn on the lights", "turn off the radio"] * 5, vocab_size=270)
+  tokens = ctc.CTCConfig(encoder=enc, token_vocab_size=len(tok))
+  ids = tok.encode("turn off the lights", add_special_tokens=False)
+  path = [0] + [i + 1 for i in ids for _ in range(2)] + [0]  # each token twice, blanks around
+  logits = np.asarray(jax.nn.one_hot(np.array([path]), tokens.vocab_size))
+  assert ctc.greedy_decode(logits, np.ones((1, len(path))), tokens, tok) == ["turn off the lights"]
+  with pytest.raises(ValueError, match="tokenizer"):
+    ctc.labels_to_text([1], tokens)
+
+  # The head travels with the exported encoder (a 'ctc_compress' projector starts from it).
+  model = ctc.CTCEncoder(tokens)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 16)), jnp.ones((1, 16), jnp.int32))
+  params = nn.unbox(variables["params"])
+  folder = export_whisper_encoder(str(tmp_path / "enc"), enc, params["encoder"], ctc_head=params["ctc_head"])
+  head = load_ctc_head(folder)
+  np.testing.assert_array_equal(head["kernel"], np.asarray(params["ctc_head"]["kernel"]))
+  assert head["bias"].shape == (tokens.vocab_size,)
+  with pytest.raises(FileNotFoundError, match="ctc_head"):
+    load_ctc_head(str(tmp_path))

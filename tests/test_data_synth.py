@@ -120,6 +120,14 @@ def test_build_writes_manifests_wavs_and_tfds(built):
   source = manifest.load_data_source(summary['dataset_dir'], 'dev')
   assert len(source) == 6 and source[0]['text'].decode() == rows['dev'][0]['text']
   assert os.path.exists(os.path.join(out, 'corpus.json'))
+  # The LM's text corpus: the whole train partition, no dev or test transcript.
+  from speechjax.data_builder import read_text_manifest
+  lm_text = read_text_manifest(os.path.join(out, synth.LM_TEXT_FILE))
+  assert len(lm_text) == summary['lm_text_sentences'] > len(train_text)
+  assert train_text <= {r['text'] for r in lm_text}
+  for split in ('dev', 'test'):
+    assert not {r['text'] for r in rows[split]} & {r['text'] for r in lm_text}
+  assert all(r['label'] in corpus.INTENTS and r['translation'] for r in lm_text)
 
 
 def test_build_is_deterministic_across_runs_and_worker_counts(built, tmp_path, monkeypatch):

@@ -132,3 +132,50 @@ def test_lm_pretraining_puts_the_transcript_in_the_audio_slot(tok, noise):
   with pytest.raises(ValueError, match='lm_audio_slot'):
     text_lm_examples([EXAMPLE], tok, cfg)
 
+
+
+def test_fixed_length_slot_and_random_copy_examples(tok):
+  from speechjax.data import pipeline
+  from speechjax.data_builder import fixed_length_slot, text_lm_examples
+
+  assert fixed_length_slot([5, 6, 7], 5, 0) == [5, 6, 7, 0, 0]
+  assert fixed_length_slot([5, 6, 7], 2, 0) == [5, 6]
+  cfg = pipeline.default_data_config()
+  cfg.tasks = ('asr', 'classify')
+  cfg.lm_audio_slot, cfg.lm_slot_length = 'transcript', 24
+  prompts = tasks.PromptBuilder(tok)
+  transcript = prompts.answer_ids(EXAMPLE, 'asr')[:-1]
+  slotted = text_lm_examples([EXAMPLE], tok, cfg)
+  slot = transcript + [prompts.pad_id] * (24 - len(transcript))
+  expected = [prompts.prompt_ids_with_text_slot(EXAMPLE, task, slot, k) + prompts.answer_ids(EXAMPLE, task, k)
+              for task in cfg.tasks for k in range(prompts.num_instructions(task))]
+  assert [list(seq) for seq in slotted] == expected
+
+  cfg.lm_slot_length = 0  # the tiny test tokenizer needs more than 24 tokens for some strings
+  slotted = text_lm_examples([EXAMPLE], tok, cfg)
+  cfg.lm_random_copy = 0.5
+  mixed = text_lm_examples([EXAMPLE], tok, cfg)
+  extra = mixed[len(slotted):]
+  assert len(extra) == round(0.5 * len(slotted))
+  words = set(EXAMPLE['text'].split())
+  for seq in extra:  # ASR copies of random word strings of the corpus' words
+    text = tok.decode(list(seq), skip_special_tokens=True)
+    said = text.split('\n')[-1].split()
+    assert said and set(said) <= words
+    assert text.count(' '.join(said)) == 2  # in the slot and as the answer
+
+
+def test_text_manifest_for_lm_pretraining_refuses_bad_lines(tmp_path):
+  from speechjax.data_builder import read_text_manifest
+
+  path = tmp_path / 'lm_text.jsonl'
+  path.write_text('{"text": "turn it up", "label": "volume_up"}\n\n{"text": "stop"}\n')
+  assert [r['text'] for r in read_text_manifest(str(path))] == ['turn it up', 'stop']
+  path.write_text('{"text": "turn it up"}\n{"label": "volume_up"}\n')
+  with pytest.raises(ValueError, match=r'lm_text.jsonl:2'):
+    read_text_manifest(str(path))
+  path.write_text('')
+  with pytest.raises(ValueError, match='no text records'):
+    read_text_manifest(str(path))
+  with pytest.raises(FileNotFoundError):
+    read_text_manifest(str(tmp_path / 'missing.jsonl'))

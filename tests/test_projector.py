@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from speechjax.models.projector import (PROJECTOR_KINDS, ProjectorConfig, make_projector,
-                                        projector_output_length)
+from speechjax.models.projector import (PROJECTOR_KINDS, ProjectorConfig, ctc_compress_slots,
+                                        make_projector, projector_output_length)
 
 D_IN, D_OUT = 12, 16
+
+
+VOCAB = 10  # 'ctc_compress': the LLM's token table [VOCAB, D_OUT], CTC head VOCAB + 1 blank
+TABLE = jnp.asarray(np.random.default_rng(7).standard_normal((VOCAB, D_OUT)), jnp.float32)
 
 
 def _cfg(kind, **kw):
   base = dict(kind=kind, output_dim=D_OUT, hidden_dim=24, stack_factor=3, conv_kernel=3,
               conv_stride=2, window_size=4, num_queries=2, qformer_layers=2, qformer_dim=16,
-              qformer_heads=2, qformer_ffn_dim=32, pool_factor=2)
+              qformer_heads=2, qformer_ffn_dim=32, pool_factor=2, max_tokens=6,
+              ctc_vocab_size=VOCAB + 1, fill_token_id=0)
   base.update(kw)
   return ProjectorConfig(**base)
+
+
+def _extra(kind):
+  return {"token_table": TABLE} if kind == "ctc_compress" else {}
 
 
 def _prefix_mask(lengths, n):
@@ -32,13 +43,15 @@ def projector(request):
   model = make_projector(cfg)
   x = jnp.zeros((1, 8, D_IN))
   # Shapes from eval_shape and noise for values: compiling initialisers is slow on CPU.
-  variables = jax.eval_shape(model.init, jax.random.key(0), x, jnp.ones((1, 8), jnp.int32))
+  extra = _extra(cfg.kind)
+  variables = jax.eval_shape(functools.partial(model.init, **extra), jax.random.key(0), x,
+                             jnp.ones((1, 8), jnp.int32))
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(
       lambda a: jnp.asarray(0.5 / np.sqrt(a.shape[-2]) * rng.standard_normal(a.shape) if a.ndim > 1
                             else 1.0 + 0.1 * rng.standard_normal(a.shape), a.dtype),
       nn.unbox(variables["params"]))
-  apply = jax.jit(lambda x, m: model.apply({"params": params}, x, m))
+  apply = jax.jit(lambda x, m: model.apply({"params": params}, x, m, **extra))
   return cfg, model, variables, apply
 
 
@@ -151,3 +164,35 @@ def test_config_errors():
         jax.random.key(0), jnp.zeros((1, 4, 8)), jnp.ones((1, 4)))
   cfg = ProjectorConfig(kind="conv", lora={"rank": 2, "targets": ["proj$"]})
   assert cfg.lora.rank == 2 and cfg.lora.targets == ("proj$",)
+
+
+def test_ctc_compress_keeps_one_frame_per_emitted_token():
+  # Best path _ 3 3 _ 3 5 5 _ 2 (0 = blank): tokens 3, 3, 5, 2 from frames 1, 4, 5, 8.
+  best = np.array([[0, 3, 3, 0, 3, 5, 5, 0, 2]])
+  logits = 20.0 * jax.nn.one_hot(best, VOCAB + 1)
+  one_hot = np.asarray(ctc_compress_slots(logits, np.ones((1, 9), np.int32), 6))
+  np.testing.assert_array_equal(np.argwhere(one_hot[0]), [[1, 0], [4, 1], [5, 2], [8, 3]])
+  # Tokens past max_tokens and padded frames are dropped.
+  np.testing.assert_array_equal(np.argwhere(np.asarray(ctc_compress_slots(logits, np.ones((1, 9)), 2))[0]),
+                                [[1, 0], [4, 1]])
+  mask = (np.arange(9) < 5)[None].astype(np.int32)
+  np.testing.assert_array_equal(np.argwhere(np.asarray(ctc_compress_slots(logits, mask, 6))[0]),
+                                [[1, 0], [4, 1]])
+
+  # With a CTC head that reads the frame's one-hot label sharply and the
+  # learned map at its zero init, slot k is token k's embedding; then the fill.
+  cfg = _cfg("ctc_compress")
+  model = make_projector(cfg)
+  frames = np.asarray(jax.nn.one_hot(best, D_IN))  # frame features = the label's one-hot
+  variables = model.init(jax.random.key(0), frames, np.ones((1, 9), np.int32), token_table=TABLE)
+  params = nn.unbox(variables["params"])
+  params["ctc_head"] = {"kernel": 50.0 * np.eye(D_IN, VOCAB + 1, dtype=np.float32),
+                        "bias": np.zeros(VOCAB + 1, np.float32)}
+  y, out_mask = model.apply({"params": params}, frames, np.ones((1, 9), np.int32), token_table=TABLE)
+  assert y.shape == (1, 6, D_OUT) and np.asarray(out_mask).all()
+  expected = np.asarray(TABLE)[[3 - 1, 3 - 1, 5 - 1, 2 - 1, 0, 0]]  # label k is token k - 1
+  np.testing.assert_allclose(np.asarray(y[0]), expected, atol=1e-4)
+
+  with pytest.raises(ValueError, match="ctc_vocab_size"):
+    make_projector(_cfg("ctc_compress", ctc_vocab_size=VOCAB)).init(
+        jax.random.key(0), frames, np.ones((1, 9), np.int32), token_table=TABLE)

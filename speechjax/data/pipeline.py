@@ -95,6 +95,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   # repeat (one third each), so the LM learns to read an imperfect slot.
   c.lm_audio_slot = 'empty'
   c.lm_slot_noise = 0.0
+  # > 0: the slot is always this many tokens, the transcript then the pad
+  # token (the layout of a 'ctc_compress' projector's fixed-size output).
+  c.lm_slot_length = 0
+  # Extra ASR examples of random word sequences, as a fraction of the text
+  # examples: copying is then the only way to predict them.
+  c.lm_random_copy = 0.0
+  # A JSONL of text-only records (text, translation, label) to pretrain the LM
+  # on instead of the train split's transcripts; '' = the train split.
+  c.lm_text_manifest = ''
   # Determinism and throughput.
   c.seed = 0
   c.worker_threads = 2

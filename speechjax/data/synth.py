@@ -8,6 +8,8 @@ writes, deterministically for a seed,
     OUT/wavs/<split>/<id>.wav            16 kHz 16-bit mono, 2-4 s
     OUT/train.jsonl dev.jsonl test.jsonl manifests (audio, text, label, translation,
                                           speaker, duration, id)
+    OUT/lm_text.jsonl                    text only: every sentence of the train partition
+                                          (text, label, translation), for LM pretraining
     OUT/corpus.json                      voices per split, intents, vocabulary, timings
     OUT/tfds/spoken_commands/1.0.0/      the TFDS (array_record) dataset
 
@@ -345,7 +347,25 @@ def synthesize(out_dir: str, num_train: int, num_dev: int, num_test: int, seed: 
                                  float(split_durations.max())],
     }
   summary['synthesis_seconds'] = synth_seconds
+  summary['lm_text_sentences'] = write_lm_text(os.path.join(out_dir, LM_TEXT_FILE), seed)
   return summary
+
+
+LM_TEXT_FILE = 'lm_text.jsonl'
+
+
+def write_lm_text(path: str, seed: int) -> int:
+  """Every sentence of the train partition as a text-only record: a text
+  corpus for the LM, like LibriSpeech's LM corpus next to its audio. It
+  holds no dev or test transcript (the partition is disjoint)."""
+  count = 0
+  with open(path, 'w', encoding='utf-8') as f:
+    for _, sentences in sorted(corpus.partition(seed)['train'].items()):
+      for sentence in sentences:
+        f.write(json.dumps({'text': sentence.text, 'label': sentence.intent,
+                            'translation': sentence.translation}, ensure_ascii=False) + '\n')
+        count += 1
+  return count
 
 
 def build(out_dir: str, num_train: int = 1000, num_dev: int = 100, num_test: int = 100,

@@ -46,10 +46,15 @@ def feature_extractor_config(cfg: WhisperEncoderConfig, hop_length: int = featur
   }
 
 
+CTC_HEAD_FILE = "ctc_head.safetensors"
+
+
 def export_whisper_encoder(folder: str, cfg: WhisperEncoderConfig, params, lora=None, lora_cfg=None,
-                           hop_length: int = features.HOP_LENGTH) -> str:
+                           hop_length: int = features.HOP_LENGTH, ctc_head=None) -> str:
   """Writes config.json, preprocessor_config.json (the feature hop) and
-  model.safetensors (names 'encoder.*', WhisperModel layout)."""
+  model.safetensors (names 'encoder.*', WhisperModel layout); with `ctc_head`
+  (the CTC stage's {'kernel', 'bias'}), also ctc_head.safetensors, which a
+  'ctc_compress' projector starts from."""
   from speechjax.models.lora import merge
 
   params = nn.unbox(params)
@@ -62,4 +67,19 @@ def export_whisper_encoder(folder: str, cfg: WhisperEncoderConfig, params, lora=
   write_json(os.path.join(folder, "config.json"), whisper_config_to_hf(cfg))
   write_json(os.path.join(folder, "preprocessor_config.json"), feature_extractor_config(cfg, hop_length))
   save_weights(folder, whisper_io.params_to_hf(params, cfg, prefix="encoder."))
+  if ctc_head is not None:
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    head = {k: np.asarray(jax.device_get(v), np.float32) for k, v in nn.unbox(ctc_head).items()}
+    save_file(head, os.path.join(folder, CTC_HEAD_FILE))
   return folder
+
+
+def load_ctc_head(folder: str) -> dict[str, np.ndarray]:
+  """{'kernel' [d, V+1], 'bias' [V+1]} written by export_whisper_encoder."""
+  path = os.path.join(folder, CTC_HEAD_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: a 'ctc_compress' projector starts from the CTC head "
+                            "of the encoder's CTC pretraining (model.kind='ctc' over the tokenizer, "
+                            "exported with export_whisper_encoder(..., ctc_head=...))")
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  return load_file(path)

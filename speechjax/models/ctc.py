@@ -23,12 +23,22 @@ BLANK = "_"  # index 0 of every CTC vocabulary
 
 @dataclasses.dataclass(frozen=True)
 class CTCConfig:
+  """The head predicts `vocab`'s characters, or, with `vocab` empty, the
+  `token_vocab_size` ids of the LLM's tokenizer (label = token id + 1), the
+  units a 'ctc_compress' projector hands to the LLM. Index 0 is the blank."""
+
   encoder: WhisperEncoderConfig
-  vocab: str  # the characters the head predicts; the blank is prepended
+  vocab: str = ""
+  token_vocab_size: int = 0
+
+  def __post_init__(self):
+    if bool(self.vocab) == bool(self.token_vocab_size):
+      raise ValueError("CTCConfig: set exactly one of vocab (characters) and token_vocab_size "
+                       f"(tokenizer ids), got {self.vocab!r} and {self.token_vocab_size}")
 
   @property
   def vocab_size(self) -> int:
-    return len(self.vocab) + 1
+    return (len(self.vocab) if self.vocab else self.token_vocab_size) + 1
 
 
 class CTCEncoder(nn.Module):
@@ -56,13 +66,30 @@ def encode_text(text: str, vocab: str) -> list[int]:
   return [index[c] for c in text.lower() if c in index]
 
 
-def greedy_decode(logits: np.ndarray, mask: np.ndarray, vocab: str) -> list[str]:
-  """Best path: argmax per frame, merge repeats, drop blanks."""
+def greedy_labels(logits: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+  """Best path label ids per row: argmax per frame, merge repeats, drop blanks."""
   best = np.asarray(jnp.argmax(logits, -1))
   mask = np.asarray(mask).astype(bool)
   out = []
   for row, valid in zip(best, mask):
     row = row[valid]
     keep = np.concatenate([[True], row[1:] != row[:-1]]) & (row != 0)
-    out.append(" ".join("".join(vocab[i - 1] for i in row[keep]).split()))
+    out.append(row[keep])
   return out
+
+
+def labels_to_text(ids, cfg: CTCConfig, tokenizer=None) -> str:
+  """Label ids (1-based) -> text, whitespace-normalised."""
+  ids = [int(i) for i in ids]
+  if cfg.vocab:
+    text = "".join(cfg.vocab[i - 1] for i in ids)
+  else:
+    if tokenizer is None:
+      raise ValueError("CTC over tokenizer ids: decoding needs the tokenizer")
+    text = tokenizer.decode([i - 1 for i in ids], skip_special_tokens=True)
+  return " ".join(text.split())
+
+
+def greedy_decode(logits: np.ndarray, mask: np.ndarray, cfg: CTCConfig, tokenizer=None) -> list[str]:
+  """Best-path transcripts."""
+  return [labels_to_text(ids, cfg, tokenizer) for ids in greedy_labels(logits, mask)]

@@ -10,11 +10,21 @@ built by `make_projector(cfg)`:
   'qformer'      SALMONN's window-level Q-Former: learned queries attend to the
                  frames of each window of W frames.
   'pool'         Qwen2-Audio: average pooling (stride 2) + linear.
+  'ctc_compress' Speech-LLaMA's CTC compression with LegoSLM's soft tokens: a
+                 CTC head over the LLM's tokenizer picks one frame per emitted
+                 token (best path, repeats merged, blanks dropped); each becomes
+                 its token distribution times the LLM's embedding table, plus a
+                 learned linear map of the frame (zero at init). Always
+                 `max_tokens` outputs, filled with the embedding of
+                 `fill_token_id` after the last token and all valid, so the
+                 k-th token sits at slot k whatever was said (a text LM
+                 pretrained with `data.lm_slot_length` reads it as text).
 
 All of them treat each output as a function of a fixed span of input frames
 (independent of N) and zero or mask padded frames first, so changing padded
 frames never changes a valid output, and an example padded into a batch gives
-the same valid outputs as the example alone. An output is valid iff its group
+the same valid outputs as the example alone ('ctc_compress' reads every valid
+frame, and likewise ignores padded ones). An output is valid iff its group
 or window holds a valid frame ('conv': iff the frame its stride starts on is
 valid); with prefix masks of length L that is the first
 projector_output_length(L) outputs.
@@ -33,7 +43,7 @@ from speechjax.models import layers as L
 from speechjax.models.audio_encoder import Conv1d
 from speechjax.models.lora import Dense, LoRAConfig, as_lora_config
 
-PROJECTOR_KINDS = ("frame_stack", "conv", "qformer", "pool")
+PROJECTOR_KINDS = ("frame_stack", "conv", "qformer", "pool", "ctc_compress")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +52,9 @@ class ProjectorConfig:
 
   hidden_dim is the MLP width of 'frame_stack' and the conv channels of
   'conv'. The qformer_* fields size the Q-Former (SALMONN: 2 layers of BERT
-  width 768, 1 query per 17-frame window).
+  width 768, 1 query per 17-frame window). 'ctc_compress' emits max_tokens
+  slots; ctc_vocab_size (the tokenizer's size + 1 blank) and fill_token_id
+  (the pad token) are filled in from the tokenizer when 0 / -1.
   """
 
   kind: str = "frame_stack"
@@ -58,6 +70,9 @@ class ProjectorConfig:
   qformer_heads: int = 12
   qformer_ffn_dim: int = 3072
   pool_factor: int = 2
+  max_tokens: int = 32
+  ctc_vocab_size: int = 0
+  fill_token_id: int = -1
   dropout: float = 0.0
   dtype: Any = "float32"
   param_dtype: Any = "float32"
@@ -68,7 +83,7 @@ class ProjectorConfig:
     if self.kind not in PROJECTOR_KINDS:
       raise ValueError(f"ProjectorConfig.kind={self.kind!r}; expected one of {PROJECTOR_KINDS}")
     for name in ("stack_factor", "conv_kernel", "conv_stride", "window_size", "num_queries",
-                 "pool_factor"):
+                 "pool_factor", "max_tokens"):
       if getattr(self, name) < 1:
         raise ValueError(f"ProjectorConfig.{name}={getattr(self, name)} must be >= 1")
     if self.kind == "qformer" and self.qformer_dim % self.qformer_heads:
@@ -90,6 +105,8 @@ def projector_output_length(n: int, cfg: ProjectorConfig) -> int:
     return _ceil_div(n, cfg.window_size) * cfg.num_queries
   if cfg.kind == "pool":
     return _ceil_div(n, cfg.pool_factor)
+  if cfg.kind == "ctc_compress":
+    return cfg.max_tokens
   raise ValueError(f"unknown projector kind {cfg.kind!r}")
 
 
@@ -290,8 +307,51 @@ class WindowQFormerProjector(nn.Module):
     return y, out_mask.astype(mask.dtype)
 
 
+def ctc_compress_slots(logits: jax.Array, mask: jax.Array, max_tokens: int) -> jax.Array:
+  """One-hot [B, N, max_tokens]: frame n -> slot k when n is the k-th frame of
+  the best CTC path that emits a token (argmax not blank, not a repeat of the
+  previous frame's argmax); later tokens than max_tokens are dropped."""
+  best = jnp.argmax(logits, axis=-1)
+  previous = jnp.pad(best[:, :-1], ((0, 0), (1, 0)))  # a blank before the first frame
+  emits = mask.astype(bool) & (best != 0) & (best != previous)
+  slot = jnp.cumsum(emits, axis=1) - 1
+  return emits[..., None] & (slot[..., None] == jnp.arange(max_tokens))
+
+
+class CTCCompressProjector(nn.Module):
+  """See the module docstring ('ctc_compress'). Needs the LLM's embedding
+  table [V, D] (`token_table`); the CTC head comes from CTC pretraining."""
+
+  config: ProjectorConfig
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic: bool = True, token_table=None):
+    cfg = self.config
+    dtype, pdtype = _dtypes(cfg)
+    _check_inputs("CTCCompressProjector", x, mask)
+    if token_table is None:
+      raise ValueError("CTCCompressProjector needs token_table (the LLM's embedding table)")
+    if cfg.ctc_vocab_size != token_table.shape[0] + 1 or not 0 <= cfg.fill_token_id < token_table.shape[0]:
+      raise ValueError(f"CTCCompressProjector: ctc_vocab_size={cfg.ctc_vocab_size} must be the "
+                       f"LLM vocabulary ({token_table.shape[0]}) + 1 blank, and fill_token_id="
+                       f"{cfg.fill_token_id} one of its ids")
+    logits = Dense(cfg.ctc_vocab_size, kernel_axes=("mlp", "vocab"), dtype=jnp.float32,
+                   param_dtype=pdtype, name="ctc_head")(x.astype(jnp.float32))
+    table = token_table.astype(jnp.float32)
+    soft = jax.nn.softmax(logits[..., 1:], axis=-1) @ table  # blank left out
+    learned = Dense(table.shape[1], kernel_axes=("mlp", "embed"), dtype=dtype, param_dtype=pdtype,
+                    kernel_init=nn.initializers.zeros_init(), name="proj")(x.astype(dtype))
+    frames = nn.Dropout(cfg.dropout)(soft + learned.astype(jnp.float32), deterministic=deterministic)
+    one_hot = ctc_compress_slots(logits, mask, cfg.max_tokens)
+    y = jnp.einsum("bnk,bnd->bkd", one_hot.astype(jnp.float32), frames)
+    filled = one_hot.any(axis=1)[..., None]
+    y = jnp.where(filled, y, table[cfg.fill_token_id])
+    return y.astype(dtype), jnp.ones(y.shape[:2], mask.dtype)
+
+
 def make_projector(cfg: ProjectorConfig, name: str | None = None) -> nn.Module:
   """The projector module for cfg.kind."""
   classes = {"frame_stack": FrameStackProjector, "conv": ConvProjector,
-             "qformer": WindowQFormerProjector, "pool": PoolProjector}
+             "qformer": WindowQFormerProjector, "pool": PoolProjector,
+             "ctc_compress": CTCCompressProjector}
   return classes[cfg.kind](cfg, name=name)

@@ -172,6 +172,9 @@ class SpeechLLM(nn.Module):
       mask = jnp.ones(hidden.shape[:2], jnp.int32)
     else:
       mask = encoder_output_mask(feature_mask).astype(jnp.int32)
+    if self.config.projector.kind == "ctc_compress":  # soft tokens over the LLM's own embeddings
+      table = self.decoder.embed(jnp.arange(self.config.projector.ctc_vocab_size - 1))
+      return self.projector(hidden, mask, deterministic, token_table=table)
     return self.projector(hidden, mask, deterministic)
 
   def embed_inputs(self, features, feature_mask, input_ids, attention_mask=None,
