@@ -48,7 +48,7 @@ def main() -> None:
   prompts = tasks.PromptBuilder(tokenizer)
   result = {"workdir": args.workdir, "split": args.split, "num_examples": len(records)}
   for task in ("asr", "translate", "classify"):
-    slots = [prompts.answer_ids(r, "asr")[:-1] for r in records]
+    slots = [prompts.transcript_ids(r) for r in records]
     if args.slot_length:
       slots = [fixed_length_slot(s, args.slot_length, prompts.pad_id) for s in slots]
     seqs = [prompts.prompt_ids_with_text_slot(r, task, s) for r, s in zip(records, slots)]

@@ -96,7 +96,7 @@ def text_lm_examples(records: Iterable[dict], tokenizer, data_cfg, tasks=None) -
   slots = [[] for _ in records]
   if slot_kind == "transcript":
     # Exactly the tokens of the ASR answer: transcribing is then copying.
-    slots = [prompts.answer_ids(r, "asr")[:-1] if tasks_lib.supports(r, "asr") else [] for r in records]
+    slots = [prompts.transcript_ids(r) if tasks_lib.supports(r, "asr") else [] for r in records]
   pool = np.asarray(sorted({t for s in slots for t in s}) or [0], np.int64)
   rng = np.random.default_rng([int(data_cfg.get("seed", 0)), 23])
   out = []
@@ -104,10 +104,7 @@ def text_lm_examples(records: Iterable[dict], tokenizer, data_cfg, tasks=None) -
     for task in tasks_lib.supported_tasks(record, tuple(tasks or data_cfg.tasks)):
       for k in range(prompts.num_instructions(task)):
         filled = noisy_slot(slot, noise, pool, rng) if noise > 0 else slot
-        if slot_length:
-          filled = fixed_length_slot(filled, slot_length, prompts.pad_id)
-        out.append(np.asarray(prompts.prompt_ids_with_text_slot(record, task, filled, k)
-                              + prompts.answer_ids(record, task, k), np.int32))
+        out.append(_slot_example(prompts, record, task, filled, k, slot_length))
   copies = int(round(float(data_cfg.get("lm_random_copy", 0.0)) * len(out)))
   if copies and slot_kind == "transcript" and "asr" in tuple(tasks or data_cfg.tasks):
     out += random_copy_examples(records, copies, prompts, slot_length, rng)
@@ -126,12 +123,17 @@ def random_copy_examples(records, count: int, prompts, slot_length: int,
     n = int(rng.integers(max(1, min(lengths)), max(lengths) + 1))
     record = {"text": " ".join(words[i] for i in rng.integers(len(words), size=n))}
     k = int(rng.integers(prompts.num_instructions("asr")))
-    slot = prompts.answer_ids(record, "asr", k)[:-1]
-    if slot_length:
-      slot = fixed_length_slot(slot, slot_length, prompts.pad_id)
-    out.append(np.asarray(prompts.prompt_ids_with_text_slot(record, "asr", slot, k)
-                          + prompts.answer_ids(record, "asr", k), np.int32))
+    out.append(_slot_example(prompts, record, "asr", prompts.transcript_ids(record, k), k, slot_length))
   return out
+
+
+def _slot_example(prompts, record, task: str, slot: list[int], instruction_index: int,
+                  slot_length: int) -> np.ndarray:
+  """Prompt with `slot` in the audio's place (filled to slot_length if set) + answer + EOS."""
+  if slot_length:
+    slot = fixed_length_slot(slot, slot_length, prompts.pad_id)
+  return np.asarray(prompts.prompt_ids_with_text_slot(record, task, slot, instruction_index)
+                    + prompts.answer_ids(record, task, instruction_index), np.int32)
 
 
 TEXT_RECORD_KEYS = ("text", "translation", "label", "prompt", "target", "id")
@@ -256,7 +258,7 @@ def _ctc_data(config, bundle) -> RunData:
                                       data_cfg.translation_language, bool(data_cfg.add_bos))
 
     def encode(text):
-      return [i + 1 for i in prompts.answer_ids({"text": text}, "asr")[:-1]] if text else []
+      return [i + 1 for i in prompts.transcript_ids({"text": text})] if text else []
 
   def add_labels(batch, texts):
     labels = np.zeros((len(texts), max_len), np.int32)

@@ -196,6 +196,11 @@ class PromptBuilder:
     head, tail = self._pieces(self.instruction(example, task, instruction_index))
     return head + list(slot_ids) + tail
 
+  def transcript_ids(self, example: Mapping[str, Any], instruction_index: int = 0) -> list[int]:
+    """The transcript's tokens as the ASR answer has them, without EOS: what a
+    text-slot LM copies and a token-level CTC head predicts."""
+    return self.answer_ids(example, 'asr', instruction_index)[:-1]
+
   def answer_ids(self, example: Mapping[str, Any], task: str,
                  instruction_index: int = 0) -> list[int]:
     """Answer + EOS, tokenized as it would be right after the prompt.
