@@ -163,15 +163,17 @@ def peak_matmul_flops(n: int = 2048, reps: int = 7) -> dict[str, float]:
 
 
 class PeakMatmul:
-  """A blocking n^3 fp32 matmul in JAX: call it to time the device's matmul
-  speed now; `flops` is what one call does."""
+  """A blocking n^3 matmul in JAX (fp32 unless `dtype`; the GPU bench uses
+  bf16 at n=8192): call it to time the device's matmul speed now; `flops` is
+  what one call does."""
 
-  def __init__(self, n: int = 2048):
+  def __init__(self, n: int = 2048, dtype=jnp.float32):
     key_a, key_b = jax.random.split(jax.random.key(0))
-    self.a = jax.random.normal(key_a, (n, n), jnp.float32)
-    self.b = jax.random.normal(key_b, (n, n), jnp.float32)
+    self.a = jax.random.normal(key_a, (n, n), dtype)
+    self.b = jax.random.normal(key_b, (n, n), dtype)
     self.matmul = jax.jit(jnp.matmul)
     self.n = n
+    self.dtype = jnp.dtype(dtype).name
     self.flops = 2.0 * n ** 3
     self()
 
@@ -186,3 +188,18 @@ def paired_utilisation(model_flops: float, step_times: list[float], peak: PeakMa
   out = spread(values)
   out["values"] = values
   return out
+
+
+# Vendor dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by device_kind
+# substring (first match wins): H100 SXM and H200 989.4 TF, H100 NVL 835 TF,
+# H100 PCIe 756 TF, A100 312 TF.
+NOMINAL_BF16_PEAKS = (("H200", 989.4e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12),
+                      ("H100", 989.4e12), ("A100", 312e12))
+
+
+def nominal_bf16_peak(device_kind: str) -> float | None:
+  """The datasheet dense bf16 FLOP/s of a GPU (None when unknown)."""
+  for name, flops in NOMINAL_BF16_PEAKS:
+    if name.lower() in device_kind.lower():
+      return flops
+  return None

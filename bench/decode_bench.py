@@ -21,14 +21,17 @@ from speechjax.decode import generate_lm
 from speechjax.hf import load_pretrained
 
 
-def run(size: sm.BenchSize, lm, lm_dir: str, *, reps: int = 5, log=print) -> dict[str, Any]:
+def run(size: sm.BenchSize, lm, lm_dir: str, *, reps: int = 5, log=print, dtype=jnp.float32,
+        device=None) -> dict[str, Any]:
+  """dtype: speechjax's params and compute (the HF `lm` is used as given);
+  device: where the prompt tensors go for transformers (None: CPU)."""
   import torch  # pylint: disable=import-outside-toplevel
   b, t, n = size.decode_batch, size.decode_prompt, size.decode_new_tokens
   rs = np.random.RandomState(1)
   prompt = rs.randint(3, size.vocab, (b, t)).astype(np.int32)
   mask = np.ones_like(prompt)
 
-  model, params = load_pretrained(lm_dir, dtype=jnp.float32)
+  model, params = load_pretrained(lm_dir, dtype=dtype)
   never = size.vocab  # an id no argmax can produce: no row stops early
 
   def ours():
@@ -39,14 +42,14 @@ def run(size: sm.BenchSize, lm, lm_dir: str, *, reps: int = 5, log=print) -> dic
   hf = copy.deepcopy(lm).eval()
   hf.generation_config.eos_token_id = None
   hf.generation_config.pad_token_id = 0
-  prompt_t = torch.from_numpy(prompt).long()
-  mask_t = torch.from_numpy(mask).long()
+  prompt_t = torch.from_numpy(prompt).long().to(device or "cpu")
+  mask_t = torch.from_numpy(mask).long().to(device or "cpu")
 
   def theirs():
     with torch.inference_mode():
       out = hf.generate(input_ids=prompt_t, attention_mask=mask_t, max_new_tokens=n,
                         min_new_tokens=0, do_sample=False, num_beams=1, use_cache=True)
-    return out[:, t:].numpy()
+    return out[:, t:].cpu().numpy()
 
   start = time.perf_counter()
   jax_tokens = ours()

@@ -158,6 +158,21 @@ def headline(results: dict) -> dict:
   }
 
 
+GPU_RESULTS = os.path.join(REPO, "bench", "gpu")
+
+
+def gpu_summaries(folder: str = GPU_RESULTS) -> dict:
+  """The summaries of the GPU runs kept under bench/gpu/ (bench/gpu_bench.py
+  on a lent GPU; this CPU run cannot remeasure them), by file name."""
+  out = {}
+  for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+    if name.endswith(".json"):
+      with open(os.path.join(folder, name), encoding="utf-8") as f:
+        run = json.load(f)
+      out[name[:-len(".json")]] = {"command": run.get("command"), **run.get("summary", {})}
+  return out
+
+
 def _dig(d, *keys):
   for k in keys:
     if not isinstance(d, dict) or k not in d:
@@ -181,6 +196,7 @@ def main(argv=None):
   command = "make bench" if plan == "full" and not args.no_torch_compile else (
       "python -m bench.run_all " + " ".join(a for a in (sys.argv[1:] if argv is None else argv)))
   results["command"] = command
+  results["gpu"] = gpu_summaries()
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1, default=float)
     f.write("\n")

@@ -12,6 +12,13 @@ both sides).
     pair = build_pair(SIZES["full"], folder, lora=True)
     pair.torch_model(batch_t)   # loss, torch
     pair.jax_model.apply(pair.jax_variables, ...)
+
+Mixed precision (bench/gpu_bench.py; the CPU benchmark stays fp32): frozen
+weights stored in `frozen_dtype` (bf16), trainables (LoRA adapters,
+projector, everything in full fine-tuning) and optimizer state in fp32,
+matmuls in the compute dtype (torch: autocast; speechjax: the configs'
+`dtype`), loss in fp32 - the set-up `speechjax.train` runs with
+model.dtype=bfloat16, model.frozen_dtype=bfloat16.
 """
 
 from __future__ import annotations
@@ -86,6 +93,15 @@ SIZES = {
                       intermediate=64, vocab=128, batch=2, audio_frames=40, text_tokens=12,
                       stack_factor=2, lora_rank=2, decode_batch=2, decode_prompt=4,
                       decode_new_tokens=4),
+    # ~1.1B parameters, for the GPU benchmark (bench/gpu_bench.py, bf16):
+    # whisper-base-shaped encoder (20M), frame-stack projector (9.4M),
+    # TinyLlama-1.1B-shaped Qwen2-style decoder (1.1B, GQA 32/4). 30 s of
+    # audio -> 300 audio tokens + 724 text tokens = 1024 positions, batch 8.
+    "gpu_1b": BenchSize("gpu_1b", enc_dim=512, enc_layers=6, enc_heads=8, enc_ffn=2048,
+                        proj_hidden=2048, hidden=2048, layers=22, heads=32, kv_heads=4,
+                        intermediate=5632, vocab=32000, batch=8, audio_frames=3000,
+                        text_tokens=724, decode_batch=16, decode_prompt=128,
+                        decode_new_tokens=128),
 }
 
 
@@ -112,12 +128,17 @@ def _torch_modules():
       return self.fc2(torch.relu(self.fc1(x)))
 
   class TorchSpeechLLM(torch.nn.Module):
-    """encoder -> projector -> LM; audio embeddings first, then the text."""
+    """encoder -> projector -> LM; audio embeddings first, then the text.
 
-    def __init__(self, encoder, projector, lm, num_audio: int):
+    compute_dtype: the forward runs under torch.autocast in it (None: no
+    autocast); the loss is fp32 either way.
+    """
+
+    def __init__(self, encoder, projector, lm, num_audio: int, compute_dtype=None):
       super().__init__()
       self.encoder, self.projector, self.lm = encoder, projector, lm
       self.num_audio = num_audio
+      self.compute_dtype = compute_dtype
 
     def forward(self, features, input_ids, attention_mask):
       audio = self.projector(self.encoder(features).last_hidden_state)
@@ -126,7 +147,12 @@ def _torch_modules():
       return self.lm(inputs_embeds=embeds, attention_mask=attention_mask).logits
 
     def loss(self, batch):
-      logits = self(batch["features"], batch["input_ids"], batch["attention_mask"])
+      args = (batch["features"], batch["input_ids"], batch["attention_mask"])
+      if self.compute_dtype is None:
+        logits = self(*args)
+      else:
+        with torch.autocast(args[0].device.type, dtype=self.compute_dtype):
+          logits = self(*args)
       xent = torch.nn.functional.cross_entropy(
           logits.float().flatten(0, 1), batch["targets"].flatten(), reduction="none")
       mask = batch["target_mask"].flatten()
@@ -135,9 +161,16 @@ def _torch_modules():
   return FrameStackProjector, TorchSpeechLLM
 
 
-def build_hf_models(size: BenchSize, folder: str, seed: int = 0):
+def build_hf_models(size: BenchSize, folder: str, seed: int = 0, device=None, dtype=None):
   """Random HF WhisperEncoder + Qwen2ForCausalLM (saved under `folder`) and a
-  torch projector. -> (encoder, projector, lm, encoder_dir, lm_dir)."""
+  torch projector. -> (encoder, projector, lm, encoder_dir, lm_dir).
+
+  device: where the models are created and stay (None: CPU). dtype: the
+  encoder and LM are cast to it before saving (None: fp32), so a bf16 build
+  gives both frameworks the same bf16-rounded weights; the projector (always
+  trainable) stays fp32.
+  """
+  import contextlib  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig  # pylint: disable=import-outside-toplevel
   from transformers.models.whisper.modeling_whisper import WhisperEncoder  # pylint: disable=import-outside-toplevel
@@ -150,25 +183,38 @@ def build_hf_models(size: BenchSize, folder: str, seed: int = 0):
       decoder_layers=1, decoder_attention_heads=size.enc_heads, decoder_ffn_dim=size.enc_ffn,
       max_source_positions=size.audio_frames // 2, vocab_size=128, dropout=0.0,
       attention_dropout=0.0, activation_dropout=0.0, attn_implementation="sdpa")
-  encoder = WhisperEncoder(wcfg).eval()
+  on_device = torch.device(device) if device is not None else contextlib.nullcontext()
+  with on_device:
+    encoder = WhisperEncoder(wcfg).eval()
   qcfg = Qwen2Config(
       vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
       num_hidden_layers=size.layers, num_attention_heads=size.heads,
       num_key_value_heads=size.kv_heads, max_position_embeddings=4096, rope_theta=10000.0,
       rms_norm_eps=1e-6, tie_word_embeddings=False, attention_dropout=0.0,
       attn_implementation="sdpa", bos_token_id=1, eos_token_id=2, pad_token_id=0)
-  lm = Qwen2ForCausalLM(qcfg).eval()
-  projector = projector_cls(size.stack_factor, size.enc_dim, size.proj_hidden, size.hidden)
+  with on_device:
+    lm = Qwen2ForCausalLM(qcfg).eval()
+    projector = projector_cls(size.stack_factor, size.enc_dim, size.proj_hidden, size.hidden)
+  if dtype is not None:  # parameters only: buffers such as RoPE's inv_freq stay fp32
+    for p in (*encoder.parameters(), *lm.parameters()):
+      p.data = p.data.to(dtype)
   enc_dir, lm_dir = os.path.join(folder, "encoder"), os.path.join(folder, "lm")
   encoder.save_pretrained(enc_dir)
   lm.save_pretrained(lm_dir)
   return encoder, projector, lm, enc_dir, lm_dir
 
 
-def torch_speech_llm(encoder, projector, lm, size: BenchSize, lora: bool):
+def torch_speech_llm(encoder, projector, lm, size: BenchSize, lora: bool, *,
+                     frozen_dtype=None, compute_dtype=None, device=None):
   """The torch model of one benchmark variant: peft LoRA on q/v of the LM
-  (+ trainable projector), or everything trainable."""
+  (+ trainable projector), or everything trainable.
+
+  Mixed precision (see the module docstring): frozen_dtype stores the frozen
+  weights in it and the trainables in fp32; compute_dtype runs the forward
+  under autocast. device: where the model goes (None: where the parts are).
+  """
   import copy  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
   _, model_cls = _torch_modules()
   encoder, projector, lm = (copy.deepcopy(m) for m in (encoder, projector, lm))
   if lora:
@@ -182,7 +228,13 @@ def torch_speech_llm(encoder, projector, lm, size: BenchSize, lora: bool):
     for module in (encoder, projector, lm):
       module.requires_grad_(True)
     encoder.embed_positions.requires_grad_(False)  # a constant (as in HF and speechjax)
-  model = model_cls(encoder, projector, lm, size.audio_tokens)
+  model = model_cls(encoder, projector, lm, size.audio_tokens, compute_dtype)
+  if device is not None:
+    model.to(device)
+  if frozen_dtype is not None:
+    for p in model.parameters():
+      if p.is_floating_point():
+        p.data = p.data.to(torch.float32 if p.requires_grad else frozen_dtype)
   model.train()  # dropout rates are all 0
   return model
 
@@ -196,28 +248,33 @@ def trainable_tensors(model) -> list:
 def _peft_lora_a(torch_model, layer: int, proj: str) -> np.ndarray:
   modules = dict(torch_model.lm.named_modules())
   name = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
-  return modules[name].lora_A["default"].weight.detach().numpy().T.copy()
+  return modules[name].lora_A["default"].weight.detach().float().cpu().numpy().T.copy()
 
 
 def jax_speech_llm(size: BenchSize, enc_dir: str, lm_dir: str, projector, lora: bool,
                    torch_model=None, encoder_overrides: dict | None = None,
-                   decoder_overrides: dict | None = None):
+                   decoder_overrides: dict | None = None, dtype: str = "float32"):
   """-> (SpeechLLM, variables) holding the HF folders' weights, the torch
-  projector's, and (lora=True) the peft adapters of `torch_model`."""
-  enc_model, enc_params = load_pretrained(enc_dir, dtype=jnp.float32,
-                                          **(encoder_overrides or {}))
-  dec_model, dec_params = load_pretrained(lm_dir, dtype=jnp.float32,
-                                          **(decoder_overrides or {}))
+  projector's, and (lora=True) the peft adapters of `torch_model`.
+
+  dtype: compute dtype of all three parts (overrides may still set the
+  encoder's or decoder's); the variables are fp32 (jax_train_step casts
+  the frozen ones to their storage dtype).
+  """
+  enc_model, enc_params = load_pretrained(enc_dir, dtype=dtype,
+                                          **{"param_dtype": "float32", **(encoder_overrides or {})})
+  dec_model, dec_params = load_pretrained(lm_dir, dtype=dtype,
+                                          **{"param_dtype": "float32", **(decoder_overrides or {})})
   lora_cfg = LoRAConfig(rank=size.lora_rank if lora else 0, alpha=size.lora_alpha)
   cfg = SpeechLLMConfig(
       encoder=enc_model.config,
       projector=ProjectorConfig(kind="frame_stack", stack_factor=size.stack_factor,
-                                hidden_dim=size.proj_hidden),
+                                hidden_dim=size.proj_hidden, dtype=dtype),
       decoder=dec_model.config, lora=lora_cfg)
   model = SpeechLLM(cfg)
   abstract = nn.unbox(jax.eval_shape(
       lambda: model.init({"params": jax.random.key(0)}, *init_inputs(cfg))))
-  proj_state = {k: v.detach().numpy() for k, v in projector.state_dict().items()}
+  proj_state = {k: v.detach().float().cpu().numpy() for k, v in projector.state_dict().items()}
   params = {
       "encoder": enc_params,
       "projector": {
@@ -285,10 +342,12 @@ def make_batch(size: BenchSize, seed: int = 0) -> dict[str, np.ndarray]:
   }
 
 
-def torch_batch(batch: dict[str, np.ndarray]) -> dict:
+def torch_batch(batch: dict[str, np.ndarray], device=None) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
   out["input_ids"] = out["input_ids"].long().clamp(min=0)
   out["targets"] = out["targets"].long()
   out["attention_mask"] = out["attention_mask"].long()
+  if device is not None:
+    out = {k: v.to(device) for k, v in out.items()}
   return out

@@ -71,14 +71,25 @@ class JaxStep:
 
 
 def jax_train_step(model, variables, batch_np, mode: str,
-                   compiler_options: dict | None = None) -> JaxStep:
+                   compiler_options: dict | None = None, frozen_dtype=None,
+                   flops_model=None) -> JaxStep:
+  """Compiles and runs one step. frozen_dtype: storage dtype of the frozen
+  weights (None: as given), as `speechjax.train` casts them (model.frozen_dtype);
+  trainables stay as given (fp32). flops_model: the model whose step the
+  model FLOPs are counted on (default `model`; the GPU bench counts attention
+  on an XLA-attention twin, since a cuDNN kernel is opaque to the count)."""
   opt, schedule = optim.make_optimizer(optim_config(), num_steps=1000)
   tcfg = train_config(mode)
   trainable, frozen = partition.split_variables(variables, partition.trainable_patterns(tcfg))
+  if frozen_dtype is not None:
+    frozen = jax.tree_util.tree_map(
+        lambda x: x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
   state = step_lib.init_train_state(trainable, opt, jax.random.key(1))
   step = step_lib.make_train_step(speech_llm_objective(model), opt, schedule, tcfg)
   batch = jax.tree_util.tree_map(jnp.asarray, batch_np)
-  model_flops = common.matmul_flops(step, state, frozen, batch)
+  flops_step = step if flops_model is None else step_lib.make_train_step(
+      speech_llm_objective(flops_model), opt, schedule, tcfg)
+  model_flops = common.matmul_flops(flops_step, state, frozen, batch)
   start = time.perf_counter()
   lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch)
   lower_seconds = time.perf_counter() - start
@@ -130,7 +141,7 @@ def _torch_optimizer(model):
     (decay if is_matrix else no_decay).append(p)
   groups = [{"params": decay, "weight_decay": WEIGHT_DECAY},
             {"params": no_decay, "weight_decay": 0.0}]
-  # fused=True is the fastest CPU AdamW in torch 2.x (a single kernel over all tensors).
+  # fused=True is the fastest AdamW in torch 2.x on CPU and CUDA (one kernel over all tensors).
   return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 

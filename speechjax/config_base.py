@@ -85,7 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-4, schedule="cosine", warmup_steps=100, end_lr_fraction=0.0,
-      b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, weight_decay=0.0, clip_norm=1.0))
+      b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, weight_decay=0.0, clip_norm=1.0,
+      # ("regex over '/'-joined trainable paths", factor) pairs, first match wins,
+      # e.g. ((r"^encoder/", 0.1),): a pretrained encoder fine-tuned gently.
+      lr_multipliers=()))
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000

@@ -288,3 +288,33 @@ def test_unguarded_optimizer_keeps_the_step_select():
   for a, b in zip(jax.tree_util.tree_leaves((before["trainable"], before["opt_state"])),
                   jax.tree_util.tree_leaves((state["trainable"], state["opt_state"]))):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_lr_multipliers_scale_each_parameter_update(name):
+  # The trainable pytree's layout: collections first, as partition.split_variables makes it.
+  params = {"params": {"encoder": {"w": jnp.ones((3, 2))}, "projector": {"w": jnp.ones((3, 2))}},
+            "lora": {"decoder": {"w": jnp.ones((3, 2))}}}
+  grads = jax.tree_util.tree_map(lambda x: 0.3 * x, params)
+
+  def first_update(rules):
+    cfg = ml_collections.ConfigDict(dict(
+        name=name, lr=0.1, schedule="constant", warmup_steps=0, end_lr_fraction=1.0, b1=0.9,
+        b2=0.999, eps=1e-8, momentum=0.0, weight_decay=0.0, clip_norm=0.0, lr_multipliers=rules))
+    opt, _ = optim.make_optimizer(cfg, num_steps=10)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    return updates
+
+  plain = first_update(())
+  scaled = first_update(((r"^encoder/", 0.1), (r"^decoder/", 0.0), (r"^encoder/", 5.0)))
+  enc, proj, dec = (("params", "encoder"), ("params", "projector"), ("lora", "decoder"))
+  get = lambda tree, keys: tree[keys[0]][keys[1]]["w"]
+  np.testing.assert_allclose(get(scaled, enc), 0.1 * get(plain, enc), rtol=1e-6)
+  np.testing.assert_array_equal(get(scaled, dec), 0.0)  # factor 0 freezes
+  np.testing.assert_array_equal(get(scaled, proj), get(plain, proj))
+  assert float(jnp.abs(get(plain, enc)).min()) > 0
+
+
+def test_lr_multipliers_refuse_a_malformed_rule():
+  with pytest.raises(ValueError, match=r"optim.lr_multipliers\[1\]"):
+    optim.lr_multipliers(((r"^encoder/", 0.1), (r"^decoder/",)))

@@ -63,10 +63,13 @@ def _resolve_mask(mask, params):
 def fused_adamw(learning_rate: Union[float, Callable[[jax.Array], jax.Array]],
                 b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                 weight_decay: float = 1e-4, mask: Optional[Union[Any, Callable]] = None,
-                clip_norm: Optional[float] = None) -> SelfGuardedTransformation:
+                clip_norm: Optional[float] = None,
+                lr_scale: Optional[Union[Any, Callable]] = None) -> SelfGuardedTransformation:
   """AdamW (decoupled weight decay on the leaves where `mask` is true) with
   optional global-norm clipping of the incoming gradients, guarded against
-  non-finite steps. `learning_rate` is a number or a schedule of the step count."""
+  non-finite steps. `learning_rate` is a number or a schedule of the step count;
+  `lr_scale` (a pytree of Python floats like the params, or a function of the
+  params giving one) multiplies it leaf by leaf."""
   schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
   clip = clip_norm is not None and clip_norm > 0
 
@@ -91,9 +94,12 @@ def fused_adamw(learning_rate: Union[float, Callable[[jax.Array], jax.Array]],
     if clip:
       gscale = jnp.where(grad_norm < clip_norm, 1.0, clip_norm / grad_norm).astype(jnp.float32)
     decay = _resolve_mask(mask, params)
+    scales = (jax.tree_util.tree_map(lambda _: 1.0, params) if lr_scale is None
+              else lr_scale(params) if callable(lr_scale) else lr_scale)
 
     treedef = jax.tree_util.tree_structure(params)
     g_l, m_l, v_l, p_l, d_l = (treedef.flatten_up_to(x) for x in (grads, state.mu, state.nu, params, decay))
+    s_l = treedef.flatten_up_to(scales)
 
     def moments(g, m, v):
       g = g.astype(m.dtype)
@@ -110,7 +116,7 @@ def fused_adamw(learning_rate: Union[float, Callable[[jax.Array], jax.Array]],
     # parameter loop (it would fuse the moment maths into that loop otherwise).
     mv = jax.lax.optimization_barrier(mv)
 
-    def param_step(m, v, p, d):
+    def param_step(m, v, p, d, scale):
       dtype = m.dtype
       step = (m / bias1.astype(dtype)) / (jnp.sqrt(v / bias2.astype(dtype)) + eps)
       if weight_decay:
@@ -118,10 +124,11 @@ def fused_adamw(learning_rate: Union[float, Callable[[jax.Array], jax.Array]],
           step = step + weight_decay * p if d else step
         else:
           step = step + jnp.where(d, weight_decay, 0.0).astype(dtype) * p
-      u = (-lr.astype(dtype)) * step
+      u = (-lr.astype(dtype) * float(scale)) * step
       return jnp.where(ok, u, jnp.zeros_like(u)).astype(p.dtype)
 
-    updates = treedef.unflatten([param_step(m, v, p, d) for (m, v), p, d in zip(mv, p_l, d_l)])
+    updates = treedef.unflatten(
+        [param_step(m, v, p, d, k) for (m, v), p, d, k in zip(mv, p_l, d_l, s_l)])
     mu = treedef.unflatten([m for m, _ in mv])
     nu = treedef.unflatten([v for _, v in mv])
     new_count = jnp.where(ok & (count < jnp.iinfo(jnp.int32).max), count + 1, count)
