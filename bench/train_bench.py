@@ -82,8 +82,7 @@ def jax_train_step(model, variables, batch_np, mode: str,
   tcfg = train_config(mode)
   trainable, frozen = partition.split_variables(variables, partition.trainable_patterns(tcfg))
   if frozen_dtype is not None:
-    frozen = jax.tree_util.tree_map(
-        lambda x: x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+    frozen = partition.cast_frozen(frozen, frozen_dtype)
   state = step_lib.init_train_state(trainable, opt, jax.random.key(1))
   step = step_lib.make_train_step(speech_llm_objective(model), opt, schedule, tcfg)
   batch = jax.tree_util.tree_map(jnp.asarray, batch_np)

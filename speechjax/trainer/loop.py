@@ -144,12 +144,7 @@ class Trainer:
 
     patterns = partition.trainable_patterns(cfg.train, bundle.num_decoder_layers)
     trainable, frozen = partition.split_variables(variables, patterns)
-    frozen_dtype = jnp.dtype(cfg.model.frozen_dtype)
-
-    def cast_frozen(x):
-      return x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-    self.frozen = jax.tree_util.tree_map(cast_frozen, frozen)
+    self.frozen = partition.cast_frozen(frozen, cfg.model.frozen_dtype)
     # Trainables and optimizer state stay in float32 whatever the storage dtype.
     trainable = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), trainable)
 

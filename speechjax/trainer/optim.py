@@ -42,12 +42,16 @@ def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
+def _path_keys(path) -> list[str]:
+  return [str(getattr(k, "key", k)) for k in path]
+
+
 def decay_mask(params):
   """True for leaves that get weight decay (matrices), False for norms/biases."""
 
   def keep(path, leaf):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    return leaf.ndim >= 2 and not NO_DECAY_PATTERN.search(name.rsplit("/", 1)[-1])
+    keys = _path_keys(path)
+    return leaf.ndim >= 2 and not NO_DECAY_PATTERN.search(keys[-1] if keys else "")
 
   return jax.tree_util.tree_map_with_path(keep, params)
 
@@ -73,7 +77,7 @@ def lr_multipliers(rules) -> Callable[[Any], Any] | None:
 
   def factors(params):
     def factor(path, _):
-      keys = [str(getattr(k, "key", k)) for k in path]
+      keys = _path_keys(path)
       if keys and keys[0] in COLLECTIONS:
         keys = keys[1:]
       name = "/".join(keys)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
 # Presets of `train.mode`: regexes over '/'-joined parameter paths.
@@ -60,6 +62,14 @@ def split_variables(variables: dict, patterns) -> tuple[dict, dict]:
   if variables.get("lora"):
     trainable["lora"] = variables["lora"]
   return trainable, {"params": traverse_util.unflatten_dict(frozen, sep="/")}
+
+
+def cast_frozen(frozen: dict, dtype) -> dict:
+  """The frozen variables' floating leaves in their storage dtype
+  (`model.frozen_dtype`); integer leaves are left as they are."""
+  dtype = jnp.dtype(dtype)
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
 
 
 def join_variables(trainable: dict, frozen: dict) -> dict:
