@@ -140,7 +140,11 @@ TEXT_RECORD_KEYS = ("text", "translation", "label", "prompt", "target", "id")
 
 
 def _text_records(source) -> list[dict]:
-  return [{k: source[i].get(k) for k in TEXT_RECORD_KEYS} for i in range(len(source))]
+  records = []
+  for i in range(len(source)):
+    example = source[i]  # decodes the whole example, audio included: once per record
+    records.append({k: example.get(k) for k in TEXT_RECORD_KEYS})
+  return records
 
 
 def read_text_manifest(path: str) -> list[dict]:
@@ -203,11 +207,12 @@ def _text_lm_data(config, tokenizer) -> RunData:
   data_cfg = config.data
   train_source, _ = sources.open_source(data_cfg, data_cfg.train_split)
   dev_source, _ = sources.open_source(data_cfg, data_cfg.eval_split)
-  train_records = _text_records(train_source)
   if data_cfg.get("lm_text_manifest"):
     # Replaces the paired transcripts: a text corpus is normally a superset
     # of them (the demo's holds every train-partition sentence of the domain).
     train_records = read_text_manifest(data_cfg.lm_text_manifest)
+  else:
+    train_records = _text_records(train_source)
   train_seqs = text_lm_examples(train_records, tokenizer, data_cfg)
   dev_seqs = text_lm_examples(_text_records(dev_source), tokenizer, data_cfg)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

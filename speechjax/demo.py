@@ -25,7 +25,7 @@ from absl import app, flags
 
 flags.DEFINE_string("config", "configs/demo.py", "Demo config file, optionally with ':quick'.")
 flags.DEFINE_string("workdir", "runs/demo", "Output folder.")
-flags.DEFINE_integer("num_train", -1, "Training utterances (-1: 3000, quick: 300).")
+flags.DEFINE_integer("num_train", -1, "Training utterances (-1: 6000, quick: 300).")
 flags.DEFINE_integer("num_dev", -1, "Dev utterances (-1: 200, quick: 48).")
 flags.DEFINE_integer("num_test", -1, "Test utterances (-1: 300, quick: 48).")
 FLAGS = flags.FLAGS
@@ -173,7 +173,7 @@ def main(argv):
 
   workdir = FLAGS.workdir
   _, quick = load_stage_config(FLAGS.config, "speech", workdir)
-  defaults = (300, 48, 48) if quick else (3000, 200, 300)
+  defaults = (300, 48, 48) if quick else (6000, 200, 300)
   counts = [v if v >= 0 else d for v, d in zip((FLAGS.num_train, FLAGS.num_dev, FLAGS.num_test), defaults)]
   runtime.setup(load_stage_config(FLAGS.config, "speech", workdir)[0])
   timings = {}

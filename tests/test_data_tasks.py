@@ -179,3 +179,19 @@ def test_text_manifest_for_lm_pretraining_refuses_bad_lines(tmp_path):
     read_text_manifest(str(path))
   with pytest.raises(FileNotFoundError):
     read_text_manifest(str(tmp_path / 'missing.jsonl'))
+
+
+def test_fast_tokenizer_path_and_answer_cache_match_the_hf_encoder(tok):
+  # The Rust-backend fast path must give the HF wrapper's ids, special-token
+  # strings included, and a cached answer must be the one first computed.
+  texts = ['turn on the lights in the kitchen', ' allume les lumières', '</s> a beep <s>', 'x\ny', '']
+  for text in texts:
+    assert tasks._encode(tok, text) == list(tok.encode(text, add_special_tokens=False))
+  builder = tasks.PromptBuilder(tok)
+  first = [builder.answer_ids(EXAMPLE, task, k) for task in ('asr', 'translate') for k in range(2)]
+  again = [builder.answer_ids(EXAMPLE, task, k) for task in ('asr', 'translate') for k in range(2)]
+  assert first == again
+  fresh = tasks.PromptBuilder(tok)
+  assert first[0] == fresh.answer_ids(EXAMPLE, 'asr', 0)
+  first[0].append(7)  # the caller's list is its own, not the cache's
+  assert fresh.answer_ids(EXAMPLE, 'asr', 0) == builder.answer_ids(EXAMPLE, 'asr', 0)
