@@ -296,3 +296,53 @@ def test_ctc_head_over_characters_or_tokenizer_ids_and_export(tmp_path):
   assert head["bias"].shape == (tokens.vocab_size,)
   with pytest.raises(FileNotFoundError, match="ctc_head"):
     load_ctc_head(str(tmp_path))
+
+
+def test_frame_stack_low_frame_rate_masks_and_export(tmp_path):
+  from speechjax.hf import load_pretrained
+  from speechjax.hf.export_whisper import export_whisper_encoder
+  from speechjax.models.audio_encoder import stack_frames
+
+  # Channel m*k + i holds mel bin m of frame i of each group; the tail is zero-padded.
+  x = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)
+  stacked = np.asarray(stack_frames(jnp.asarray(x), 2))
+  assert stacked.shape == (2, 6, 3)
+  np.testing.assert_array_equal(stacked[:, 0::2, :2], x[:, :, 0:4:2])
+  np.testing.assert_array_equal(stacked[:, 1::2, :2], x[:, :, 1:4:2])
+  np.testing.assert_array_equal(stacked[:, 1::2, 2], 0)
+
+  cfg = WhisperEncoderConfig(num_mel_bins=8, d_model=16, num_layers=2, num_heads=2, ffn_dim=32,
+                             max_source_positions=32, frame_stack=2)
+  model = WhisperEncoder(cfg)
+  lengths = [47, 30, 9]  # none a multiple of 2k = 4
+  rng = np.random.default_rng(5)
+  features = rng.standard_normal((3, 8, 47)).astype(np.float32)
+  mask = (np.arange(47)[None] < np.array(lengths)[:, None]).astype(np.int32)
+  params = nn.unbox(model.init(jax.random.key(1), features, mask)["params"])
+  assert params["conv1"]["kernel"].shape == (3, 16, 16)
+  batch = np.asarray(model.apply({"params": params}, features, mask))
+  out_mask = np.asarray(encoder_output_mask(mask, 2))
+  assert batch.shape == (3, 12, 16) and out_mask.shape == (3, 12)
+  for i, n in enumerate(lengths):
+    m = encoder_output_length(n, 2)
+    assert m == -(-n // 4) and out_mask[i].sum() == m and out_mask[i, :m].all()
+    alone = np.asarray(model.apply({"params": params}, features[i:i + 1, :, :n]))
+    assert alone.shape == (1, m, 16)
+    np.testing.assert_allclose(batch[i, :m], alone[0], atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="frame_stack"):
+    WhisperEncoderConfig(frame_stack=0)
+
+  # The export records frame_stack, and loading it back rebuilds the same encoder.
+  folder = export_whisper_encoder(str(tmp_path / "enc"), cfg, params)
+  with open(os.path.join(folder, "config.json")) as f:
+    assert json.load(f)["frame_stack"] == 2
+  loaded, loaded_params = load_pretrained(folder)
+  assert loaded.config.frame_stack == 2
+  np.testing.assert_allclose(np.asarray(loaded.apply({"params": loaded_params}, features, mask)),
+                             batch, atol=1e-6, rtol=0)
+  # A plain Whisper export stays an HF config (no extra key).
+  plain = export_whisper_encoder(str(tmp_path / "plain"), dataclasses.replace(cfg, frame_stack=1),
+                                 {**params, "conv1": {k: v[:, :8] if k == "kernel" else v
+                                                      for k, v in params["conv1"].items()}})
+  with open(os.path.join(plain, "config.json")) as f:
+    assert "frame_stack" not in json.load(f)

@@ -240,3 +240,17 @@ def test_wrong_placeholder_count_is_refused(setup):
     setup["model"].apply(setup["variables"], features, feature_mask, bad, attention_mask)
   with pytest.raises(ValueError, match="output_dim"):
     _config(projector=ProjectorConfig(output_dim=7))
+
+
+def test_frame_stacked_encoder_sets_the_audio_token_count():
+  cfg = _config(encoder=WhisperEncoderConfig(d_model=32, num_layers=1, num_heads=2, ffn_dim=64,
+                                             max_source_positions=32, frame_stack=2))
+  # ceil(F / 4) encoder frames (2 mel frames stacked, then the stride-2 conv), stacked by 2.
+  assert (num_audio_tokens(24, cfg), num_audio_tokens(13, cfg)) == (3, 2)
+  model = SpeechLLM(cfg)
+  inputs = init_inputs(cfg, batch_size=2, num_frames=24)
+  variables = model.init(jax.random.key(0), *inputs)
+  assert model.apply(variables, *inputs).shape == (2, 3 + 2, 50)
+  features, feature_mask, ids, attention = inputs
+  with pytest.raises(ValueError, match="placeholder"):
+    model.apply(variables, features, feature_mask, ids[:, 1:], attention[:, 1:])

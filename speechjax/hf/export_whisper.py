@@ -21,7 +21,10 @@ from speechjax.models.audio_encoder import WhisperEncoderConfig
 
 def whisper_config_to_hf(cfg: WhisperEncoderConfig) -> dict:
   """config.json of a WhisperModel whose encoder is `cfg` (the decoder fields
-  mirror the encoder so transformers can build the model)."""
+  mirror the encoder so transformers can build the model). A stacked-frame
+  encoder (frame_stack > 1) also records `frame_stack`; transformers cannot
+  run it (its conv1 reads num_mel_bins * frame_stack channels)."""
+  extra = {"frame_stack": cfg.frame_stack} if cfg.frame_stack != 1 else {}
   return {
       "model_type": "whisper", "architectures": ["WhisperModel"],
       "num_mel_bins": cfg.num_mel_bins, "d_model": cfg.d_model,
@@ -29,7 +32,7 @@ def whisper_config_to_hf(cfg: WhisperEncoderConfig) -> dict:
       "encoder_ffn_dim": cfg.ffn_dim, "max_source_positions": cfg.max_source_positions,
       "decoder_layers": 1, "decoder_attention_heads": cfg.num_heads, "decoder_ffn_dim": cfg.ffn_dim,
       "max_target_positions": 448, "vocab_size": 51865, "activation_function": "gelu",
-      "scale_embedding": False, "torch_dtype": "float32", "dtype": "float32",
+      "scale_embedding": False, "torch_dtype": "float32", "dtype": "float32", **extra,
   }
 
 

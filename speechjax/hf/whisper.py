@@ -94,6 +94,8 @@ def config_from_hf(hf_config: Mapping[str, Any] | Any, **overrides) -> WhisperEn
       num_heads=int(_get_config(hf_config, "encoder_attention_heads")),
       ffn_dim=int(_get_config(hf_config, "encoder_ffn_dim")),
       max_source_positions=int(_get_config(hf_config, "max_source_positions", 1500)),
+      # Not an HF field: speechjax's export writes it for low-frame-rate encoders.
+      frame_stack=int(_get_config(hf_config, "frame_stack", 1) or 1),
   )
   fields.update(overrides)
   return WhisperEncoderConfig(**fields)
@@ -154,7 +156,7 @@ def params_from_hf(get: Callable[[str], np.ndarray] | Mapping[str, np.ndarray],
 
   d, f = cfg.d_model, cfg.ffn_dim
   top_shapes = {
-      ("conv1", "kernel"): (3, cfg.num_mel_bins, d), ("conv1", "bias"): (d,),
+      ("conv1", "kernel"): (3, cfg.num_mel_bins * cfg.frame_stack, d), ("conv1", "bias"): (d,),
       ("conv2", "kernel"): (3, d, d), ("conv2", "bias"): (d,),
       ("embed_positions", "embedding"): (cfg.max_source_positions, d),
       ("layer_norm", "scale"): (d,), ("layer_norm", "bias"): (d,),

@@ -63,6 +63,11 @@ class WhisperEncoderConfig:
   attention_dropout: float = 0.0
   residual_dropout: float = 0.0
   attention_impl: str = ""
+  # Low frame rate input (as Paraformer's LFR): k consecutive mel frames are
+  # concatenated into one before conv1, so the transformer runs at 2k mel
+  # hops per frame (k times fewer frames). 1 is Whisper, the only value
+  # transformers can run (conv1 reads num_mel_bins * k channels).
+  frame_stack: int = 1
   lora: LoRAConfig = LoRAConfig()
 
   def __post_init__(self):
@@ -74,6 +79,8 @@ class WhisperEncoderConfig:
       raise ValueError(f"WhisperEncoderConfig: d_model={self.d_model} must be even "
                        "(sinusoidal positions)")
     L.check_remat_policy(self.remat_policy)
+    if self.frame_stack < 1:
+      raise ValueError(f"WhisperEncoderConfig: frame_stack={self.frame_stack} must be >= 1")
 
 
 def whisper_config(size: str, **overrides) -> WhisperEncoderConfig:
@@ -85,18 +92,30 @@ def whisper_config(size: str, **overrides) -> WhisperEncoderConfig:
   return WhisperEncoderConfig(**fields)
 
 
-def encoder_output_length(num_frames: int) -> int:
-  """Output frames for `num_frames` mel frames (the stride-2 conv, padding 1)."""
-  return (int(num_frames) + 1) // 2
+def encoder_output_length(num_frames: int, frame_stack: int = 1) -> int:
+  """Output frames for `num_frames` mel frames: ceil(F / (2 * frame_stack))
+  (the stride-2 conv with padding 1, after stacking)."""
+  return -(-int(num_frames) // (2 * int(frame_stack)))
 
 
-def encoder_output_mask(feature_mask: jax.Array) -> jax.Array:
-  """[B, F] mel-frame mask -> [B, ceil(F/2)] encoder-frame mask.
+def encoder_output_mask(feature_mask: jax.Array, frame_stack: int = 1) -> jax.Array:
+  """[B, F] mel-frame mask -> [B, ceil(F/2k)] encoder-frame mask (k = frame_stack).
 
-  Output frame j is centred on input frame 2j, so it is valid iff that frame
-  is; for a prefix mask of length L this gives ceil(L/2) valid frames.
+  Output frame j is centred on (stacked) input frame 2j, whose first mel
+  frame is 2jk, so it is valid iff that frame is; for a prefix mask of
+  length L this gives ceil(L/2k) valid frames.
   """
-  return feature_mask[:, ::2]
+  return feature_mask[:, ::2 * int(frame_stack)]
+
+
+def stack_frames(x: jax.Array, k: int) -> jax.Array:
+  """[B, M, F] -> [B, M*k, ceil(F/k)]: k consecutive frames side by side
+  (channel m*k + i holds mel bin m of frame i), zero-padding the last group."""
+  if k == 1:
+    return x
+  b, m, f = x.shape
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, -f % k)))
+  return x.reshape(b, m, -1, k).transpose(0, 1, 3, 2).reshape(b, m * k, -1)
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
@@ -205,12 +224,12 @@ class WhisperEncoder(nn.Module):
           f"WhisperEncoder: input_features must be [batch, {cfg.num_mel_bins} mel bins, frames], "
           f"got shape {input_features.shape}")
     num_frames = input_features.shape[2]
-    length = encoder_output_length(num_frames)
+    length = encoder_output_length(num_frames, cfg.frame_stack)
     if length > cfg.max_source_positions:
       raise ValueError(
           f"WhisperEncoder: {num_frames} mel frames give {length} positions, more than "
           f"max_source_positions={cfg.max_source_positions} (at most "
-          f"{2 * cfg.max_source_positions} frames)")
+          f"{2 * cfg.frame_stack * cfg.max_source_positions} frames)")
     if feature_mask is not None and feature_mask.shape != (input_features.shape[0], num_frames):
       raise ValueError(f"WhisperEncoder: feature_mask shape {feature_mask.shape} does not match "
                        f"input_features {input_features.shape} (expected [batch, frames])")
@@ -220,7 +239,9 @@ class WhisperEncoder(nn.Module):
     if feature_mask is not None:
       frame_mask = feature_mask.astype(bool)
       x = jnp.where(frame_mask[:, None, :], x, 0)
-      attention_mask = L.padding_mask(encoder_output_mask(frame_mask))
+      attention_mask = L.padding_mask(encoder_output_mask(frame_mask, cfg.frame_stack))
+      frame_mask = frame_mask[:, ::cfg.frame_stack]
+    x = stack_frames(x, cfg.frame_stack)
 
     conv = dict(kernel_size=3, padding=(1, 1), dtype=dtype, param_dtype=pdtype)
     x = Conv1d(cfg.d_model, in_layout="NCW", kernel_axes=("conv_kernel", "mel", "embed"),

@@ -53,7 +53,7 @@ class CTCEncoder(nn.Module):
     if feature_mask is None:
       mask = jnp.ones(hidden.shape[:2], jnp.int32)
     else:
-      mask = encoder_output_mask(feature_mask).astype(jnp.int32)
+      mask = encoder_output_mask(feature_mask, enc_cfg.frame_stack).astype(jnp.int32)
     logits = Dense(self.config.vocab_size, kernel_axes=("embed", "vocab"), dtype=jnp.dtype(enc_cfg.dtype),
                    name="ctc_head")(hidden)
     return logits.astype(jnp.float32), mask

@@ -101,7 +101,8 @@ class SpeechLLMConfig:
 
 def num_audio_tokens(num_feature_frames: int, cfg: SpeechLLMConfig) -> int:
   """Placeholders a prompt needs for a batch padded to `num_feature_frames` mel frames."""
-  return projector_output_length(encoder_output_length(num_feature_frames), cfg.projector)
+  return projector_output_length(encoder_output_length(num_feature_frames, cfg.encoder.frame_stack),
+                                 cfg.projector)
 
 
 def init_inputs(cfg: SpeechLLMConfig, batch_size: int = 1, num_frames: int = 8,
@@ -171,7 +172,7 @@ class SpeechLLM(nn.Module):
     if feature_mask is None:
       mask = jnp.ones(hidden.shape[:2], jnp.int32)
     else:
-      mask = encoder_output_mask(feature_mask).astype(jnp.int32)
+      mask = encoder_output_mask(feature_mask, self.config.encoder.frame_stack).astype(jnp.int32)
     if self.config.projector.kind == "ctc_compress":  # soft tokens over the LLM's own embeddings
       table = self.decoder.embed(jnp.arange(self.config.projector.ctc_vocab_size - 1))
       return self.projector(hidden, mask, deterministic, token_table=table)
