@@ -148,7 +148,8 @@ def get_config(arg: str | None = None):
     # sentence and voice), 16.7 / 8.1 % on 9000. With two frames stacked
     # (80 ms, ~10 steps/s): 3000 steps 16.8 / 8.4 %, 5000 steps 11.0 / 4.5 %
     # (~9 min), 6000 steps 8.5 / 3.3 % (10.5 min); the speech LLM's test WER
-    # was 8.8 % on both of the last two, so the demo takes 5000.
+    # (LM pretrained with slot noise 0.1) was 8.8 % on both of the last two,
+    # so the demo takes 5000.
     c.data.batch_size = 8
     c.train.num_steps = 5000
     c.optim.update(lr=1.4e-3, warmup_steps=60)
@@ -174,8 +175,8 @@ def get_config(arg: str | None = None):
     # frozen 17.3 / 98.3 / 48.4; after 300 steps: frozen 16.5 / 98.7 / 52.4,
     # at 0.1x 16.0 / 99.3 / 52.5; on a 3500-step encoder: frozen 14.2 / 98.7 /
     # 52.9, at 0.1x 13.1 / 99.3 / 54.7 (each frozen step takes half the time);
-    # on the 80 ms 5000-step encoder: frozen 9.5 / 99.0 / 56.6 in 183 s, at
-    # 0.1x 8.8 / 99.3 / 57.0 in 243 s.
+    # on the 80 ms 5000-step encoder (LM with slot noise 0.1): frozen 9.5 /
+    # 99.0 / 56.6 in 183 s, at 0.1x 8.8 / 99.3 / 57.0 in 243 s.
     c.optim.lr_multipliers = ((r"^encoder/", 0.1),)
     # LoRA on every attention projection of the frozen LM: reading the audio
     # slot is an attention job (where to look: q, k; what to take: v, o).
