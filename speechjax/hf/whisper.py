@@ -95,7 +95,7 @@ def config_from_hf(hf_config: Mapping[str, Any] | Any, **overrides) -> WhisperEn
       ffn_dim=int(_get_config(hf_config, "encoder_ffn_dim")),
       max_source_positions=int(_get_config(hf_config, "max_source_positions", 1500)),
       # Not an HF field: speechjax's export writes it for low-frame-rate encoders.
-      frame_stack=int(_get_config(hf_config, "frame_stack", 1) or 1),
+      frame_stack=int(_get_config(hf_config, "frame_stack", 1)),
   )
   fields.update(overrides)
   return WhisperEncoderConfig(**fields)

@@ -239,8 +239,8 @@ class WhisperEncoder(nn.Module):
     if feature_mask is not None:
       frame_mask = feature_mask.astype(bool)
       x = jnp.where(frame_mask[:, None, :], x, 0)
-      attention_mask = L.padding_mask(encoder_output_mask(frame_mask, cfg.frame_stack))
-      frame_mask = frame_mask[:, ::cfg.frame_stack]
+      frame_mask = frame_mask[:, ::cfg.frame_stack]  # a stacked frame is valid iff its first is
+      attention_mask = L.padding_mask(encoder_output_mask(frame_mask))
     x = stack_frames(x, cfg.frame_stack)
 
     conv = dict(kernel_size=3, padding=(1, 1), dtype=dtype, param_dtype=pdtype)
