@@ -194,3 +194,62 @@ def test_config_from_ml_collections_dict():
   assert hash(cfg)
   gpt = make_decoder_config(**{**dataclasses.asdict(GPT), "dtype": "bfloat16"})
   assert isinstance(gpt, GPT2Config) and gpt.head_dim == 8 and gpt.num_kv_heads == 4
+
+
+def test_rope_table_equals_computed_cos_sin():
+  inv_freq, scale = L.rope_inv_freq(12, 1000.0, "yarn", factor=4.0, original_max_position=16)
+  assert scale != 1.0  # the table must carry the attention scale too
+  positions = jnp.asarray(np.random.RandomState(0).randint(0, 50, (2, 7)), jnp.int32)
+  want = L.rope_cos_sin(positions, inv_freq, scale)
+  got = L.rope_cos_sin(positions, inv_freq, scale, num_positions=50)
+  for w, g in zip(want, got):
+    assert g.shape == (2, 7, 6) and g.dtype == jnp.float32
+    np.testing.assert_allclose(g, w, atol=2e-6, rtol=0)
+
+
+def test_default_positions_give_the_same_logits_as_explicit_ones():
+  # Default positions read RoPE from a table, explicit ones compute it.
+  model, params = Decoder(LLAMA), init(LLAMA)
+  ids, mask = tokens(4)
+  table = model.apply({"params": params}, ids, attention_mask=mask)
+  computed = model.apply({"params": params}, ids, attention_mask=mask,
+                         positions=L.default_positions(mask, 2, ids.shape[1]))
+  np.testing.assert_allclose(table, computed, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT], ids=["llama", "gpt2"])
+def test_hidden_only_then_lm_logits_equals_the_full_call(cfg):
+  model, params = make_decoder(cfg), init(cfg)
+  ids, mask = tokens(5)
+  logits, hidden = model.apply({"params": params}, ids, attention_mask=mask, return_hidden=True)
+  only = model.apply({"params": params}, ids, attention_mask=mask, hidden_only=True)
+  np.testing.assert_allclose(only, hidden, atol=1e-6)
+  head = model.apply({"params": params}, only[:, 3:], method="lm_logits")
+  np.testing.assert_allclose(head, logits[:, 3:], atol=1e-5)
+  with pytest.raises(ValueError, match="hidden_only"):
+    model.apply({"params": params}, ids, attention_mask=mask, hidden_only=True,
+                cache=init_cache(cfg, 2, 12, jnp.float32))
+
+
+def test_silu_gated_values_and_gradients_equal_autodiff():
+  rng = np.random.RandomState(0)
+  gate = jnp.asarray(rng.normal(0, 6, (5, 7)), jnp.float32)  # saturated tails included
+  up = jnp.asarray(rng.normal(0, 1, (5, 7)), jnp.float32)
+  weight = jnp.asarray(rng.normal(0, 1, (5, 7)), jnp.float32)
+  plain = lambda g, u: jnp.sum(weight * jax.nn.silu(g) * u)
+  fused = lambda g, u: jnp.sum(weight * L.silu_gated(g, u))
+  np.testing.assert_allclose(fused(gate, up), plain(gate, up), rtol=1e-6)
+  for got, want in zip(jax.grad(fused, (0, 1))(gate, up), jax.grad(plain, (0, 1))(gate, up)):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  assert L.gated_activation("silu", gate, up).shape == (5, 7)
+  np.testing.assert_allclose(L.gated_activation("gelu", gate, up),
+                             jax.nn.gelu(gate, approximate=False) * up, atol=1e-6)
+
+
+def test_gelu_exact_equals_jax_gelu_values_and_gradients():
+  x = jnp.asarray(np.random.RandomState(1).normal(0, 4, (6, 9)), jnp.float32)
+  np.testing.assert_allclose(L.gelu_exact(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
+  np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(L.gelu_exact(v)))(x),
+                             jax.grad(lambda v: jnp.sum(jax.nn.gelu(v, approximate=False)))(x),
+                             atol=2e-6)
+  assert L.gelu_exact(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16

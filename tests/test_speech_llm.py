@@ -20,7 +20,9 @@ from speechjax.models.heads import classification_loss, masked_mean_pool
 from speechjax.models.lora import LoRAConfig
 from speechjax.models.projector import ProjectorConfig
 from speechjax.models.speech_llm import (AUDIO_PLACEHOLDER_ID, SpeechLLM, SpeechLLMConfig,
-                                         init_inputs, num_audio_tokens)
+                                         init_inputs, num_audio_tokens,
+                                         text_prediction_positions)
+from speechjax.trainer.objectives import speech_llm_objective
 
 PH = AUDIO_PLACEHOLDER_ID
 LORA_TARGETS = (r"^encoder/.*q_proj$", r"^projector/fc1$", r"^(?!encoder/).*(q_proj|v_proj)$")
@@ -254,3 +256,44 @@ def test_frame_stacked_encoder_sets_the_audio_token_count():
   features, feature_mask, ids, attention = inputs
   with pytest.raises(ValueError, match="placeholder"):
     model.apply(variables, features, feature_mask, ids[:, 1:], attention[:, 1:])
+
+
+def test_text_prediction_positions_keep_every_position_a_label_can_sit_on():
+  ids = jnp.asarray([[PH, PH, 3, 4, 0],   # starts with audio: 4 positions qualify
+                     [3, PH, PH, 4, 0],   # 3 qualify, one filler
+                     [3, 4, 0, PH, PH]], jnp.int32)  # audio last
+  got = np.asarray(text_prediction_positions(ids, 2))
+  assert got.shape == (3, 4)
+  np.testing.assert_array_equal(got[0], [1, 2, 3, 4])
+  np.testing.assert_array_equal(got[1, :3], [2, 3, 4])
+  assert got[1, 3] in (0, 1)  # a position whose next token is audio
+  np.testing.assert_array_equal(got[2, :3], [0, 1, 4])
+
+
+def test_text_logits_and_the_objective_equal_the_full_logits(setup):
+  model, variables, batch = setup["model"], setup["variables"], setup["batch"]
+  features, feature_mask, input_ids, attention_mask = batch
+  logits, positions = jax.jit(lambda v, *b: model.apply(v, *b, method="text_logits"))(
+      variables, *batch)
+  m = num_audio_tokens(features.shape[-1], setup["cfg"])
+  assert positions.shape == (2, input_ids.shape[1] - m + 1)
+  full = np.asarray(model.apply(variables, *batch))
+  np.testing.assert_allclose(logits, np.take_along_axis(full, np.asarray(positions)[..., None], 1),
+                             atol=1e-5)
+  # Labels as data/tasks.py builds them: the answer follows the audio directly, so the last
+  # audio slot predicts the first answer token and must be kept.
+  targets = np.concatenate([input_ids[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
+  targets[targets < 0] = 0
+  target_mask = np.zeros(input_ids.shape, np.float32)
+  target_mask[:, 2 + m - 1:-1] = 1.0
+  target_mask[1, -2:] = 0.0  # row 1 is padded at the end
+  full_batch = dict(features=features, feature_mask=feature_mask, input_ids=input_ids,
+                    attention_mask=attention_mask, targets=targets, target_mask=target_mask)
+  objective = speech_llm_objective(model)
+  norms = objective.normalizers(full_batch)
+  loss, stats = objective.loss(variables, full_batch, None, True, norms)
+  log_probs = jax.nn.log_softmax(full, axis=-1)
+  xent = -np.take_along_axis(np.asarray(log_probs), targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(float(loss), np.sum(xent * target_mask) / target_mask.sum(),
+                             rtol=1e-5)
+  assert float(stats["tokens"]) == target_mask.sum()

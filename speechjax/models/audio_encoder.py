@@ -201,7 +201,7 @@ class WhisperEncoderLayer(nn.Module):
     h = L.LayerNorm(LAYER_NORM_EPS, dtype=dtype, param_dtype=pdtype, name="final_layer_norm")(x)
     h = Dense(cfg.ffn_dim, kernel_axes=("embed", "mlp"), lora=cfg.lora, dtype=dtype,
               param_dtype=pdtype, name="fc1")(h, deterministic)
-    h = jax.nn.gelu(h, approximate=False)
+    h = L.gelu_exact(h)
     h = Dense(cfg.d_model, kernel_axes=("mlp", "embed"), lora=cfg.lora, dtype=dtype,
               param_dtype=pdtype, name="fc2")(h, deterministic)
     x = x + dropout(h, deterministic=deterministic)
@@ -246,13 +246,13 @@ class WhisperEncoder(nn.Module):
     conv = dict(kernel_size=3, padding=(1, 1), dtype=dtype, param_dtype=pdtype)
     x = Conv1d(cfg.d_model, in_layout="NCW", kernel_axes=("conv_kernel", "mel", "embed"),
                name="conv1", **conv)(x)
-    x = jax.nn.gelu(x, approximate=False)
+    x = L.gelu_exact(x)
     if frame_mask is not None:
       # conv2 must see zeros past the end of each example, as it would alone.
       x = jnp.where(frame_mask[:, :, None], x, 0)
     x = Conv1d(cfg.d_model, stride=2, kernel_axes=("conv_kernel", None, "embed"),
                name="conv2", **conv)(x)
-    x = jax.nn.gelu(x, approximate=False)
+    x = L.gelu_exact(x)
 
     positions = SinusoidalPositions(cfg.max_source_positions, cfg.d_model, pdtype,
                                     name="embed_positions")(length)

@@ -13,6 +13,8 @@ a leading 'layers' axis.
 
     logits = Decoder(cfg).apply({'params': p}, input_ids)                 # [B,T,V] f32
     logits, cache = Decoder(cfg).apply(v, ids, attention_mask=m, cache=c)  # incremental
+    hidden = Decoder(cfg).apply(v, ids, hidden_only=True)  # [B,T,H] final-norm states, no head;
+    logits = Decoder(cfg).apply(v, hidden[:, -1:], method='lm_logits')  # the head where needed
 
 The KV cache (init_cache) is one stacked array per k/v, [L,B,S,K,D], and an
 int32 `index` = next free slot; a call with t tokens writes slots
@@ -238,20 +240,30 @@ class Decoder(nn.Module):
     """Token embeddings [B,T,H] in the compute dtype."""
     return self.embed_tokens(input_ids)
 
+  def lm_logits(self, hidden: jax.Array, deterministic: bool = True) -> jax.Array:
+    """The LM head on final-norm hidden states [..., H] -> logits [..., V] (compute dtype)."""
+    if self.config.tie_word_embeddings:
+      return self.embed_tokens.attend(hidden)
+    return self.lm_head(hidden, deterministic)
+
   def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds=None, positions=None,
                attention_mask=None, cache=None, deterministic: bool = True,
-               return_hidden: bool = False):
+               return_hidden: bool = False, hidden_only: bool = False):
     cfg = self.config
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("Decoder: pass exactly one of input_ids [B,T] or inputs_embeds [B,T,H]")
+    if hidden_only and cache is not None:
+      raise ValueError("Decoder: hidden_only=True is for full-sequence calls; it drops the cache")
     x = self.embed_tokens(input_ids) if inputs_embeds is None else (
         inputs_embeds.astype(jnp.dtype(cfg.dtype)))
     batch, length = x.shape[:2]
     check_inputs(cfg, batch, length, attention_mask, cache)
     offset = 0 if cache is None else cache["index"]
+    num_positions = None  # a bound is known only for the positions computed here
     if positions is None:
       positions = L.default_positions(attention_mask, batch, length, offset)
-    rope = L.rope_cos_sin(positions, self.inv_freq, self.rope_scale)
+      num_positions = length if cache is None else cache["k"].shape[2]
+    rope = L.rope_cos_sin(positions, self.inv_freq, self.rope_scale, num_positions=num_positions)
     mask = build_mask(length, attention_mask, cache, cfg.sliding_window)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -262,10 +274,9 @@ class Decoder(nn.Module):
     x, k_all, v_all, _ = run_layers(self.layers, carry, mask, rope, cache_index, deterministic)
 
     hidden = self.norm(x)
-    if cfg.tie_word_embeddings:
-      logits = self.embed_tokens.attend(hidden)
-    else:
-      logits = self.lm_head(hidden, deterministic)
+    if hidden_only:  # the caller applies lm_logits where it needs logits
+      return hidden
+    logits = self.lm_logits(hidden, deterministic)
     return finish_outputs(logits, hidden, cache, (k_all, v_all), length, return_hidden)
 
 

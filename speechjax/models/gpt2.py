@@ -170,12 +170,20 @@ class GPT2(nn.Module):
     """Token embeddings [B,T,H] (positions are added inside __call__)."""
     return self.wte(input_ids)
 
+  def lm_logits(self, hidden: jax.Array, deterministic: bool = True) -> jax.Array:
+    """The LM head on final-norm hidden states [..., H] -> logits [..., V] (compute dtype)."""
+    if self.config.tie_word_embeddings:
+      return self.wte.attend(hidden)
+    return self.lm_head(hidden, deterministic)
+
   def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds=None, positions=None,
                attention_mask=None, cache=None, deterministic: bool = True,
-               return_hidden: bool = False):
+               return_hidden: bool = False, hidden_only: bool = False):
     cfg = self.config
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("GPT2: pass exactly one of input_ids [B,T] or inputs_embeds [B,T,H]")
+    if hidden_only and cache is not None:
+      raise ValueError("GPT2: hidden_only=True is for full-sequence calls; it drops the cache")
     x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.dtype(cfg.dtype))
     batch, length = x.shape[:2]
     check_inputs(cfg, batch, length, attention_mask, cache)
@@ -193,8 +201,7 @@ class GPT2(nn.Module):
     x, k_all, v_all, _ = run_layers(self.h, carry, mask, None, cache_index, deterministic)
 
     hidden = self.ln_f(x)
-    if cfg.tie_word_embeddings:
-      logits = self.wte.attend(hidden)
-    else:
-      logits = self.lm_head(hidden, deterministic)
+    if hidden_only:  # the caller applies lm_logits where it needs logits
+      return hidden
+    logits = self.lm_logits(hidden, deterministic)
     return finish_outputs(logits, hidden, cache, (k_all, v_all), length, return_hidden)

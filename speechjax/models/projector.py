@@ -186,7 +186,7 @@ class ConvProjector(nn.Module):
     h = Conv1d(cfg.hidden_dim, k, s, padding=(pad_lo, pad_hi),
                kernel_axes=("conv_kernel", "embed", "mlp"), dtype=dtype, param_dtype=pdtype,
                name="conv")(_zero_padded(x.astype(dtype), mask))[:, :out_len]
-    h = nn.Dropout(cfg.dropout)(jax.nn.gelu(h, approximate=False), deterministic=deterministic)
+    h = nn.Dropout(cfg.dropout)(L.gelu_exact(h), deterministic=deterministic)
     y = Dense(_output_dim(cfg), kernel_axes=("mlp", "embed"), lora=cfg.lora, dtype=dtype,
               param_dtype=pdtype, name="proj")(h, deterministic)
     return y, mask[:, ::s][:, :out_len]
@@ -264,7 +264,7 @@ class QFormerLayer(nn.Module):
     h = Dense(cfg.qformer_ffn_dim, kernel_axes=("embed", "mlp"), lora=cfg.lora, dtype=dtype,
               param_dtype=pdtype, name="fc1")(h, deterministic)
     h = Dense(cfg.qformer_dim, kernel_axes=("mlp", "embed"), lora=cfg.lora, dtype=dtype,
-              param_dtype=pdtype, name="fc2")(jax.nn.gelu(h, approximate=False), deterministic)
+              param_dtype=pdtype, name="fc2")(L.gelu_exact(h), deterministic)
     return queries + dropout(h, deterministic=deterministic)
 
 

@@ -16,6 +16,7 @@ such as r'^encoder/.*q_proj$' or r'^projector/fc1$' reach any Dense.
     model = SpeechLLM(cfg)
     variables = model.init(rngs, *init_inputs(cfg))
     logits = model.apply(variables, features, feature_mask, input_ids, attention_mask)
+    logits, positions = model.apply(variables, ..., method="text_logits")  # what the loss uses
 """
 
 from __future__ import annotations
@@ -149,6 +150,21 @@ def merge_audio_embeddings(token_embeds: jax.Array, audio: jax.Array, audio_mask
   return embeds, mask
 
 
+def text_prediction_positions(input_ids: jax.Array, num_audio: int) -> jax.Array:
+  """[B, T - num_audio + 1] positions (in order) whose next token is not an
+  audio placeholder: the only ones a loss can supervise, since a target that
+  is a placeholder is never a label (data/tasks.py masks it). Each row has
+  num_audio placeholders, so T - num_audio or T - num_audio + 1 positions
+  qualify (one more when the row starts with audio); a row with one fewer
+  is topped up with a position that predicts audio, which carries no label.
+  """
+  length = input_ids.shape[1]
+  keep = min(length, length - num_audio + 1)
+  next_is_audio = jnp.pad(input_ids[:, 1:] == AUDIO_PLACEHOLDER_ID, ((0, 0), (0, 1)))
+  order = jnp.argsort(next_is_audio.astype(jnp.int32), axis=1, stable=True)
+  return order[:, :keep].astype(jnp.int32)
+
+
 class SpeechLLM(nn.Module):
   """See the module docstring; the methods are listed there."""
 
@@ -208,6 +224,25 @@ class SpeechLLM(nn.Module):
       self.classifier(out[1], mask, deterministic)  # creates its params during init
       return out if return_hidden else out[0]
     return out
+
+  def text_logits(self, features, feature_mask, input_ids, attention_mask=None, *,
+                  deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Logits only where a label can be: -> (logits [B,K,V] float32, positions [B,K]),
+    K = T - num_audio + 1 (see text_prediction_positions).
+
+    Equal to `__call__`'s logits at those positions. The LM head and the
+    softmax skip the audio slots, which in speech tasks are most of the
+    sequence: with a 150k vocabulary the head is a large share of the step.
+    """
+    embeds, mask = self.embed_inputs(features, feature_mask, input_ids, attention_mask,
+                                     deterministic)
+    hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, deterministic=deterministic,
+                          hidden_only=True)
+    positions = text_prediction_positions(input_ids, num_audio_tokens(features.shape[-1],
+                                                                      self.config))
+    hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
+    return self.decoder.lm_logits(hidden, deterministic).astype(jnp.float32), positions
 
   def _init_classifier(self) -> bool:
     return self.config.num_classes > 0 and self.is_initializing()

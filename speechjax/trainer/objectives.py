@@ -71,15 +71,19 @@ def speech_llm_objective(model, lm_weight: float = 1.0, cls_weight: float = 0.0)
     args = (batch["features"], batch["feature_mask"], batch["input_ids"], batch["attention_mask"])
     total = jnp.zeros((), jnp.float32)
     stats = {}
+    targets, target_mask = batch["targets"], batch["target_mask"]
     if use_head:  # one forward pass gives both outputs
       logits, class_logits = model.apply(variables, *args, deterministic=deterministic, rngs=rngs,
                                          method="logits_and_classes")
-    else:
-      logits = model.apply(variables, *args, deterministic=deterministic, rngs=rngs)
+    else:  # the LM head only where a label can be (not the audio slots)
+      logits, positions = model.apply(variables, *args, deterministic=deterministic, rngs=rngs,
+                                      method="text_logits")
+      targets = jnp.take_along_axis(targets, positions, axis=1)
+      target_mask = jnp.take_along_axis(target_mask, positions, axis=1)
     if lm_weight > 0:
-      xent, correct = token_cross_entropy(logits, batch["targets"], batch["target_mask"])
+      xent, correct = token_cross_entropy(logits, targets, target_mask)
       total += lm_weight * xent / norms["tokens"]
-      stats.update(lm_loss_sum=xent, tokens=jnp.sum(batch["target_mask"]), correct_tokens=correct)
+      stats.update(lm_loss_sum=xent, tokens=jnp.sum(target_mask), correct_tokens=correct)
     if use_head:
       class_logits = class_logits.astype(jnp.float32)
       labels = batch["class_labels"]
