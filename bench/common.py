@@ -8,11 +8,12 @@ patch hits both members of a pair and cancels out of their ratio.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import os
 import platform
 import statistics
 import time
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

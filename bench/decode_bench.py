@@ -1,4 +1,4 @@
-"""Batched greedy decoding with a KV cache: speechjax.decode.generate_lm vs
+"""Batched greedy decoding with a KV cache: speechjax.generation.generate_lm vs
 transformers' `generate(do_sample=False)` on the same Qwen2 model and prompts.
 
 EOS is disabled on both sides (HF: generation_config.eos_token_id = None;
@@ -17,7 +17,7 @@ import numpy as np
 
 from bench import common
 from bench import speech_models as sm
-from speechjax.decode import generate_lm
+from speechjax.generation import generate_lm
 from speechjax.hf import load_pretrained
 
 

@@ -62,6 +62,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # pylint: disable=wrong-import-position
 import atexit  # pylint: disable=wrong-import-position
+from collections.abc import Callable  # pylint: disable=wrong-import-position
 import contextlib  # pylint: disable=wrong-import-position
 import dataclasses  # pylint: disable=wrong-import-position
 import gc  # pylint: disable=wrong-import-position
@@ -71,7 +72,7 @@ import sys  # pylint: disable=wrong-import-position
 import tempfile  # pylint: disable=wrong-import-position
 import time  # pylint: disable=wrong-import-position
 import traceback  # pylint: disable=wrong-import-position
-from typing import Any, Callable  # pylint: disable=wrong-import-position
+from typing import Any
 
 import numpy as np  # pylint: disable=wrong-import-position
 
@@ -205,6 +206,7 @@ def machine_part(out: dict, setup: Setup) -> None:
 
 def peak_part(out: dict, setup: Setup, n: int, reps: int):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from bench import common  # pylint: disable=import-outside-toplevel
   dtype = jnp.bfloat16 if setup.jax_dtype == "bfloat16" else jnp.float32
   peak = common.PeakMatmul(n, dtype)
@@ -284,6 +286,7 @@ def train_part(out: dict, rec: Recorder, setup: Setup, size, hf, mode: str, peak
                reps: int, calls: int, torch_compile: bool, attention: tuple,
                scan_layers: bool = False) -> None:
   import torch  # pylint: disable=import-outside-toplevel
+
   from bench import common  # pylint: disable=import-outside-toplevel
   from bench import speech_models as sm  # pylint: disable=import-outside-toplevel
   from bench import train_bench as tb  # pylint: disable=import-outside-toplevel
@@ -428,6 +431,7 @@ def train_part(out: dict, rec: Recorder, setup: Setup, size, hf, mode: str, peak
 
 def decode_part(out: dict, setup: Setup, size, hf, reps: int) -> None:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from bench import decode_bench  # pylint: disable=import-outside-toplevel
   dtype = jnp.bfloat16 if setup.jax_dtype == "bfloat16" else jnp.float32
   out.update(decode_bench.run(size, hf[2], hf[4], reps=reps, log=log, dtype=dtype,
@@ -511,6 +515,7 @@ def parse_args(argv=None):
 def make_setup(args) -> Setup:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from bench import common  # pylint: disable=import-outside-toplevel
   dev = jax.devices()[0]  # initialise JAX's backend (and its CUDA libraries) before torch's
   on_gpu = dev.platform == "gpu"

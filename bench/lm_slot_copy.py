@@ -34,12 +34,14 @@ def main() -> None:
   import ml_collections
   import numpy as np
 
-  from speechjax import decode, metrics
-  from speechjax.data_builder import fixed_length_slot
-  from speechjax.data import pipeline, sources, tasks
+  from speechjax import generation as decode
+  from speechjax.data import config as data_config
+  from speechjax.data import sources, tasks
+  from speechjax.evaluation import metrics
   from speechjax.hf import load_pretrained, load_tokenizer
+  from speechjax.projects.spoken_commands.lm_data import fixed_length_slot
 
-  data_cfg = ml_collections.ConfigDict(pipeline.default_data_config().to_dict())
+  data_cfg = ml_collections.ConfigDict(data_config.default_data_config().to_dict())
   data_cfg.data_dir = os.path.join(args.workdir, "data", "tfds")
   source, _ = sources.open_source(data_cfg, args.split)
   records = [source[i] for i in range(0, len(source), args.every)]

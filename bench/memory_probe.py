@@ -42,6 +42,7 @@ def _torch(size, folder: str, mode: str):
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import Qwen2ForCausalLM  # pylint: disable=import-outside-toplevel
   from transformers.models.whisper.modeling_whisper import WhisperEncoder  # pylint: disable=import-outside-toplevel
+
   from bench import speech_models as sm  # pylint: disable=import-outside-toplevel
   from bench import train_bench  # pylint: disable=import-outside-toplevel
   encoder = WhisperEncoder.from_pretrained(os.path.join(folder, "encoder"))
@@ -64,11 +65,12 @@ def _torch(size, folder: str, mode: str):
 def _jax(size, folder: str, mode: str):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from bench import speech_models as sm  # pylint: disable=import-outside-toplevel
   from bench import train_bench  # pylint: disable=import-outside-toplevel
+  from speechjax.models.objectives import speech_llm_objective  # pylint: disable=import-outside-toplevel
   from speechjax.trainer import optim, partition  # pylint: disable=import-outside-toplevel
   from speechjax.trainer import step as step_lib  # pylint: disable=import-outside-toplevel
-  from speechjax.trainer.objectives import speech_llm_objective  # pylint: disable=import-outside-toplevel
 
   lora = mode == "lora"
   projector_cls, _ = sm._torch_modules()  # pylint: disable=protected-access

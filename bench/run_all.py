@@ -94,6 +94,7 @@ def run(plan_name: str = "full", *, size_name: str | None = None, torch_compile:
         jax_compiler_options: dict | None = None) -> dict:
   """All sections; arguments override the plan (the smoke test uses a tiny model)."""
   import torch  # pylint: disable=import-outside-toplevel
+
   from bench import common, decode_bench, features_bench, train_bench  # pylint: disable=import-outside-toplevel
   from bench import speech_models as sm  # pylint: disable=import-outside-toplevel
 

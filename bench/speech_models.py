@@ -36,8 +36,13 @@ import numpy as np
 from speechjax.hf import load_pretrained
 from speechjax.models.lora import LoRAConfig
 from speechjax.models.projector import ProjectorConfig
-from speechjax.models.speech_llm import (AUDIO_PLACEHOLDER_ID, SpeechLLM, SpeechLLMConfig,
-                                         init_inputs, num_audio_tokens)
+from speechjax.models.speech_llm import (
+  AUDIO_PLACEHOLDER_ID,
+  SpeechLLM,
+  SpeechLLMConfig,
+  init_inputs,
+  num_audio_tokens,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +176,7 @@ def build_hf_models(size: BenchSize, folder: str, seed: int = 0, device=None, dt
   trainable) stays fp32.
   """
   import contextlib  # pylint: disable=import-outside-toplevel
+
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig  # pylint: disable=import-outside-toplevel
   from transformers.models.whisper.modeling_whisper import WhisperEncoder  # pylint: disable=import-outside-toplevel
@@ -214,6 +220,7 @@ def torch_speech_llm(encoder, projector, lm, size: BenchSize, lora: bool, *,
   under autocast. device: where the model goes (None: where the parts are).
   """
   import copy  # pylint: disable=import-outside-toplevel
+
   import torch  # pylint: disable=import-outside-toplevel
   _, model_cls = _torch_modules()
   encoder, projector, lm = (copy.deepcopy(m) for m in (encoder, projector, lm))

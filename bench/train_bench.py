@@ -13,20 +13,20 @@ state donated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from bench import common
 from bench import speech_models as sm
+from speechjax.models.objectives import speech_llm_objective
 from speechjax.trainer import optim, partition
 from speechjax.trainer import step as step_lib
-from speechjax.trainer.objectives import speech_llm_objective
 
 LR = 1e-4
 WEIGHT_DECAY = 0.01
@@ -188,7 +188,6 @@ def run(size: sm.BenchSize, folder: str, *, reps: int = 5, calls: int = 2,
   `compiler_options` go to XLA (the smoke test turns optimisation down to
   compile faster).
   """
-  import torch  # pylint: disable=import-outside-toplevel
   enc, proj, lm, enc_dir, lm_dir = hf_models or sm.build_hf_models(size, folder)
   batch_np = sm.make_batch(size)
   batch_t = sm.torch_batch(batch_np)

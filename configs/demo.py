@@ -1,8 +1,8 @@
-r"""The CPU demo: a speech LLM for spoken commands, trained from nothing in ~22 min.
+r"""The CPU demo: a speech LLM for spoken commands, trained from nothing in ~20 min.
 
 Run every stage end to end (corpus, LM, encoder, speech LLM, evaluation):
 
-    make demo                    # = python -m speechjax.demo --config=configs/demo.py --workdir=runs/demo
+    make demo    # = python -m speechjax.projects.spoken_commands --config=configs/demo.py --workdir=runs/demo
 
 or one stage by hand (paths as the demo lays them out):
 
@@ -26,7 +26,8 @@ Stages (arg = stage[,quick]):
           frozen LM with LoRA on q/k/v/o, trained on ASR, translation and
           intent classification.
 
-Corpus: 6000 / 200 / 300 train / dev / test utterances (speechjax.demo flags).
+Corpus: 6000 / 200 / 300 train / dev / test utterances (flags of
+speechjax.projects.spoken_commands, whose README describes the stages).
 
 Results (test split: held-out voices and sentences), measured with `time make
 demo` on 2 CPU cores: 19.9 min in all, test WER 9.0 %, intent accuracy
@@ -36,6 +37,7 @@ demo` on 2 CPU cores: 19.9 min in all, test WER 9.0 %, intent accuracy
 from __future__ import annotations
 
 from speechjax.config_base import base_config, decoder_section
+from speechjax.models.lora import ATTENTION_TARGETS
 
 STAGES = ("lm", "ctc", "speech")
 # The LLM's audio slot: up to this many CTC-compressed tokens, then pad. The
@@ -57,7 +59,7 @@ def get_config(arg: str | None = None):
   c = base_config()
   c.seed = 0
 
-  # --- data: the synthetic spoken-command corpus (speechjax.data.synth)
+  # --- data: the synthetic spoken-command corpus (speechjax.projects.spoken_commands.synth)
   c.data.data_dir = "runs/demo/data/tfds"
   c.data.batch_size = 32
   c.data.eval_batch_size = 64
@@ -81,8 +83,9 @@ def get_config(arg: str | None = None):
   # the frames of 40 ms; a 4.5 s utterance still has 56 frames for its at most
   # 24 tokens. CTC stage, 3000 steps of 8: ~10 steps/s vs ~5.6, dev WER / CER
   # 16.8 / 8.4 % vs 18.7 / 9.1 %.
-  c.model.encoder.update(num_mel_bins=80, d_model=192, num_layers=4, num_heads=4, ffn_dim=768,
-                         scan_layers=False, frame_stack=2)
+  # The encoder reads the data's 20 ms frames (hop_length; data.n_mels is 80 too).
+  c.model.encoder.update(num_mel_bins=80, hop_length=c.data.hop_length, d_model=192, num_layers=4,
+                         num_heads=4, ffn_dim=768, scan_layers=False, frame_stack=2)
   # CTC compression: one LLM slot per token the encoder's CTC head emits, as
   # the LLM's own (soft) token embedding; always SLOT_TOKENS slots.
   c.model.projector.update(kind="ctc_compress", max_tokens=SLOT_TOKENS)
@@ -114,6 +117,9 @@ def get_config(arg: str | None = None):
     # (copy it, translate it, name its intent); the speech stage then only has
     # to make audio read like that text.
     c.data.lm_text_manifest = "runs/demo/data/lm_text.jsonl"
+    # The examples come from the demo's own recipe (its module docstring
+    # describes the keys below, which only it reads).
+    c.data.lm_examples = "speechjax.projects.spoken_commands.lm_data:text_lm_examples"
     c.data.lm_audio_slot = "transcript"
     c.data.lm_slot_length = SLOT_TOKENS
     # Half as many again ASR examples of random word strings: only copying
@@ -185,7 +191,7 @@ def get_config(arg: str | None = None):
     # LoRA on every attention projection of the frozen LM: reading the audio
     # slot is an attention job (where to look: q, k; what to take: v, o).
     c.lora.update(rank=16, alpha=32.0, dropout=0.0,
-                  targets=(r"^(?!encoder/).*(q_proj|k_proj|v_proj|o_proj)$",))
+                  targets=ATTENTION_TARGETS)
     # Gentle: the LM already transcribes by reading the compressed slot (test
     # WER 17.8 %, intent 82 %, BLEU 40.0 before any speech step); this stage
     # teaches it to name intents and translate from audio. A higher rate

@@ -1,8 +1,16 @@
 r"""Qwen2-Audio-style speech LLM (Chu et al. 2024): Whisper-large-v3 encoder,
 average pooling by 2 + linear projector, Qwen2-7B with LoRA, ChatML prompts.
 
+    # once: clips with transcripts and (instruction, answer) turns, as instruction
+    # JSONL (format: speechjax/data/builders/instructions.py)
+    python -m speechjax.data.build instructions --train=/data/instr/train.jsonl \
+        --dev=/data/instr/dev.jsonl --test=/data/instr/test.jsonl --data_dir=/data/tfds
+    # -> /data/tfds/speech_instructions/1.0.0/ with splits train, dev, test
+    python -m speechjax.train --config=configs/qwen2_audio.py --workdir=runs/qwen2_audio \
+        --config.data.data_dir=/data/tfds --dry_run
     python -m speechjax.train --config=configs/qwen2_audio.py --workdir=runs/qwen2_audio \
         --config.data.data_dir=/data/tfds
+    python -m speechjax.evaluate --workdir=runs/qwen2_audio --split=test --tasks=asr,instruct
 
 Hardware: 8x A100-80GB or a TPU v5e-64 slice; bf16.
 
@@ -14,10 +22,8 @@ LibriSpeech 960 h alone gives higher numbers. Not reproduced here.
 from __future__ import annotations
 
 from speechjax.config_base import base_config, decoder_section, encoder_section
-
-QWEN2_7B = dict(model_type="qwen2", vocab_size=156032, hidden_size=3584, intermediate_size=18944,
-                num_layers=28, num_heads=28, num_kv_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
-                qkv_bias=True, max_position_embeddings=8192)
+from speechjax.models.lora import ATTENTION_TARGETS
+from speechjax.models.sizes import llm_size, whisper_size
 
 
 def get_config(arg: str | None = None):
@@ -25,19 +31,21 @@ def get_config(arg: str | None = None):
   c = base_config()
   c.model.dtype = "bfloat16"
   c.model.frozen_dtype = "bfloat16"
-  c.model.encoder = encoder_section(num_mel_bins=128, d_model=1280, num_layers=32, num_heads=20,
-                                    ffn_dim=5120, scan_layers=True, remat_policy="full")
+  c.model.encoder = encoder_section(**whisper_size("large-v3"), scan_layers=True, remat_policy="full")
   c.model.encoder_pretrained = "openai/whisper-large-v3"
   c.model.projector.update(kind="pool", pool_factor=2)
-  c.model.decoder = decoder_section("llama", **QWEN2_7B, scan_layers=True, remat_policy="full")
+  c.model.decoder = decoder_section(**llm_size("qwen2-7b"), scan_layers=True, remat_policy="full")
   c.model.decoder_pretrained = "Qwen/Qwen2-7B"
   c.lora.update(rank=16, alpha=32.0, dropout=0.05,
-                targets=(r"^(?!encoder/).*(q_proj|k_proj|v_proj|o_proj)$",))
+                targets=ATTENTION_TARGETS)
   c.train.mode = "lora"
   c.data.n_mels = 128
   c.data.template = "chatml"
-  c.data.tasks = ("asr", "translate", "classify")
-  c.data.task_weights = (2.0, 1.0, 1.0)
+  c.data.name = "speech_instructions"
+  c.data.data_dir = "/data/tfds"
+  c.data.train_split, c.data.eval_split, c.data.test_split = "train", "dev", "test"
+  c.data.tasks = ("asr", "instruct")
+  c.data.task_weights = (1.0, 1.0)
   c.data.batch_size = 64
   c.data.audio_buckets_seconds = (10.0, 30.0)
   c.data.token_buckets = (512, 1024)

@@ -2,9 +2,13 @@ r"""SLAM-ASR (Ma et al. 2024, "An Embarrassingly Simple Approach for LLM with
 Strong ASR Capacity"): frozen speech encoder + trainable linear projector +
 frozen LLM with LoRA, on LibriSpeech 960 h.
 
-    # once: build the dataset from a local LibriSpeech copy
-    python -c "from speechjax.data.builders.librispeech import build_librispeech; \
-               build_librispeech('/data/LibriSpeech', '/data/tfds')"
+    # once: build the dataset from a local LibriSpeech copy (openslr.org/12, unpacked)
+    python -m speechjax.data.build librispeech --manual_dir=/data/LibriSpeech \
+        --data_dir=/data/tfds
+    # -> /data/tfds/librispeech/1.0.0/ with splits train_clean_100, train_clean_360,
+    #    train_other_500, dev_clean, dev_other, test_clean, test_other
+    python -m speechjax.train --config=configs/slam_asr.py --workdir=runs/slam_asr \
+        --config.data.data_dir=/data/tfds --dry_run      # opens every split, lowers the step
     python -m speechjax.train --config=configs/slam_asr.py --workdir=runs/slam_asr \
         --config.data.data_dir=/data/tfds
     python -m speechjax.evaluate --workdir=runs/slam_asr --split=test_clean
@@ -25,14 +29,8 @@ Variants (arg): 'qwen' (default: Qwen2.5-7B), 'vicuna' (Vicuna-7B v1.5).
 from __future__ import annotations
 
 from speechjax.config_base import base_config, decoder_section, encoder_section
-
-QWEN25_7B = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                 num_layers=28, num_heads=28, num_kv_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
-                 qkv_bias=True, max_position_embeddings=32768, tie_word_embeddings=False)
-VICUNA_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                 num_layers=32, num_heads=32, num_kv_heads=32, rope_theta=1e4, rms_norm_eps=1e-5,
-                 max_position_embeddings=4096, tie_word_embeddings=False)
-WHISPER_LARGE_V3 = dict(num_mel_bins=128, d_model=1280, num_layers=32, num_heads=20, ffn_dim=5120)
+from speechjax.models.lora import DEFAULT_TARGETS
+from speechjax.models.sizes import llm_size, whisper_size
 
 
 def get_config(arg: str | None = None):
@@ -43,14 +41,14 @@ def get_config(arg: str | None = None):
   c.model.kind = "speech_llm"
   c.model.dtype = "bfloat16"
   c.model.frozen_dtype = "bfloat16"
-  c.model.encoder = encoder_section(**WHISPER_LARGE_V3, scan_layers=True, remat_policy="full")
+  c.model.encoder = encoder_section(**whisper_size("large-v3"), scan_layers=True, remat_policy="full")
   c.model.encoder_pretrained = "openai/whisper-large-v3"
   # SLAM-ASR: stack k=5 frames, Linear -> ReLU -> Linear (hidden 2048).
   c.model.projector.update(kind="frame_stack", stack_factor=5, hidden_dim=2048)
-  arch = QWEN25_7B if llm == "qwen" else VICUNA_7B
-  c.model.decoder = decoder_section("llama", **arch, scan_layers=True, remat_policy="full")
+  arch = llm_size("qwen2.5-7b" if llm == "qwen" else "vicuna-7b")
+  c.model.decoder = decoder_section(**arch, scan_layers=True, remat_policy="full")
   c.model.decoder_pretrained = "Qwen/Qwen2.5-7B" if llm == "qwen" else "lmsys/vicuna-7b-v1.5"
-  c.lora.update(rank=8, alpha=32.0, dropout=0.05, targets=(r"^(?!encoder/).*(q_proj|v_proj)$",))
+  c.lora.update(rank=8, alpha=32.0, dropout=0.05, targets=DEFAULT_TARGETS)
   c.train.mode = "lora"  # projector + LoRA; encoder and LLM frozen
 
   c.data.name = "librispeech"
@@ -66,6 +64,8 @@ def get_config(arg: str | None = None):
   c.data.eval_batch_size = 64
   c.data.audio_buckets_seconds = (10.0, 20.0, 30.0)
   c.data.token_buckets = (256, 384, 512)
+  # Training leaves out the few utterances over 30 s (the encoder's window);
+  # evaluation scores every one, chunking the long ones (speechjax.evaluation.scoring).
   c.data.max_audio_seconds = 30.0
 
   c.optim.update(name="adamw", lr=1e-4, schedule="linear", warmup_steps=1000, weight_decay=0.0,

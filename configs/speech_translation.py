@@ -2,8 +2,15 @@ r"""Speech translation (e.g. CoVoST 2 English -> German) with a speech LLM:
 Whisper-medium encoder + frame-stack projector + Qwen2.5-1.5B with LoRA,
 trained jointly on ASR and translation (multi-task helps ST).
 
+    # once: CoVoST 2 TSVs + the Common Voice English clips
+    python -m speechjax.data.build covost2 --tsv_dir=/data/covost2 --clips_dir=/data/cv/en \
+        --source_language=en --target_language=de --data_dir=/data/tfds
+    # -> /data/tfds/covost2_en_de/1.0.0/ with splits train, dev, test
     python -m speechjax.train --config=configs/speech_translation.py --workdir=runs/st \
-        --config.data.data_dir=/data/tfds --config.data.translation_language=German
+        --config.data.data_dir=/data/tfds --dry_run
+    python -m speechjax.train --config=configs/speech_translation.py --workdir=runs/st \
+        --config.data.data_dir=/data/tfds
+    python -m speechjax.evaluate --workdir=runs/st --split=test --tasks=translate,asr
 
 Hardware: 4x A100-80GB or a TPU v4-16 slice; bf16.
 
@@ -27,12 +34,15 @@ def get_config(arg: str | None = None):
   c.model.encoder_pretrained = "openai/whisper-medium"
   c.model.projector.update(kind="frame_stack", stack_factor=5, hidden_dim=2048)
   c.model.decoder = decoder_section(
-      "llama", model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+      model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
       num_layers=28, num_heads=12, num_kv_heads=2, rope_theta=1e6, qkv_bias=True,
       tie_word_embeddings=True, max_position_embeddings=32768, scan_layers=True, remat_policy="full")
   c.model.decoder_pretrained = "Qwen/Qwen2.5-1.5B"
   c.lora.update(rank=16, alpha=32.0, dropout=0.05)
   c.train.mode = "lora"
+  c.data.name = "covost2_en_de"
+  c.data.data_dir = "/data/tfds"
+  c.data.train_split, c.data.eval_split, c.data.test_split = "train", "dev", "test"
   c.data.tasks = ("translate", "asr")
   c.data.task_weights = (2.0, 1.0)
   c.data.translation_language = "German"

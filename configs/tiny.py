@@ -1,6 +1,6 @@
 r"""A minuscule speech LLM for smoke tests: every code path, seconds per run.
 
-    python -m speechjax.data.synth --out=/tmp/tiny --num_train=64 --num_dev=16 --num_test=16
+    python -m speechjax.projects.spoken_commands.synth --out=/tmp/tiny --num_train=64 --num_dev=16 --num_test=16
     python -m speechjax.train --config=configs/tiny.py --workdir=/tmp/tiny_run \
         --config.data.data_dir=/tmp/tiny/tfds --config.model.tokenizer=TOKENIZER_DIR
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from speechjax.models.lora import DEFAULT_TARGETS
 from speechjax.parallel import DEFAULT_RULES, MESH_AXES
 
 
@@ -34,9 +35,10 @@ def _dataclass_section(cls, exclude=("lora",), **overrides) -> ml_collections.Co
   return ml_collections.ConfigDict(fields)
 
 
-def encoder_section(**overrides):
-  from speechjax.models.audio_encoder import WhisperEncoderConfig
-  return _dataclass_section(WhisperEncoderConfig, **overrides)
+def encoder_section(model_type: str = "whisper", **overrides):
+  """The fields of a registered audio encoder's config (speechjax/models/encoders)."""
+  from speechjax.models.encoders import get_encoder
+  return _dataclass_section(get_encoder(model_type).config_cls, model_type=model_type, **overrides)
 
 
 def projector_section(**overrides):
@@ -44,25 +46,29 @@ def projector_section(**overrides):
   return _dataclass_section(ProjectorConfig, **overrides)
 
 
-def decoder_section(family: str = "llama", **overrides):
-  """`family` 'llama' covers Llama / Mistral / Qwen2 / Qwen3; 'gpt2' is GPT-2."""
-  if family == "gpt2":
-    from speechjax.models.gpt2 import GPT2Config as cls
-  elif family == "llama":
-    from speechjax.models.decoder import DecoderConfig as cls
-  else:
-    raise ValueError(f"decoder family {family!r}; valid: llama, gpt2")
-  return _dataclass_section(cls, **overrides)
+def decoder_section(model_type: str = "llama", **overrides):
+  """The fields of a registered decoder family's config (speechjax/models/families.py):
+  'llama', 'mistral', 'qwen2', 'qwen3' (one config class), 'gpt2', ..."""
+  from speechjax.models.families import get_family
+  family = get_family(model_type)
+  if family.role != "decoder":
+    raise ValueError(f"decoder_section({model_type!r}): that model_type is a {family.role}")
+  return _dataclass_section(family.config_cls(), model_type=model_type, **overrides)
 
 
 def base_config() -> ml_collections.ConfigDict:
-  from speechjax.data.pipeline import default_data_config
+  from speechjax.data.config import default_data_config
 
   c = ml_collections.ConfigDict()
   c.seed = 0
   # Persistent XLA compilation cache (empty = off): the second run of a
   # config skips most compile time.
   c.compile_cache_dir = ""
+  # Resuming a workdir whose checkpoint was trained with another config:
+  # "strict" refuses a change to anything that decides what is trained (the keys
+  # outside speechjax/trainer/config_record.py MAY_CHANGE_ON_RESUME) and names
+  # each; "allow_changes" resumes anyway and logs every difference.
+  c.resume_policy = "strict"
 
   c.model = ml_collections.ConfigDict()
   c.model.kind = "speech_llm"  # speech_llm | lm | ctc
@@ -71,15 +77,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.encoder = encoder_section()
   c.model.encoder_pretrained = ""  # HF Whisper folder (or hub id when online)
   c.model.projector = projector_section()
-  c.model.decoder_family = "llama"
+  # The family is the section's model_type: decoder_section("gpt2"), decoder_section("qwen2"), ...
   c.model.decoder = decoder_section("llama")
   c.model.decoder_pretrained = ""  # HF causal-LM folder (or hub id)
   c.model.tokenizer = ""  # defaults to decoder_pretrained
   c.model.num_classes = 0  # > 0 adds a classification head
   c.model.ctc_vocab = ""  # ctc kind: characters the CTC head predicts ('' = from the tokenizer)
 
-  c.lora = ml_collections.ConfigDict(dict(
-      rank=8, alpha=32.0, dropout=0.05, targets=(r"^(?!encoder/).*(q_proj|v_proj)$",)))
+  c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=32.0, dropout=0.05, targets=DEFAULT_TARGETS))
 
   c.data = default_data_config()
 

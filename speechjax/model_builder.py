@@ -1,4 +1,5 @@
-"""Config -> model, tokenizer, objective and initial weights.
+"""Config -> model bundle: module, tokenizer, objective, initial weights and
+what audio input the encoder reads.
 
 Three model kinds share the trainer:
 
@@ -9,14 +10,16 @@ Three model kinds share the trainer:
 Pretrained weights come from HF folders (`model.encoder_pretrained`,
 `model.decoder_pretrained`); the architecture then follows the checkpoint's
 config.json, and only run-time fields (dtype, scan, remat, dropout) come from
-the experiment config.
+the experiment config. The encoder, projector and decoder family are looked up
+in their registries by the sections' `model_type` / `kind`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,8 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from speechjax.config_base import dataclass_from_config
+from speechjax.models import objectives
+from speechjax.models.encoders import AudioInput, encoder_config_from_dict
+from speechjax.models.families import decoder_config_from_dict
 from speechjax.models.lora import LoRAConfig
-from speechjax.trainer import objectives
+from speechjax.tree import flatten, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +40,35 @@ RUNTIME_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention_dropout", "
                   "attention_impl")
 
 
+@dataclasses.dataclass(frozen=True)
+class PretrainedPart:
+  """Weights that come from a checkpoint folder instead of the random init:
+  the HF model in `folder` fills `subtree` of the params ('' = all of them);
+  `extra` names heads saved beside it (`<name>.safetensors`) and the params
+  subtree each fills, e.g. (("ctc_head", "projector/ctc_head"),)."""
+
+  subtree: str
+  folder: str
+  scan_layers: bool = False
+  extra: tuple[tuple[str, str], ...] = ()
+
+
 @dataclasses.dataclass
 class ModelBundle:
   kind: str
   module: nn.Module
   model_config: Any
   init_fn: Callable[[jax.Array], dict]  # rng -> boxed variables
-  load_pretrained: Callable[[dict, Any], dict]  # (variables, shardings) -> variables
+  pretrained: tuple[PretrainedPart, ...]  # what init_variables reads from checkpoints
   objective: objectives.Objective
   tokenizer: Any
   num_audio_tokens: Callable[[int], int] | None
   num_decoder_layers: int
+  audio_input: AudioInput | None = None  # what the data pipeline must produce (None: text only)
+
+  def init_variables(self, rng, mesh, rules, dtypes: Callable[[str], Any] | None = None):
+    """-> (variables, shardings): see `init_variables`."""
+    return init_variables(self, rng, mesh, rules, dtypes)
 
 
 def lora_from_config(config) -> LoRAConfig:
@@ -58,30 +82,33 @@ def _runtime_overrides(section, dtype: str) -> dict:
   return values
 
 
+def _check_keys(config) -> None:
+  if "decoder_family" in config.model:
+    raise ValueError("model.decoder_family is no longer a key: the decoder family is "
+                     "model.decoder.model_type (set the section with decoder_section('gpt2'), "
+                     "decoder_section('qwen2'), ...)")
+
+
 def encoder_config(config, lora: LoRAConfig):
   from speechjax.hf import model_config_from_hf
-  from speechjax.models.audio_encoder import WhisperEncoderConfig
 
   section = config.model.encoder
   dtype = config.model.dtype
   if config.model.encoder_pretrained:
     return model_config_from_hf(config.model.encoder_pretrained, lora=lora, param_dtype="float32",
                                 **_runtime_overrides(section, dtype))
-  return dataclass_from_config(WhisperEncoderConfig, {**section.to_dict(), "dtype": dtype}, lora=lora)
+  return encoder_config_from_dict({**section.to_dict(), "dtype": dtype}, lora=lora)
 
 
 def decoder_config(config, lora: LoRAConfig):
   from speechjax.hf import model_config_from_hf
-  from speechjax.models.decoder import DecoderConfig
-  from speechjax.models.gpt2 import GPT2Config
 
   section = config.model.decoder
   dtype = config.model.dtype
   if config.model.decoder_pretrained:
     return model_config_from_hf(config.model.decoder_pretrained, lora=lora, param_dtype="float32",
                                 **_runtime_overrides(section, dtype))
-  cls = GPT2Config if config.model.decoder_family == "gpt2" else DecoderConfig
-  return dataclass_from_config(cls, {**section.to_dict(), "dtype": dtype}, lora=lora)
+  return decoder_config_from_dict({**section.to_dict(), "dtype": dtype}, lora=lora)
 
 
 def load_tokenizer(config):
@@ -93,35 +120,75 @@ def load_tokenizer(config):
   return hf_tokenizer(path)
 
 
-def _place_like(params: dict, target: dict, shardings: dict, where: str) -> dict:
-  """Checks shapes against the freshly initialised subtree and places the
-  loaded weights on the target shardings."""
-  flat_t = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
-  flat_p = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  if set(flat_t) != set(flat_p):
-    raise ValueError(f"{where}: pretrained parameters do not match the model: missing "
-                     f"{sorted(set(flat_t) - set(flat_p))[:5]}, unexpected {sorted(set(flat_p) - set(flat_t))[:5]}")
-  for k, v in flat_t.items():
-    if tuple(v.shape) != tuple(flat_p[k].shape):
-      raise ValueError(f"{where}: {k} has shape {tuple(flat_p[k].shape)} in the checkpoint, "
-                       f"the model expects {tuple(v.shape)}")
-  return jax.tree_util.tree_map(lambda p, t, s: jax.device_put(p.astype(t.dtype), s), params, target, shardings)
+def _under(path: str, subtree: str) -> bool:
+  return not subtree or path == subtree or path.startswith(subtree + "/")
 
 
-def _load_subtree(variables, shardings, key: str | None, path: str, cfg):
-  from speechjax.hf import load_pretrained
+def init_variables(bundle: ModelBundle, rng, mesh, rules, dtypes: Callable[[str], Any] | None = None):
+  """The model's variables placed on their shardings -> (variables, shardings).
 
-  _, loaded = load_pretrained(path, dtype=jnp.float32, scan_layers=getattr(cfg, "scan_layers", False))
-  params = dict(variables["params"])
-  if key is None:
-    params = _place_like(loaded, variables["params"], shardings["params"], path)
-  else:
-    params[key] = _place_like(loaded, params[key], shardings["params"][key], path)
-  log.info("loaded pretrained weights from %s into %s", path, key or "the model")
-  return {**variables, "params": params}
+  Randomly initialised parameters are made on their devices by one jitted
+  init that computes only them (XLA drops the initialisers of pretrained
+  parameters); pretrained ones are read slice by slice from the checkpoint
+  straight into their sharding and `dtypes(path)` ('params/...' or
+  'lora/...' paths; default float32), so no device ever holds a whole
+  tensor it does not own, nor a float32 copy of a frozen bf16 weight.
+  """
+  from speechjax import parallel  # pylint: disable=import-outside-toplevel
+  from speechjax.hf import load_extra_params, load_pretrained  # pylint: disable=import-outside-toplevel
+
+  boxed = jax.eval_shape(bundle.init_fn, rng)
+  shardings = parallel.logical_shardings(boxed, mesh, rules)
+  abstract = flatten(nn.unbox(boxed), sep="/")
+  flat_shardings = flatten(shardings, sep="/")
+  dtype_of = lambda path: jnp.dtype(dtypes(path) if dtypes else abstract[path].dtype)
+
+  loaded_from = {}  # path -> folder, for every parameter a checkpoint fills
+  for part in bundle.pretrained:
+    for path in abstract:
+      inner = path[len("params/"):]
+      if path.startswith("params/") and _under(inner, part.subtree):
+        loaded_from[path] = part.folder
+    for _, subtree in part.extra:
+      for path in abstract:
+        if path.startswith("params/") and _under(path[len("params/"):], subtree):
+          loaded_from[path] = part.folder
+
+  random_paths = [p for p in abstract if p not in loaded_from]
+
+  def init_random(r):
+    flat = flatten(nn.unbox(bundle.init_fn(r)), sep="/")
+    return {p: flat[p].astype(dtype_of(p)) for p in random_paths}
+
+  out = jax.jit(init_random, out_shardings={p: flat_shardings[p] for p in random_paths})(rng)
+  for part in bundle.pretrained:
+    prefix = "params/" + (part.subtree + "/" if part.subtree else "")
+    names = [p for p in abstract if p.startswith(prefix) and loaded_from.get(p) == part.folder
+             and not any(_under(p[len("params/"):], sub) for _, sub in part.extra)]
+    inner = {p[len(prefix):]: p for p in names}
+    _, loaded = load_pretrained(
+        part.folder, dtype=jnp.float32, scan_layers=part.scan_layers,
+        shardings={k: flat_shardings[p] for k, p in inner.items()},
+        dtypes={k: dtype_of(p) for k, p in inner.items()},
+        expect_shapes={k: abstract[p].shape for k, p in inner.items()})
+    for k, value in flatten(loaded, sep="/").items():
+      out[inner[k]] = value
+    for name, subtree in part.extra:
+      head = flatten(load_extra_params(part.folder, name), sep="/")
+      base = f"params/{subtree}/"
+      want = {p[len(base):]: p for p in abstract if p.startswith(base)}
+      if set(head) != set(want) or any(head[k].shape != abstract[p].shape for k, p in want.items()):
+        raise ValueError(f"{part.folder}/{name}.safetensors: {sorted((k, v.shape) for k, v in head.items())} "
+                         f"does not match the model's {subtree}: "
+                         f"{sorted((k, abstract[p].shape) for k, p in want.items())}")
+      for k, p in want.items():
+        out[p] = jax.device_put(np.asarray(head[k], dtype_of(p)), flat_shardings[p])
+    log.info("loaded pretrained weights from %s into %s", part.folder, part.subtree or "the model")
+  return unflatten(out, sep="/"), shardings
 
 
 def build(config) -> ModelBundle:
+  _check_keys(config)
   kind = config.model.kind
   lora = lora_from_config(config)
   if kind == "speech_llm":
@@ -135,60 +202,48 @@ def build(config) -> ModelBundle:
 
 def _build_speech_llm(config, lora) -> ModelBundle:
   from speechjax.models import speech_llm as sl
-  from speechjax.models.projector import ProjectorConfig
+  from speechjax.models.projector import PROJECTORS, ProjectorConfig
 
   enc_cfg = encoder_config(config, lora)
   dec_cfg = decoder_config(config, lora)
   proj_values = {**config.model.projector.to_dict(), "dtype": config.model.dtype}
   tokenizer = load_tokenizer(config)
-  if proj_values["kind"] == "ctc_compress":
-    if tokenizer is None and (proj_values["ctc_vocab_size"] <= 0 or proj_values["fill_token_id"] < 0):
-      raise ValueError("projector kind 'ctc_compress' needs model.tokenizer (or "
-                       "model.projector.ctc_vocab_size and fill_token_id)")
-    if proj_values["ctc_vocab_size"] <= 0:
-      proj_values["ctc_vocab_size"] = len(tokenizer) + 1
-    if proj_values["fill_token_id"] < 0:
-      pad = tokenizer.pad_token_id
-      proj_values["fill_token_id"] = pad if pad is not None else tokenizer.eos_token_id
+  projector_kind = PROJECTORS.get(proj_values["kind"])
+  if projector_kind.from_tokenizer is not None:
+    proj_values = projector_kind.from_tokenizer(proj_values, tokenizer)
   proj_cfg = dataclass_from_config(ProjectorConfig, proj_values, lora=lora)
   model_cfg = sl.SpeechLLMConfig(encoder=enc_cfg, projector=proj_cfg, decoder=dec_cfg, lora=lora,
                                  num_classes=int(config.model.num_classes))
   module = sl.SpeechLLM(model_cfg)
-  n_mels = enc_cfg.num_mel_bins
-  frames = 40
 
   def init_fn(rng):
-    n_audio = sl.num_audio_tokens(frames, model_cfg)
+    audio = enc_cfg.audio_input()
+    length = 40 if audio.kind == "mel" else 16000
+    n_audio = sl.num_audio_tokens(length, model_cfg)
     ids = jnp.concatenate([jnp.ones((1, 2), jnp.int32), jnp.full((1, n_audio), sl.AUDIO_PLACEHOLDER_ID, jnp.int32),
                            jnp.ones((1, 3), jnp.int32)], axis=1)
-    args = (jnp.zeros((1, n_mels, frames)), jnp.ones((1, frames), jnp.int32), ids, jnp.ones_like(ids))
+    args = (jnp.zeros(audio.dummy_shape(1, length)), jnp.ones((1, length), jnp.int32), ids, jnp.ones_like(ids))
     # __call__ creates the classifier's weights too when num_classes > 0.
     return module.init({"params": rng, "dropout": rng}, *args)
 
-  def load(variables, shardings):
-    if config.model.encoder_pretrained:
-      variables = _load_subtree(variables, shardings, "encoder", config.model.encoder_pretrained, enc_cfg)
-    if config.model.decoder_pretrained:
-      variables = _load_subtree(variables, shardings, "decoder", config.model.decoder_pretrained, dec_cfg)
-    if proj_cfg.kind == "ctc_compress" and config.model.encoder_pretrained:
-      from speechjax.hf.export_whisper import load_ctc_head
-      params = dict(variables["params"])
-      projector = dict(params["projector"])
-      projector["ctc_head"] = _place_like(load_ctc_head(config.model.encoder_pretrained),
-                                          projector["ctc_head"], shardings["params"]["projector"]["ctc_head"],
-                                          config.model.encoder_pretrained)
-      params["projector"] = projector
-      variables = {**variables, "params": params}
-    return variables
+  pretrained = []
+  if config.model.encoder_pretrained:
+    extra = tuple((name, f"projector/{name}") for name in projector_kind.encoder_folder_params)
+    pretrained.append(PretrainedPart("encoder", config.model.encoder_pretrained,
+                                     getattr(enc_cfg, "scan_layers", False), extra))
+  if config.model.decoder_pretrained:
+    pretrained.append(PretrainedPart("decoder", config.model.decoder_pretrained,
+                                     getattr(dec_cfg, "scan_layers", False)))
 
   objective = objectives.speech_llm_objective(module, config.train.lm_loss_weight,
                                               config.train.cls_loss_weight if model_cfg.num_classes else 0.0)
-  return ModelBundle("speech_llm", module, model_cfg, init_fn, load, objective, tokenizer,
-                     lambda f: sl.num_audio_tokens(f, model_cfg), dec_cfg.num_layers)
+  return ModelBundle("speech_llm", module, model_cfg, init_fn, tuple(pretrained), objective, tokenizer,
+                     lambda f: sl.num_audio_tokens(f, model_cfg), dec_cfg.num_layers,
+                     audio_input=enc_cfg.audio_input())
 
 
 def _build_lm(config, lora) -> ModelBundle:
-  from speechjax.models.decoder import make_decoder
+  from speechjax.models.families import make_decoder
 
   dec_cfg = decoder_config(config, lora)
   module = make_decoder(dec_cfg)
@@ -196,12 +251,10 @@ def _build_lm(config, lora) -> ModelBundle:
   def init_fn(rng):
     return module.init({"params": rng, "dropout": rng}, jnp.ones((1, 4), jnp.int32))
 
-  def load(variables, shardings):
-    if config.model.decoder_pretrained:
-      variables = _load_subtree(variables, shardings, None, config.model.decoder_pretrained, dec_cfg)
-    return variables
+  pretrained = ((PretrainedPart("", config.model.decoder_pretrained, dec_cfg.scan_layers),)
+                if config.model.decoder_pretrained else ())
 
-  return ModelBundle("lm", module, dec_cfg, init_fn, load, objectives.causal_lm_objective(module),
+  return ModelBundle("lm", module, dec_cfg, init_fn, pretrained, objectives.causal_lm_objective(module),
                      load_tokenizer(config), None, dec_cfg.num_layers)
 
 
@@ -219,14 +272,16 @@ def _build_ctc(config, lora) -> ModelBundle:
                      "(CTC over its token ids)")
   module = ctc.CTCEncoder(model_cfg)
 
+  audio = enc_cfg.audio_input()
+
   def init_fn(rng):
-    return module.init({"params": rng, "dropout": rng}, jnp.zeros((1, enc_cfg.num_mel_bins, 40)),
-                       jnp.ones((1, 40), jnp.int32))
+    length = 40 if audio.kind == "mel" else 16000
+    return module.init({"params": rng, "dropout": rng}, jnp.zeros(audio.dummy_shape(1, length)),
+                       jnp.ones((1, length), jnp.int32))
 
-  def load(variables, shardings):
-    if config.model.encoder_pretrained:
-      variables = _load_subtree(variables, shardings, "encoder", config.model.encoder_pretrained, enc_cfg)
-    return variables
+  pretrained = ((PretrainedPart("encoder", config.model.encoder_pretrained,
+                                getattr(enc_cfg, "scan_layers", False)),)
+                if config.model.encoder_pretrained else ())
 
-  return ModelBundle("ctc", module, model_cfg, init_fn, load, objectives.ctc_objective(module),
-                     tokenizer, lambda f: 0, 0)
+  return ModelBundle("ctc", module, model_cfg, init_fn, pretrained, objectives.ctc_objective(module),
+                     tokenizer, lambda f: 0, 0, audio_input=audio)

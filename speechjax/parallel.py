@@ -9,15 +9,19 @@ Explicit axes, which would make every op spell out its output sharding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import logging
 import math
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from speechjax.tree import path_names
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +51,23 @@ DEFAULT_RULES = (
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Replaces a single -1 with whatever fills `num_devices`."""
   shape = list(shape)
+  given = tuple(shape)
   if shape.count(-1) > 1:
-    raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1")
+    raise ValueError(f"mesh.shape={given}: at most one axis may be -1 (it fills the rest); "
+                     f"valid: e.g. (-1, 1, 1) for data parallelism over all {num_devices} devices")
+  if any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh.shape={given}: axis sizes must be positive or -1 (fill the rest)")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
-      raise ValueError(f"mesh shape {tuple(shape)} does not divide {num_devices} devices")
+      raise ValueError(f"mesh.shape={given}: the fixed axes take {known} devices, which does not "
+                       f"divide the {num_devices} available; valid: fixed sizes whose product "
+                       f"divides {num_devices}")
     shape[shape.index(-1)] = num_devices // known
   if math.prod(shape) != num_devices:
     raise ValueError(
-        f"mesh shape {tuple(shape)} uses {math.prod(shape)} devices but {num_devices} are available")
+        f"mesh.shape={given} uses {math.prod(shape)} devices but {num_devices} are available; "
+        f"valid: sizes whose product is {num_devices}, or one axis -1 (fill the rest)")
   return tuple(shape)
 
 
@@ -202,7 +213,7 @@ def shardings_like(tree, reference_shardings: dict[tuple[str, ...], Any], mesh: 
   by_suffix = reference_shardings
 
   def one(path, leaf):
-    keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+    keys = path_names(path)
     for start in range(len(keys)):
       hit = by_suffix.get(keys[start:])
       if hit is not None and hit.shard_shape(leaf.shape) is not None and len(hit.spec) <= leaf.ndim:
@@ -214,8 +225,7 @@ def shardings_like(tree, reference_shardings: dict[tuple[str, ...], Any], mesh: 
 
 def path_shardings(shardings_tree) -> dict[tuple[str, ...], Any]:
   flat = jax.tree_util.tree_flatten_with_path(shardings_tree)[0]
-  return {tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)): s
-          for path, s in flat}
+  return {path_names(path): s for path, s in flat}
 
 
 def _env_int(name: str, default: int) -> int:

@@ -3,7 +3,6 @@ initialisation, compilation cache, logging, and readable config errors."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -12,8 +11,9 @@ import jax
 
 
 def setup(config, flags_values=None) -> None:
-  from speechjax import parallel
+  from speechjax import parallel, run_paths
 
+  run_paths.expand_config_paths(config)  # `~` and $VARS in every path the run reads
   if flags_values is not None:
     parallel.initialize_distributed(
         getattr(flags_values, "coordinator_address", ""), getattr(flags_values, "num_processes", 0),
@@ -30,14 +30,29 @@ def setup(config, flags_values=None) -> None:
   logging.getLogger("absl").setLevel(logging.WARNING)
 
 
-def write_config(config, workdir: str) -> None:
+def write_config(config, workdir: str, step: int = 0) -> None:
+  """Process 0 records the config of a start from `step`: W/config.<step>.json
+  (never overwriting an older start's record) and W/config.json, the latest
+  (speechjax.trainer.config_record)."""
   if jax.process_index() != 0:
     return
+  from speechjax import run_paths
   from speechjax.config_base import to_json
+  from speechjax.trainer.config_record import record_start
 
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(to_json(config))
+  record_start(workdir, to_json(config), step)
+  run_paths.record(config, workdir)  # lets the run folder be copied or moved
+
+
+def shutdown() -> None:
+  """Ends a multi-process run in one order on every process: the caller has
+  closed its checkpoint managers (their async saves end in cross-process
+  barriers), then jax.distributed shuts down here. Left to interpreter exit,
+  the two happen in an order that can differ between processes, and one
+  process waits in an orbax barrier while the other waits in JAX's shutdown
+  barrier."""
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
 
 
 def valid_keys(config, prefix: str = "") -> list[str]:

@@ -4,37 +4,69 @@ r"""Trains a speech LLM (or its stages: a text LM, a CTC encoder) from a config.
         [--config.optim.lr=3e-4 ...]
 
 If `--workdir` already holds a checkpoint, training resumes from it. This file
-is intentionally kept short; the logic lives in speechjax.trainer.
+is intentionally kept short: it builds the model bundle and the data and hands
+both to the loop in speechjax.trainer.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
+import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from speechjax import runtime
+from speechjax import dry_run, run_paths, runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: config, metrics, checkpoints.")
-flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
-flags.DEFINE_integer("num_processes", 0, "Number of processes (0 = auto-detect / single).")
-flags.DEFINE_integer("process_id", -1, "This process' index (-1 = auto-detect).")
-flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def build_trainer(config, workdir: str):
+  """The model bundle, the data it trains on, and the Trainer holding both."""
+  import jax
+
+  from speechjax import model_builder
+  from speechjax.data import sources
+  from speechjax.data.run_data import build_run_data
+  from speechjax.trainer.loop import Trainer
+
+  bundle = model_builder.build(config)
+  data = build_run_data(config, bundle)
+  trainer = Trainer(config, workdir, bundle=bundle, data=data)
+  if jax.process_index() == 0:  # every line the run left out, with file, line number and reason
+    sources.record_skipped(workdir, data.skipped)
+  return trainer
+
+
+def define_flags() -> None:
+  """Defined only when run as a program, so importing this module adds no flags."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run folder: config, metrics, checkpoints.")
+  flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
+  flags.DEFINE_integer("num_processes", 0, "Number of processes (0 = auto-detect / single).")
+  flags.DEFINE_integer("process_id", -1, "This process' index (-1 = auto-detect).")
+  flags.DEFINE_bool("dry_run", False, "Open every split and the tokenizer, lower the step, exit (no weights).")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  runtime.setup(config, flags.FLAGS)
-  from speechjax.trainer.loop import Trainer  # after jax.distributed is up
+  config = FLAGS.config
+  runtime.setup(config, FLAGS)  # jax.distributed is up before the trainer touches devices
+  if FLAGS.dry_run:
+    return dry_run.print_dry_run(config)
+  from speechjax.trainer.config_record import ConfigChangedError
 
-  summary = Trainer(config, _WORKDIR.value).run()
+  try:
+    trainer = build_trainer(config, run_paths.expand(FLAGS.workdir))
+  except ConfigChangedError as e:  # a resume that would train another experiment
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  summary = trainer.run()  # returns with every checkpoint save finished and closed
+  runtime.shutdown()
   print(json.dumps(summary, default=float))
 
 
 if __name__ == "__main__":
+  define_flags()
   runtime.run_with_config_errors(main)

@@ -1,15 +1,35 @@
-r"""Transcribes (translates, classifies) audio files with a trained run.
+r"""Transcribes (translates, classifies, answers about) audio with a trained run.
 
-    python -m speechjax.transcribe --workdir=runs/demo a.wav b.flac [--task=asr|translate|classify]
+    python -m speechjax.transcribe --workdir=runs/demo a.wav b.flac [--task=asr|translate|classify|...]
+    python -m speechjax.transcribe --workdir=runs/demo --input=recordings/ --output=out.jsonl
+    python -m speechjax.transcribe --workdir=runs/demo --task=instruct --instruction="How many words?" a.wav
 
-Prints one line per file: `FILE<TAB>output`. A file that cannot be read gets
-an `FILE<TAB>ERROR: ...` line and the others go on; the exit status is 1 when
-any file failed. Audio longer than the largest bucket (30 s at most) is cut
-into chunks at quiet points, the chunks decoded in one batch, and joined.
+`--task` is any registered task (`speechjax.data.tasks`); one that reads its
+instruction from a manifest field (instruct) takes it from `--instruction`.
+`--decode.method=beam --decode.beam_size=5 --decode.max_new_tokens=...`
+override the run's `eval.decode` settings.
+
+Files on the command line: one line per file, `FILE<TAB>output`; a file that
+cannot be read gets `FILE<TAB>ERROR: ...`, the others go on, and the exit
+status is 1. `--input=DIR` transcribes every audio file under DIR (recursively)
+into `--output`, whose suffix picks the format (or `--format`):
+
+    .jsonl  {"audio": path, "text": ..., "duration": s, "segments": [{"start", "end", "text"}]}
+    .tsv    path<TAB>text
+    .srt / .vtt   subtitles with segment times; a folder `--output` gets one
+                  file per audio file (DIR/<relative path>.srt), a file name one audio file's
+
+A rerun skips the files the output already holds, so an interrupted run
+resumes; unreadable files are counted, reported and left out. Audio longer
+than the largest bucket (30 s at most) is cut into chunks at quiet points; each
+chunk is a segment, and the transcript joins them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import sys
 
 from absl import app, flags
@@ -17,44 +37,126 @@ import numpy as np
 
 FLAGS = flags.FLAGS
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
+FORMATS = ("jsonl", "tsv", "srt", "vtt")
+DECODE_FLAGS = {"method": str, "beam_size": int, "max_new_tokens": int, "length_penalty": float,
+                "temperature": float, "top_p": float}
+
+
+def define_decode_flags() -> None:
+  """`--decode.<field>` for each field of a run's `eval.decode`; unset keeps the run's value."""
+  definers = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float}
+  notes = {"method": "greedy | beam | sample"}
+  for name, kind in DECODE_FLAGS.items():
+    help_text = f"{notes.get(name, name)} (default: the run's eval.decode.{name})"
+    definers[kind](f"decode.{name}", None, help_text)
+
+
+def decode_flag_values() -> dict:
+  """The `--decode.*` flags that were given: {field: value}."""
+  return {name: FLAGS[f"decode.{name}"].value for name in DECODE_FLAGS
+          if FLAGS[f"decode.{name}"].value is not None}
+
+
+def check_decode_overrides(overrides) -> dict:
+  """{field: value} with each value of its field's type; ValueError naming a bad field or method."""
+  from speechjax.generation.search import METHODS
+
+  checked = {}
+  for name, value in dict(overrides or {}).items():
+    if name not in DECODE_FLAGS:
+      raise ValueError(f"decode override {name!r} is not a decode setting; valid: {', '.join(DECODE_FLAGS)}")
+    if name == "method" and value not in METHODS:
+      raise ValueError(f"--decode.method={value!r}: valid methods are {', '.join(METHODS)}")
+    checked[name] = DECODE_FLAGS[name](value)
+  return checked
+
+
+def apply_decode_overrides(config, overrides) -> None:
+  """Sets the run config's eval.decode fields from {field: value}."""
+  for name, value in check_decode_overrides(overrides).items():
+    config.eval.decode[name] = value
+
 
 def define_flags() -> None:
   """Defined only when run as a program, so importing this module adds no flags."""
   flags.DEFINE_string("workdir", None, "Training folder (config.json + checkpoints).")
-  flags.DEFINE_enum("task", "asr", ["asr", "translate", "classify"], "What to produce.")
+  flags.DEFINE_string("task", "asr", "What to produce: a registered task (asr, translate, classify, instruct).")
+  flags.DEFINE_string("instruction", "", "The instruction for --task=instruct (free text).")
   flags.DEFINE_string("checkpoint", "best", "best | last")
+  flags.DEFINE_string("input", "", "Transcribe every audio file under this folder (recursively).")
+  flags.DEFINE_string("output", "", "With --input: the .jsonl / .tsv / .srt / .vtt file (or a folder).")
+  flags.DEFINE_string("format", "", f"{' | '.join(FORMATS)} (default: --output's suffix)")
+  flags.DEFINE_bool("progress", True, "Show a progress bar for --input.")
+  define_decode_flags()
   flags.mark_flags_as_required(["workdir"])
 
 
+def check_task(task: str, instruction: str = "") -> dict:
+  """The manifest-like example the task's prompt is built from; ValueError
+  unless `task` is registered and has what it needs."""
+  from speechjax.data import tasks
+
+  if task not in tasks.TASK_REGISTRY:
+    raise ValueError(f"--task={task!r} is not a registered task; "
+                     f"registered: {', '.join(tasks.task_names())}")
+  spec = tasks.get_task(task)
+  if spec.instruction_field:
+    if not instruction.strip():
+      usable = [name for name in tasks.task_names() if not tasks.get_task(name).instruction_field]
+      raise ValueError(f"--task={task!r} needs an instruction (in a manifest, the field "
+                       f"{spec.instruction_field!r}; here --instruction=... or the page's text box), "
+                       f"or use one of: {', '.join(usable)}")
+    return {spec.instruction_field: instruction}
+  if instruction.strip():
+    free = [name for name in tasks.task_names() if tasks.get_task(name).instruction_field]
+    raise ValueError(f"--task={task!r} asks with its own instructions; an --instruction needs "
+                     f"one of: {', '.join(free)}")
+  return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  start: float  # seconds
+  end: float
+  text: str
+
+
 class Transcriber:
-  """Loads a run once; `__call__(paths, task)` -> [(path, text or None, error or None)]."""
+  """Loads a run once. `__call__(paths, task)` -> [(path, text or None, error or None)];
+  `decode_waves` decodes 16 kHz waves, each with its own task, into segments."""
 
-  def __init__(self, workdir: str, checkpoint: str = "best"):
-    from speechjax import evaluation, inference
-    from speechjax.data import pipeline, tasks
+  def __init__(self, workdir: str, checkpoint: str = "best", decode=None):
+    from speechjax.data import batching, tasks
+    from speechjax.evaluation import run_loader, scoring
 
-    self.config, self.bundle, variables, _ = inference.load_trained(workdir, checkpoint)
-    self.variables = evaluation.inference_variables(variables, self.bundle.model_config.lora)
+    self.config, self.bundle, variables, _ = run_loader.load_trained(workdir, checkpoint)
+    apply_decode_overrides(self.config, decode)
+    self.variables = scoring.inference_variables(variables, self.bundle.model_config.lora)
     data_cfg = self.config.data
     self.prompts = tasks.PromptBuilder(self.bundle.tokenizer, data_cfg.template, data_cfg.translation_language,
                                        bool(data_cfg.add_bos))
-    self.buckets = sorted(pipeline.bucket_sizes_samples(data_cfg))
-    self.hop_length = pipeline.hop_length(data_cfg)
+    # What the encoder reads (log-mel or raw samples), as the training pipeline made it.
+    self.audio_input = batching.audio_input_from_config(data_cfg, self.bundle.audio_input)
+    self.buckets = sorted(batching.bucket_sizes_samples(data_cfg, self.audio_input))
     self.batch_size = int(data_cfg.eval_batch_size)
 
-  def _batch(self, waves: list[np.ndarray], task: str) -> dict:
-    from speechjax.data import features, pipeline
+  @property
+  def max_chunk_seconds(self) -> float:
+    from speechjax.data import audio as audio_lib
+    return self.buckets[-1] / audio_lib.SAMPLE_RATE
+
+  def _batch(self, waves: list[np.ndarray], requests: list[tuple[str, dict]]) -> dict:
+    from speechjax.data import batching
 
     lengths = np.array([w.size for w in waves])
-    samples = pipeline.smallest_fitting(int(lengths.max()), self.buckets) or self.buckets[-1]
+    samples = batching.smallest_fitting(int(lengths.max()), self.buckets) or self.buckets[-1]
     padded = np.zeros((len(waves), samples), np.float32)
     for i, w in enumerate(waves):
       padded[i, :w.size] = w[:samples]
-    feats, mask = features.log_mel_with_mask(padded, np.minimum(lengths, samples),
-                                             n_mels=int(self.config.data.n_mels),
-                                             hop_length=self.hop_length)
+    feats, mask = batching.encoder_features(padded, np.minimum(lengths, samples), self.audio_input)
     num_audio = self.bundle.num_audio_tokens(feats.shape[-1])
-    prompts = [self.prompts.prompt_ids({}, task, num_audio) for _ in waves]
+    prompts = [self.prompts.prompt_ids(example, task, num_audio) for task, example in requests]
     width = max(len(p) for p in prompts)
     ids = np.full((len(waves), width), self.prompts.pad_id, np.int32)
     attn = np.zeros((len(waves), width), np.int32)
@@ -64,41 +166,223 @@ class Transcriber:
     return {"features": np.asarray(feats), "feature_mask": np.asarray(mask, np.int32), "input_ids": ids,
             "attention_mask": attn}
 
-  def __call__(self, paths, task: str = "asr"):
-    from speechjax import decode, evaluation
+  def decode_waves(self, waves, tasks, instructions=None) -> list[list[Segment]]:
+    """waves: 16 kHz mono float arrays; tasks / instructions: one per wave (or
+    one string for all). Returns each wave's segments (one per chunk)."""
+    from speechjax import generation
+    from speechjax.data import audio as audio_lib
+    from speechjax.evaluation import scoring
+
+    waves = list(waves)
+    tasks = [tasks] * len(waves) if isinstance(tasks, str) else list(tasks)
+    if instructions is None or isinstance(instructions, str):
+      instructions = [instructions or ""] * len(waves)
+    if not len(tasks) == len(instructions) == len(waves):
+      raise ValueError(f"decode_waves: {len(waves)} waves need as many tasks and instructions, "
+                       f"got {len(tasks)} and {len(instructions)}")
+    requests = [(task, check_task(task, text)) for task, text in zip(tasks, instructions)]
+    rate = audio_lib.SAMPLE_RATE
+    pieces, owners = [], []
+    for index, wave in enumerate(waves):
+      start = 0
+      for piece in generation.chunk_audio(np.asarray(wave, np.float32), rate, self.max_chunk_seconds):
+        pieces.append((piece, start / rate, (start + piece.size) / rate))
+        owners.append(index)
+        start += piece.size
+    segments: list[list[Segment]] = [[] for _ in waves]
+    for first in range(0, len(pieces), self.batch_size):
+      group = pieces[first:first + self.batch_size]
+      group_owners = owners[first:first + self.batch_size]
+      # Full batches only (the last row repeated), so each bucket compiles one program.
+      fill = self.batch_size - len(group)
+      batch_waves = [p[0] for p in group] + [group[-1][0]] * fill
+      batch_requests = [requests[o] for o in group_owners] + [requests[group_owners[-1]]] * fill
+      texts = scoring.decode_batch(self.bundle, self.variables, self._batch(batch_waves, batch_requests),
+                                   self.config.eval.decode)
+      for owner, (_, start, end), text in zip(group_owners, group, texts):
+        segments[owner].append(Segment(start, end, text))
+    return segments
+
+  def transcribe_files(self, paths, task: str = "asr", instruction: str = ""):
+    """-> [(path, segments or None, error or None)], in the order of `paths`."""
     from speechjax.data import audio as audio_lib
 
-    chunks, owners, results = [], [], {}
-    limit_seconds = self.buckets[-1] / audio_lib.SAMPLE_RATE
+    check_task(task, instruction)
+    waves, readable, errors = [], [], {}
     for path in paths:
       try:
         wave = audio_lib.load_audio(path)
         if wave.size == 0 or not np.all(np.isfinite(wave)):
           raise ValueError("empty or non-finite audio")
       except Exception as e:  # report and go on with the other files
-        results[path] = (None, f"{type(e).__name__}: {e}")
+        errors[path] = f"{type(e).__name__}: {e}"
         continue
-      for piece in decode.chunk_audio(wave, audio_lib.SAMPLE_RATE, limit_seconds):
-        chunks.append(piece)
-        owners.append(path)
-    texts: dict[str, list[str]] = {}
-    for start in range(0, len(chunks), self.batch_size):
-      group = chunks[start:start + self.batch_size]
-      outs = evaluation.decode_batch(self.bundle, self.variables, self._batch(group, task),
-                                     self.config.eval.decode)
-      for owner, text in zip(owners[start:start + self.batch_size], outs):
-        texts.setdefault(owner, []).append(text)
-    for path, pieces in texts.items():
-      results[path] = (decode.join_transcripts(pieces), None)
-    return [(p, *results[p]) for p in paths]
+      waves.append(wave)
+      readable.append(path)
+    decoded = dict(zip(readable, self.decode_waves(waves, task, instruction))) if waves else {}
+    return [(p, decoded.get(p), errors.get(p)) for p in paths]
+
+  def __call__(self, paths, task: str = "asr", instruction: str = ""):
+    from speechjax import generation
+
+    return [(path, None if segments is None else generation.join_transcripts([s.text for s in segments]),
+             error) for path, segments, error in self.transcribe_files(paths, task, instruction)]
+
+
+def find_audio_files(folder: str) -> list[str]:
+  """Audio files under `folder`, recursively, in a stable (sorted) order."""
+  if not os.path.isdir(folder):
+    raise ValueError(f"--input={folder!r} is not a folder")
+  found = []
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    found.extend(os.path.join(root, name) for name in sorted(files) if name.lower().endswith(AUDIO_SUFFIXES))
+  return found
+
+
+def _timestamp(seconds: float, separator: str) -> str:
+  millis = int(round(seconds * 1000))
+  hours, millis = divmod(millis, 3_600_000)
+  minutes, millis = divmod(millis, 60_000)
+  secs, millis = divmod(millis, 1000)
+  return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
+
+
+def subtitles(segments: list[Segment], fmt: str) -> str:
+  """SRT or WebVTT text: one cue per segment with text."""
+  cues = [s for s in segments if s.text.strip()]
+  separator = "," if fmt == "srt" else "."
+  blocks = [f"{i}\n{_timestamp(s.start, separator)} --> {_timestamp(s.end, separator)}\n{s.text.strip()}\n"
+            for i, s in enumerate(cues, 1)]
+  return ("WEBVTT\n\n" if fmt == "vtt" else "") + "\n".join(blocks)
+
+
+class FolderOutput:
+  """Where `--input` results go, and which files an earlier run already wrote."""
+
+  def __init__(self, output: str, fmt: str, input_root: str, num_files: int):
+    fmt = fmt or os.path.splitext(output)[1].lstrip(".").lower()
+    if fmt not in FORMATS:
+      raise ValueError(f"--output={output!r}: cannot tell the format; give a .jsonl/.tsv/.srt/.vtt "
+                       f"file or --format={'|'.join(FORMATS)}")
+    self.output, self.fmt, self.input_root = output, fmt, input_root
+    self.one_subtitle_file = fmt in ("srt", "vtt") and output.lower().endswith(f".{fmt}")
+    if self.one_subtitle_file and num_files != 1:
+      raise ValueError(f"--output={output!r} is one subtitle file but {num_files} audio files were found; "
+                       f"give a folder (with --format={fmt}) for one file each")
+
+  def _subtitle_path(self, audio_path: str) -> str:
+    if self.one_subtitle_file:
+      return self.output
+    relative = os.path.relpath(audio_path, self.input_root)
+    return os.path.join(self.output, os.path.splitext(relative)[0] + f".{self.fmt}")
+
+  def done(self) -> set[str]:
+    """Audio paths already written (read back from the output)."""
+    if self.fmt in ("srt", "vtt"):
+      return set()  # per-file outputs: `is_done` checks each
+    if not os.path.exists(self.output):
+      return set()
+    done = set()
+    with open(self.output, encoding="utf-8") as f:
+      for line in f:
+        if not line.strip():
+          continue
+        if self.fmt == "jsonl":
+          try:
+            done.add(json.loads(line)["audio"])
+          except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by an interrupted run is written again
+        else:
+          done.add(line.split("\t", 1)[0])
+    return done
+
+  def is_done(self, audio_path: str, done: set[str]) -> bool:
+    if self.fmt in ("srt", "vtt"):
+      return os.path.exists(self._subtitle_path(audio_path))
+    return audio_path in done
+
+  def write(self, audio_path: str, segments: list[Segment]) -> None:
+    from speechjax import generation
+
+    text = generation.join_transcripts([s.text for s in segments])
+    if self.fmt in ("srt", "vtt"):
+      path = self._subtitle_path(audio_path)
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(subtitles(segments, self.fmt))
+      os.replace(path + ".tmp", path)  # a subtitle file exists only once complete
+      return
+    os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
+    if self.fmt == "jsonl":
+      line = json.dumps({"audio": audio_path, "text": text, "duration": round(segments[-1].end, 3),
+                         "segments": [{"start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
+                                      for s in segments]}, ensure_ascii=False)
+    else:
+      line = f"{audio_path}\t{' '.join(text.split())}"
+    with open(self.output, "a", encoding="utf-8") as f:
+      f.write(line + "\n")
+
+
+def transcribe_folder(transcriber: Transcriber, input_root: str, output: str, fmt: str = "",
+                      task: str = "asr", instruction: str = "", progress: bool = True) -> dict:
+  """Transcribes every audio file under `input_root` not yet in `output`;
+  returns {"transcribed", "already_done", "skipped", "skipped_files"}."""
+  import tqdm
+
+  check_task(task, instruction)
+  paths = find_audio_files(input_root)
+  out = FolderOutput(output, fmt, input_root, len(paths))
+  done = out.done()
+  todo = [p for p in paths if not out.is_done(p, done)]
+  counts = {"transcribed": 0, "already_done": len(paths) - len(todo), "skipped": 0, "skipped_files": []}
+  bar = tqdm.tqdm(total=len(todo), desc="transcribe", unit="file", disable=not progress)
+  # Groups of a batch's worth of files: each group is written before the next decodes.
+  for first in range(0, len(todo), transcriber.batch_size):
+    for path, segments, error in transcriber.transcribe_files(todo[first:first + transcriber.batch_size],
+                                                              task, instruction):
+      if error is None:
+        out.write(path, segments)
+        counts["transcribed"] += 1
+      else:
+        counts["skipped"] += 1
+        counts["skipped_files"].append({"audio": path, "error": error})
+      bar.update(1)
+      bar.set_postfix(skipped=counts["skipped"])
+  bar.close()
+  return counts
 
 
 def main(argv):
   paths = argv[1:]
-  if not paths:
-    raise app.UsageError("give one or more audio files")
+  if bool(paths) == bool(FLAGS.input):
+    raise app.UsageError("give audio files, or --input=FOLDER --output=FILE (not both)")
+  if FLAGS.input and not FLAGS.output:
+    raise app.UsageError("--input needs --output=FILE.jsonl (or .tsv, .srt, .vtt)")
+  try:
+    check_task(FLAGS.task, FLAGS.instruction)
+    overrides = check_decode_overrides(decode_flag_values())
+    if FLAGS.input:  # a wrong folder or output fails before the model loads
+      found = find_audio_files(FLAGS.input)
+      if not found:
+        raise ValueError(f"--input={FLAGS.input!r} holds no audio files ({' '.join(AUDIO_SUFFIXES)})")
+      FolderOutput(FLAGS.output, FLAGS.format, FLAGS.input, len(found))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  transcriber = Transcriber(FLAGS.workdir, FLAGS.checkpoint, decode=overrides)
+  if FLAGS.input:
+    try:
+      counts = transcribe_folder(transcriber, FLAGS.input, FLAGS.output, FLAGS.format, FLAGS.task,
+                                 FLAGS.instruction, FLAGS.progress)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    for skipped in counts["skipped_files"]:
+      print(f"skipped {skipped['audio']}: {skipped['error']}", file=sys.stderr)
+    print(f"{FLAGS.output}: transcribed {counts['transcribed']}, already there {counts['already_done']}, "
+          f"skipped (unreadable) {counts['skipped']}", flush=True)
+    return
   failed = False
-  for path, text, error in Transcriber(FLAGS.workdir, FLAGS.checkpoint)(paths, FLAGS.task):
+  for path, text, error in transcriber(paths, FLAGS.task, FLAGS.instruction):
     if error is not None:
       failed = True
       print(f"{path}\tERROR: {error}", flush=True)

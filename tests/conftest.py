@@ -21,11 +21,68 @@ import pytest  # noqa: E402
 def tiny_corpus(tmp_path_factory):
   """A 64/16/16-utterance synthetic corpus and a BPE tokenizer, built once per
   session: (data_dir for config.data.data_dir, tokenizer folder, corpus root)."""
-  from speechjax.data import synth
-  from speechjax.data.tokenizer import domain_texts, train_bpe_tokenizer
+  from speechjax.projects.spoken_commands import synth
+  from speechjax.projects.spoken_commands.tokenizer import domain_texts, train_bpe_tokenizer
 
   root = tmp_path_factory.mktemp("tiny_corpus")
   synth.build(str(root), num_train=64, num_dev=16, num_test=16, seed=0, workers=1)
   tok_dir = root / "tokenizer"
   train_bpe_tokenizer(domain_texts(), vocab_size=512).save_pretrained(str(tok_dir))
   return str(root / "tfds"), str(tok_dir), str(root)
+
+
+# Tests that take more than ~5 s of CPU each (~10-130 s of wall time on the shared 2-core
+# machine): the demo end to end, training runs in subprocesses or several processes, trainer
+# runs with checkpoints, and parity or export tests that compile large programs. They get the
+# `slow` marker (registered in pytest.ini), so `make test-fast` (`pytest -m "not slow"`) stays
+# within a few minutes on 2 cores; `make test` runs them all. An entry is a path relative to
+# tests/: a file, or file::test (every parametrization of that test).
+SLOW_TESTS = (
+    "test_bench.py",
+    "test_demo.py",
+    "test_evaluate.py",
+    "test_gpu_bench.py",
+    "test_recipes.py",
+    "test_sharded_loading.py",
+    "test_compile.py::test_cli_prints_a_row_and_writes_json",
+    "test_compile.py::test_find_max_batch_stops_at_the_memory_boundary",
+    "test_compile.py::test_reduced_slam_asr_fits_a_v5e_16_slice",
+    "test_compile.py::test_scanned_layers_flops_are_extrapolated_from_unrolled_compiles",
+    "test_compile.py::test_two_slices_put_the_data_axis_across_them",
+    "test_ctranslate2.py::test_converted_folder",
+    "test_ctranslate2.py::test_speechjax_encoder_matches_transformers",
+    "test_ctranslate2.py::test_transformers_transcribes_speech",
+    "test_decode.py::test_beam_one_is_greedy_and_sampling_at_zero_temperature_is_greedy",
+    "test_decoder.py::test_scan_and_remat_give_same_logits_and_grads",
+    "test_multihost.py::test_two_processes_train_what_one_process_trains",
+    "test_multihost.py::test_two_process_checkpoint_resumes_in_one_process",
+    "test_multihost.py::test_local_sh_fails_when_a_process_fails",
+    "test_plugins.py::test_toy_encoder_and_task_train_and_decode",
+    "test_run_folder.py::test_moved_run_folder_evaluates_and_transcribes_from_another_cwd",
+    "test_speech_llm.py::test_frame_stacked_encoder_sets_the_audio_token_count",
+    "test_speech_llm.py::test_text_logits_and_the_objective_equal_the_full_logits",
+    "test_sweep.py::test_sweep_runs_scores_skips_and_tabulates",
+    "test_trainer.py::test_mesh_2x2x2_matches_one_device",
+    "test_trainer.py::test_nan_guard_stops_with_last_good_checkpoint",
+    "test_trainer.py::test_optimizer_state_holds_only_trainables",
+    "test_trainer.py::test_resume_after_hard_kill_is_exact",
+    "test_trainer.py::test_sigterm_checkpoints_and_exits_cleanly",
+    "test_training_modes.py::test_mode_moves_exactly_what_it_names",
+    "test_training_modes.py::test_top_n_trains_only_the_top_layers",
+    "test_wave_encoders.py::test_speech_llm_trains_on_a_wave_encoder",
+    "test_whisper_encoder.py::test_ctc_head_over_characters_or_tokenizer_ids_and_export",
+    "test_whisper_encoder.py::test_frame_stack_low_frame_rate_masks_and_export",
+)
+
+
+def is_slow(nodeid: str) -> bool:
+  """Whether a node id ("tests/test_x.py::test_y[param]") falls under an entry of SLOW_TESTS."""
+  path = nodeid.removeprefix("tests/")
+  return any(path == entry or path.startswith((entry + "::", entry + "[")) for entry in SLOW_TESTS)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if is_slow(item.nodeid):
+      item.add_marker(pytest.mark.slow)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from speechjax.trainer import aot
+from speechjax.compilation import lowering
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -47,7 +47,7 @@ def test_recipe_train_step_lowers_on_abstract_shapes(name, arg):
   config = module.get_config(arg) if arg is not None else module.get_config()
   with config.unlocked():
     config.mesh.shape = (1, -1, 1)
-  lowered, info = aot.lower_train_step(config)
+  lowered, info = lowering.lower_train_step(config)
   assert info["frozen_params"] > 1e8  # real sizes: hundreds of millions to billions
   assert 0 < info["trainable_params"] < info["frozen_params"]
   text = lowered.as_text()

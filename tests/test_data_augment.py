@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from speechjax.data import augment
-from speechjax.data import features
+from speechjax.data import augment, features
 
 
 def _voiced(seconds=2.0, sr=16000, f0=150.0):
@@ -39,8 +38,8 @@ def test_spec_augment_masks_bands_at_the_floor():
   np.testing.assert_array_equal(out, again)
 
 
-@pytest.mark.parametrize('snr_db', [0.0, 10.0, 25.0])
-@pytest.mark.parametrize('color', ['white', 'pink'])
+@pytest.mark.parametrize("snr_db", [0.0, 10.0, 25.0])
+@pytest.mark.parametrize("color", ["white", "pink"])
 def test_additive_noise_hits_the_requested_snr(snr_db, color):
   clean = _voiced()
   noisy = augment.add_noise(clean, snr_db, np.random.default_rng(1), color)
@@ -51,7 +50,7 @@ def test_additive_noise_hits_the_requested_snr(snr_db, color):
   assert noisy.dtype == np.float32 and noisy.shape == clean.shape
   silent = np.zeros(100, np.float32)
   np.testing.assert_array_equal(augment.add_noise(silent, 10.0, np.random.default_rng(0)), silent)
-  if color == 'pink':  # more energy in low than in high frequencies
+  if color == "pink":  # more energy in low than in high frequencies
     spectrum = np.abs(np.fft.rfft(noise))**2
     assert spectrum[10:len(spectrum) // 10].mean() > 5 * spectrum[len(spectrum) // 2:].mean()
 
@@ -63,7 +62,7 @@ def test_random_noise_snr_in_range():
     assert 5.0 <= snr <= 15.0
 
 
-@pytest.mark.parametrize('factor', [0.9, 1.0, 1.1])
+@pytest.mark.parametrize("factor", [0.9, 1.0, 1.1])
 def test_speed_perturbation_scales_length_and_pitch(factor):
   wave = _voiced(2.0, f0=200.0)
   out = augment.speed_perturb(wave, factor)

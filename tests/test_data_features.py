@@ -25,24 +25,24 @@ def _tone(seconds: float, sr: int, freq: float = 440.0) -> np.ndarray:
   return (0.5 * np.sin(2 * np.pi * freq * np.arange(int(seconds * sr)) / sr)).astype(np.float32)
 
 
-@pytest.mark.parametrize('fmt,subtype,sr,channels', [('WAV', 'PCM_16', 16000, 1),
-                                                     ('WAV', 'PCM_24', 44100, 2),
-                                                     ('WAV', 'PCM_U8', 8000, 1),
-                                                     ('WAV', 'FLOAT', 48000, 1),
-                                                     ('WAV', 'PCM_32', 22050, 3),
-                                                     ('FLAC', 'PCM_16', 22050, 2),
-                                                     ('OGG', 'VORBIS', 44100, 2)])
+@pytest.mark.parametrize("fmt,subtype,sr,channels", [("WAV", "PCM_16", 16000, 1),
+                                                     ("WAV", "PCM_24", 44100, 2),
+                                                     ("WAV", "PCM_U8", 8000, 1),
+                                                     ("WAV", "FLOAT", 48000, 1),
+                                                     ("WAV", "PCM_32", 22050, 3),
+                                                     ("FLAC", "PCM_16", 22050, 2),
+                                                     ("OGG", "VORBIS", 44100, 2)])
 def test_load_audio_any_format_rate_and_channels(tmp_path, fmt, subtype, sr, channels):
   tone = _tone(1.0, sr)
   data = np.stack([tone] * channels, axis=1) if channels > 1 else tone
-  path = tmp_path / f'x.{fmt.lower()}'
+  path = tmp_path / f"x.{fmt.lower()}"
   sf.write(str(path), data, sr, format=fmt, subtype=subtype)
   out = audio_lib.load_audio(str(path))
   assert out.dtype == np.float32 and out.ndim == 1
   assert abs(out.size - 16000) <= 2
   expected = _tone(1.0, 16000)[:out.size]
   inner = slice(400, out.size - 400)  # resampler edges
-  tolerance = 0.05 if fmt == 'OGG' or subtype == 'PCM_U8' else 2e-3
+  tolerance = 0.05 if fmt == "OGG" or subtype == "PCM_U8" else 2e-3
   np.testing.assert_allclose(out[inner], expected[inner], atol=tolerance)
 
 
@@ -60,15 +60,15 @@ def test_in_memory_int_and_float_conversion():
 
 
 def test_load_audio_errors_name_the_file(tmp_path):
-  with pytest.raises(audio_lib.AudioError, match='missing.wav'):
-    audio_lib.load_audio(str(tmp_path / 'missing.wav'))
-  bad = tmp_path / 'bad.flac'
-  bad.write_bytes(b'fLaC' + b'\x00' * 40)
-  with pytest.raises(audio_lib.AudioError, match='bad.flac'):
+  with pytest.raises(audio_lib.AudioError, match="missing.wav"):
+    audio_lib.load_audio(str(tmp_path / "missing.wav"))
+  bad = tmp_path / "bad.flac"
+  bad.write_bytes(b"fLaC" + b"\x00" * 40)
+  with pytest.raises(audio_lib.AudioError, match="bad.flac"):
     audio_lib.load_audio(str(bad))
 
 
-@pytest.mark.parametrize('n_mels', [80, 128])
+@pytest.mark.parametrize("n_mels", [80, 128])
 def test_mel_filters_match_transformers(n_mels):
   # transformers builds librosa's Slaney filters (librosa itself is left out:
   # importing it costs ~10 s of numba start-up for the same check).
@@ -79,33 +79,33 @@ def test_mel_filters_match_transformers(n_mels):
   assert ours.shape == (n_mels, 201) and np.all(ours.sum(1) > 0)
 
 
-@pytest.mark.parametrize('n_mels', [80, 128])
-@pytest.mark.parametrize('stft', ['rfft', 'matmul'])
+@pytest.mark.parametrize("n_mels", [80, 128])
+@pytest.mark.parametrize("stft", ["rfft", "matmul"])
 def test_log_mel_matches_whisper_feature_extractor(n_mels, stft):
   from transformers import WhisperFeatureExtractor
   extractor = WhisperFeatureExtractor(feature_size=n_mels)
   waves = [_speech_like(16000 * 3 + 77, seed=1), _speech_like(16000 * 2 + 5, seed=2) * 0.01]
   for wave in waves:
-    ref = extractor(wave, sampling_rate=16000, padding='longest',
-                    return_tensors='np').input_features[0]
+    ref = extractor(wave, sampling_rate=16000, padding="longest",
+                    return_tensors="np").input_features[0]
     ours = np.asarray(features.log_mel(wave, n_mels=n_mels, stft=stft))
     assert ours.shape == ref.shape == (n_mels, wave.size // 160)
     assert np.abs(ours - ref).max() <= 2e-4
   # Batched input of equal-length rows: each row clamped at its own max, like HF's batch path.
   batch = np.stack([_speech_like(32000, seed=3), 0.05 * _speech_like(32000, seed=4)])
-  ref = extractor(list(batch), sampling_rate=16000, padding='longest',
-                  return_tensors='np').input_features
+  ref = extractor(list(batch), sampling_rate=16000, padding="longest",
+                  return_tensors="np").input_features
   ours = np.asarray(features.log_mel(batch, n_mels=n_mels, stft=stft))
   assert ours.shape == ref.shape == (2, n_mels, 200)
   assert np.abs(ours - ref).max() <= 2e-4
 
 
-@pytest.mark.parametrize('hop_length', [240, 320])
+@pytest.mark.parametrize("hop_length", [240, 320])
 def test_longer_hop_matches_whisper_feature_extractor(hop_length):
   from transformers import WhisperFeatureExtractor
   extractor = WhisperFeatureExtractor(hop_length=hop_length)
   wave = _speech_like(16000 * 3 + 77, seed=5)
-  ref = extractor(wave, sampling_rate=16000, padding='longest', return_tensors='np').input_features[0]
+  ref = extractor(wave, sampling_rate=16000, padding="longest", return_tensors="np").input_features[0]
   ours = np.asarray(features.log_mel(wave, hop_length=hop_length))
   assert ours.shape == ref.shape == (80, wave.size // hop_length)
   assert np.abs(ours - ref).max() <= 2e-4
@@ -117,7 +117,7 @@ def test_longer_hop_matches_whisper_feature_extractor(hop_length):
 
 
 def test_bad_hop_length_is_refused():
-  with pytest.raises(ValueError, match='hop_length=100'):
+  with pytest.raises(ValueError, match="hop_length=100"):
     features.log_mel(np.zeros(16000, np.float32), hop_length=100)
 
 
@@ -157,7 +157,7 @@ def test_log_mel_with_mask_is_independent_of_padding():
 
 
 def test_log_mel_rejects_bad_shapes():
-  with pytest.raises(ValueError, match='samples'):
+  with pytest.raises(ValueError, match="samples"):
     features.log_mel(np.zeros((2, 3, 1000), np.float32))
-  with pytest.raises(ValueError, match='lengths'):
+  with pytest.raises(ValueError, match="lengths"):
     features.log_mel_with_mask(np.zeros((2, 1000), np.float32), np.array([5]))

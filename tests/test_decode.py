@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
-from speechjax import decode
-from speechjax import hf
+from speechjax import generation, hf
+from speechjax.generation import search, token_loops
 
 VOCAB, PAD, N_NEW = 96, 0, 12
 PROMPT_LENGTHS = (9, 4, 6)
@@ -75,7 +75,7 @@ def hf_generate(torch_model, ids, mask, **kwargs):
   return out[:, ids.shape[1]:].numpy()
 
 
-def assert_same_tokens(ours: decode.GenerationOutput, ref: np.ndarray, eos_id, pad_id: int):
+def assert_same_tokens(ours: generation.GenerationOutput, ref: np.ndarray, eos_id, pad_id: int):
   """Equal up to each row's EOS; after it we emit pad (HF's beam search may emit EOS)."""
   tokens, lengths = np.asarray(ours.tokens), np.asarray(ours.lengths)
   eos_ids = np.atleast_1d(eos_id)
@@ -102,8 +102,8 @@ def test_greedy_matches_transformers_llama(llama):
   ids, mask = left_padded_prompts()
   eos = stopping_eos(torch_model, ids, mask, PAD)
   ref = hf_generate(torch_model, ids, mask, eos_token_id=eos, pad_token_id=PAD)
-  out = decode.generate_lm(model, params, ids, mask, max_new_tokens=N_NEW, eos_id=eos,
-                           pad_id=PAD)
+  out = generation.generate_lm(model, params, ids, mask, max_new_tokens=N_NEW, eos_id=eos,
+                               pad_id=PAD)
   assert out.tokens.shape == (3, N_NEW) and out.tokens.dtype == jnp.int32
   assert_same_tokens(out, ref, eos, PAD)
   assert out.lengths[1] < N_NEW  # EOS stopped row 1, the others went on
@@ -116,8 +116,8 @@ def test_greedy_matches_transformers_gpt2(gpt2):
   ids, mask = left_padded_prompts(pad_id=pad)
   eos = stopping_eos(torch_model, ids, mask, pad)
   ref = hf_generate(torch_model, ids, mask, eos_token_id=eos, pad_token_id=pad)
-  out = decode.generate_lm(model, params, ids, mask, max_new_tokens=N_NEW, eos_id=eos,
-                           pad_id=pad)
+  out = generation.generate_lm(model, params, ids, mask, max_new_tokens=N_NEW, eos_id=eos,
+                               pad_id=pad)
   assert_same_tokens(out, ref, eos, pad)
 
 
@@ -133,9 +133,9 @@ def test_beam_search_matches_transformers(llama, num_beams, length_penalty, earl
                                 length_penalty=length_penalty, early_stopping=early_stopping,
                                 eos_token_id=eos, pad_token_id=PAD,
                                 output_scores=True, return_dict_in_generate=True)
-  out = decode.generate_lm(model, params, ids, mask, max_new_tokens=N_NEW, eos_id=eos,
-                           pad_id=PAD, method="beam", num_beams=num_beams,
-                           length_penalty=length_penalty, early_stopping=early_stopping)
+  out = generation.generate_lm(model, params, ids, mask, max_new_tokens=N_NEW, eos_id=eos,
+                               pad_id=PAD, method="beam", num_beams=num_beams,
+                               length_penalty=length_penalty, early_stopping=early_stopping)
   assert_same_tokens(out, ref, eos, PAD)
   np.testing.assert_allclose(out.scores, ref_scores, rtol=1e-5)
 
@@ -144,20 +144,20 @@ def test_beam_one_is_greedy_and_sampling_at_zero_temperature_is_greedy(llama):
   _, model, params = llama
   ids, mask = left_padded_prompts()
   kw = dict(max_new_tokens=N_NEW, eos_id=3, pad_id=PAD)
-  greedy = decode.generate_lm(model, params, ids, mask, **kw)
-  beam = decode.generate_lm(model, params, ids, mask, method="beam", num_beams=1, **kw)
+  greedy = generation.generate_lm(model, params, ids, mask, **kw)
+  beam = generation.generate_lm(model, params, ids, mask, method="beam", num_beams=1, **kw)
   np.testing.assert_array_equal(beam.tokens, greedy.tokens)
   # beam's score is length-normalised, greedy's is the plain sum of log-probs
   np.testing.assert_allclose(beam.scores, greedy.scores / greedy.lengths, rtol=1e-5)
   key = jax.random.key(0)
   # (this random model has top-2 logit gaps of ~3e-4, hence the tiny temperature)
   for temperature in (0.0, 1e-6):
-    cold = decode.generate_lm(model, params, ids, mask, method="sample",
-                              temperature=temperature, rng=key, **kw)
+    cold = generation.generate_lm(model, params, ids, mask, method="sample",
+                                  temperature=temperature, rng=key, **kw)
     np.testing.assert_array_equal(cold.tokens, greedy.tokens)
   # a tiny top_p leaves only the argmax, whatever the temperature
-  nucleus = decode.generate_lm(model, params, ids, mask, method="sample", temperature=2.0,
-                               top_p=1e-6, rng=key, **kw)
+  nucleus = generation.generate_lm(model, params, ids, mask, method="sample", temperature=2.0,
+                                   top_p=1e-6, rng=key, **kw)
   np.testing.assert_array_equal(nucleus.tokens, greedy.tokens)
 
 
@@ -165,18 +165,18 @@ def test_sampling_is_reproducible_and_respects_top_p(llama):
   _, model, params = llama
   ids, mask = left_padded_prompts()
   kw = dict(max_new_tokens=N_NEW, eos_id=3, pad_id=PAD, method="sample", top_p=0.5)
-  a = decode.generate_lm(model, params, ids, mask, rng=jax.random.key(1), **kw)
-  b = decode.generate_lm(model, params, ids, mask, rng=jax.random.key(1), **kw)
-  c = decode.generate_lm(model, params, ids, mask, rng=jax.random.key(2), **kw)
+  a = generation.generate_lm(model, params, ids, mask, rng=jax.random.key(1), **kw)
+  b = generation.generate_lm(model, params, ids, mask, rng=jax.random.key(1), **kw)
+  c = generation.generate_lm(model, params, ids, mask, rng=jax.random.key(2), **kw)
   np.testing.assert_array_equal(a.tokens, b.tokens)
   assert not np.array_equal(a.tokens, c.tokens)
   # top-p keeps tokens whose higher-ranked mass is < top_p
   logits = jnp.array([[3.0, 2.0, 1.0, 0.0]])
   probs = np.asarray(jax.nn.softmax(logits))[0]  # 0.64 0.24 0.09 0.03
-  kept = np.isfinite(np.asarray(decode._process_logits(logits, 1.0, 0, 0.7)))[0]
+  kept = np.isfinite(np.asarray(token_loops._process_logits(logits, 1.0, 0, 0.7)))[0]
   assert probs[0] < 0.7 < probs[0] + probs[1]
   np.testing.assert_array_equal(kept, [True, True, False, False])
-  kept = np.isfinite(np.asarray(decode._process_logits(logits, 0.5, 3, None)))[0]
+  kept = np.isfinite(np.asarray(token_loops._process_logits(logits, 0.5, 3, None)))[0]
   np.testing.assert_array_equal(kept, [True, True, True, False])
 
 
@@ -184,18 +184,19 @@ def test_padding_side_and_split_prefill_do_not_change_results(llama, monkeypatch
   _, model, params = llama
   ids, mask = left_padded_prompts()
   kw = dict(max_new_tokens=N_NEW, eos_id=3, pad_id=PAD)
-  ref = decode.generate_lm(model, params, ids, mask, **kw)
+  ref = generation.generate_lm(model, params, ids, mask, **kw)
   right_ids, right_mask = np.zeros_like(ids), np.zeros_like(mask)
   for row, length in enumerate(PROMPT_LENGTHS):
     right_ids[row, :length] = ids[row, -length:]
     right_mask[row, :length] = 1
-  right = decode.generate_lm(model, params, jnp.asarray(right_ids), jnp.asarray(right_mask), **kw)
+  right = generation.generate_lm(model, params, jnp.asarray(right_ids), jnp.asarray(right_mask),
+                                **kw)
   np.testing.assert_array_equal(right.tokens, ref.tokens)
   # (an embeddings prompt — the SpeechLLM prefill — is covered by the SpeechLLM test)
   # Big prompts prefill in two calls so the [B,T,V] logits never exist; a new
   # batch size makes a new program that takes that branch.
-  monkeypatch.setattr(decode, "FULL_PREFILL_LOGITS_LIMIT", 0)
-  split = decode.generate_lm(model, params, ids[:2], mask[:2], **kw)
+  monkeypatch.setattr(search, "FULL_PREFILL_LOGITS_LIMIT", 0)
+  split = generation.generate_lm(model, params, ids[:2], mask[:2], **kw)
   np.testing.assert_array_equal(split.tokens, ref.tokens[:2])
 
 
@@ -203,33 +204,33 @@ def test_prompts_in_one_bucket_share_a_compiled_program(llama):
   _, model, params = llama
   ids, mask = left_padded_prompts()
   kw = dict(max_new_tokens=N_NEW, eos_id=3, pad_id=PAD)
-  ref = decode.generate_lm(model, params, ids, mask, **kw)
-  before = decode._generate_jit._cache_size()
+  ref = generation.generate_lm(model, params, ids, mask, **kw)
+  before = search._generate_jit._cache_size()
   wider = np.pad(ids, ((0, 0), (5, 0))), np.pad(mask, ((0, 0), (5, 0)))
-  np.testing.assert_array_equal(decode.generate_lm(model, params, *wider, **kw).tokens,
+  np.testing.assert_array_equal(generation.generate_lm(model, params, *wider, **kw).tokens,
                                 ref.tokens)
-  decode.generate_lm(model, params, ids[:, 4:], mask[:, 4:], **kw)
-  assert decode._generate_jit._cache_size() == before
+  generation.generate_lm(model, params, ids[:, 4:], mask[:, 4:], **kw)
+  assert search._generate_jit._cache_size() == before
 
 
 def test_bad_arguments(llama):
   _, model, params = llama
   ids, mask = left_padded_prompts()
   with pytest.raises(ValueError, match="method must be one of"):
-    decode.generate_lm(model, params, ids, mask, max_new_tokens=2, eos_id=3, pad_id=0,
-                       method="nucleus")
+    generation.generate_lm(model, params, ids, mask, max_new_tokens=2, eos_id=3, pad_id=0,
+                           method="nucleus")
   with pytest.raises(ValueError, match="needs an rng key"):
-    decode.generate_lm(model, params, ids, mask, max_new_tokens=2, eos_id=3, pad_id=0,
-                       method="sample")
+    generation.generate_lm(model, params, ids, mask, max_new_tokens=2, eos_id=3, pad_id=0,
+                           method="sample")
   with pytest.raises(ValueError, match="disagree"):
-    decode.generate_lm(model, params, ids, mask[:, 1:], max_new_tokens=2, eos_id=3, pad_id=0)
+    generation.generate_lm(model, params, ids, mask[:, 1:], max_new_tokens=2, eos_id=3, pad_id=0)
 
 
 def test_gpt2_position_table_is_not_overrun(gpt2):
   _, model, params = gpt2
   ids, mask = left_padded_prompts()
   with pytest.raises(ValueError, match="max_position_embeddings=128"):
-    decode.generate_lm(model, params, ids, mask, max_new_tokens=128 - 8, eos_id=3, pad_id=0)
+    generation.generate_lm(model, params, ids, mask, max_new_tokens=128 - 8, eos_id=3, pad_id=0)
 
 
 def test_chunk_audio():
@@ -237,25 +238,26 @@ def test_chunk_audio():
   rng = np.random.RandomState(0)
   audio = rng.uniform(-1, 1, 75 * sr).astype(np.float32)
   audio[2850:2870] = 0.0  # a pause 1.5 s before the first 30 s limit
-  chunks = decode.chunk_audio(audio, sr, chunk_seconds=30)
+  chunks = generation.chunk_audio(audio, sr, chunk_seconds=30)
   assert all(len(c) <= 30 * sr for c in chunks) and len(chunks) == 3
   np.testing.assert_array_equal(np.concatenate(chunks), audio)  # no gap, no overlap
   assert 2850 <= len(chunks[0]) <= 2870  # cut inside the pause
-  exact = decode.chunk_audio(audio, sr, chunk_seconds=30, search_seconds=0)
+  exact = generation.chunk_audio(audio, sr, chunk_seconds=30, search_seconds=0)
   assert [len(c) for c in exact] == [3000, 3000, 1500]
-  assert len(decode.chunk_audio(audio[:3000], sr)) == 1
-  assert decode.join_transcripts(["hello ", "", " world"]) == "hello world"
+  assert len(generation.chunk_audio(audio[:3000], sr)) == 1
+  assert generation.join_transcripts(["hello ", "", " world"]) == "hello world"
   with pytest.raises(ValueError, match="mono"):
-    decode.chunk_audio(np.zeros((2, 10)), sr)
+    generation.chunk_audio(np.zeros((2, 10)), sr)
 
 
 def test_speech_llm_generate_equals_uncached_greedy():
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  from speechjax.models.audio_encoder import WhisperEncoderConfig
+
+  from speechjax.models import speech_llm as sl
   from speechjax.models.decoder import DecoderConfig
+  from speechjax.models.encoders.whisper import WhisperEncoderConfig
   from speechjax.models.lora import LoRAConfig
   from speechjax.models.projector import ProjectorConfig
-  from speechjax.models import speech_llm as sl
 
   cfg = sl.SpeechLLMConfig(
       encoder=WhisperEncoderConfig(d_model=32, num_layers=1, num_heads=2, ffn_dim=64,
@@ -296,24 +298,24 @@ def test_speech_llm_generate_equals_uncached_greedy():
     mask[:, width + step] = 1
   ref = ids[:, width:]
   eos = int(ref[1, 2])
-  out = decode.generate_speech(model, variables, batch, max_new_tokens=n_new, eos_id=eos,
-                               pad_id=0)
+  out = generation.generate_speech(model, variables, batch, max_new_tokens=n_new, eos_id=eos,
+                                   pad_id=0)
   assert out.tokens.shape == (2, n_new) and out.lengths.shape == (2,)
   assert_same_tokens(out, ref, eos, 0)
   assert int(out.lengths[1]) <= 3
   with pytest.raises(ValueError, match="batch lacks"):
-    decode.generate_speech(model, variables, {"input_ids": input_ids}, max_new_tokens=2,
-                           eos_id=eos, pad_id=0)
+    generation.generate_speech(model, variables, {"input_ids": input_ids}, max_new_tokens=2,
+                               eos_id=eos, pad_id=0)
 
 
 def test_output_token_lists_and_texts():
-  out = decode.GenerationOutput(tokens=np.array([[5, 6, 2, 0], [7, 8, 9, 4]]),
-                                lengths=np.array([3, 4]), scores=np.zeros(2))
-  assert decode.output_token_lists(out) == [[5, 6, 2], [7, 8, 9, 4]]
-  assert decode.output_token_lists(out, eos_id=2) == [[5, 6], [7, 8, 9, 4]]
+  out = generation.GenerationOutput(tokens=np.array([[5, 6, 2, 0], [7, 8, 9, 4]]),
+                                    lengths=np.array([3, 4]), scores=np.zeros(2))
+  assert generation.output_token_lists(out) == [[5, 6, 2], [7, 8, 9, 4]]
+  assert generation.output_token_lists(out, eos_id=2) == [[5, 6], [7, 8, 9, 4]]
 
   class Tokenizer:
     def batch_decode(self, rows, skip_special_tokens=True):
       return [" " + " ".join(f"w{i}" for i in ids) for ids in rows]
 
-  assert decode.decode_texts(Tokenizer(), out, eos_id=[2, 4]) == ["w5 w6", "w7 w8 w9"]
+  assert generation.decode_texts(Tokenizer(), out, eos_id=[2, 4]) == ["w5 w6", "w7 w8 w9"]

@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from speechjax.models import attention
 from speechjax.models import layers as L
-from speechjax.models.decoder import (Decoder, DecoderConfig, init_cache, make_decoder,
-                                      make_decoder_config)
+from speechjax.models.decoder import Decoder, DecoderConfig
+from speechjax.models.families import decoder_config_from_dict, make_decoder
 from speechjax.models.gpt2 import GPT2, GPT2Config
+from speechjax.models.transformer import init_cache
 
 VOCAB = 64
 LLAMA = DecoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -155,16 +157,16 @@ def test_attention_dropout_path_matches_fused_kernel():
   k = jnp.asarray(rng.randn(2, 7, 2, 8), jnp.float32)
   v = jnp.asarray(rng.randn(2, 7, 2, 8), jnp.float32)
   key_mask = jnp.asarray([[1] * 7, [0, 0] + [1] * 5])
-  mask = L.causal_mask(jnp.arange(5) + 2, jnp.arange(7), key_mask, sliding_window=3)
+  mask = attention.causal_mask(jnp.arange(5) + 2, jnp.arange(7), key_mask, sliding_window=3)
 
   @jax.jit
   def both(q, k, v, mask):
-    fused = L.attend(q, k, v, mask)
-    written = L.attend(q, k, v, mask, dropout_rate=1e-9, deterministic=False,
+    fused = attention.attend(q, k, v, mask)
+    written = attention.attend(q, k, v, mask, dropout_rate=1e-9, deterministic=False,
                        dropout_rng=jax.random.key(0, impl="unsafe_rbg"))
     return fused, written
 
-  for m in (mask, L.padding_mask(key_mask)):
+  for m in (mask, attention.padding_mask(key_mask)):
     fused, written = both(q, k, v, m)
     np.testing.assert_allclose(written, fused, atol=1e-5)
 
@@ -192,7 +194,7 @@ def test_config_from_ml_collections_dict():
   cfg = DecoderConfig(**{**dataclasses.asdict(LLAMA), "lora": {"rank": 4, "targets": ["q_proj$"]}})
   assert cfg.lora.rank == 4 and cfg.lora.targets == ("q_proj$",)
   assert hash(cfg)
-  gpt = make_decoder_config(**{**dataclasses.asdict(GPT), "dtype": "bfloat16"})
+  gpt = decoder_config_from_dict({**dataclasses.asdict(GPT), "dtype": "bfloat16"})
   assert isinstance(gpt, GPT2Config) and gpt.head_dim == 8 and gpt.num_kv_heads == 4
 
 

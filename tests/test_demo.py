@@ -1,13 +1,81 @@
-"""The demo's quick variant end to end: corpus, LM, CTC encoder, speech LLM,
-evaluation, transcription, report. Checks mechanics (losses fall, files well
-formed), not the full-size accuracy targets."""
+"""The demo project (speechjax/projects/spoken_commands): kept apart from the
+library, wired to it through the config, and its quick variant end to end
+(corpus, LM, CTC encoder, speech LLM, evaluation, transcription, report).
+The end-to-end test checks mechanics (losses fall, files well formed), not
+the full-size accuracy targets."""
 
+import ast
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "speechjax")
+PROJECTS = os.path.join(PACKAGE, "projects")
+
+
+def imported_modules(path):
+  """Absolute module names a file imports, function-level imports included."""
+  tree = ast.parse(open(path, encoding="utf-8").read(), path)
+  names = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names += [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+      names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    elif isinstance(node, ast.ImportFrom):  # relative: resolved against the file's package
+      package = os.path.relpath(os.path.dirname(path), ROOT).split(os.sep)
+      base = package[:len(package) - node.level + 1]
+      names.append(".".join(base + ([node.module] if node.module else [])))
+  return names
+
+
+def library_files():
+  for folder, _, files in os.walk(PACKAGE):
+    if folder == PROJECTS or folder.startswith(PROJECTS + os.sep):
+      continue
+    for name in files:
+      if name.endswith(".py"):
+        yield os.path.join(folder, name)
+
+
+def test_library_never_imports_a_project():
+  files = list(library_files())
+  assert len(files) > 30 and not any(f.startswith(PROJECTS) for f in files)
+  bad = [f"{os.path.relpath(path, ROOT)} imports {name}" for path in files
+         for name in imported_modules(path)
+         if name == "speechjax.projects" or name.startswith("speechjax.projects.")]
+  assert not bad, bad
+
+
+def test_import_scan_sees_every_form_of_import(tmp_path):
+  sample = tmp_path / "sample.py"
+  sample.write_text("import speechjax.projects.spoken_commands\n"
+                    "def f():\n  from speechjax.projects import spoken_commands\n"
+                    "from speechjax import projects\n")
+  names = imported_modules(str(sample))
+  assert "speechjax.projects.spoken_commands" in names and "speechjax.projects" in names
+  assert names.count("speechjax.projects") == 2  # the function-level and the package-level one
+
+
+def test_demo_lm_stage_reaches_the_project_through_the_config_hook():
+  from speechjax.data import text_lm
+  from speechjax.projects.spoken_commands import lm_data
+
+  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  lm = module.get_config("lm")
+  assert lm.data.lm_examples == lm_data.HOOK
+  assert text_lm.example_builder(lm.data) is lm_data.text_lm_examples
+  assert (lm.data.lm_audio_slot, lm.data.lm_slot_length) == ("transcript", module.SLOT_TOKENS)
+  # The other stages read audio: no text-LM recipe, and the encoder reads the data's frames.
+  for stage in ("ctc", "speech"):
+    config = module.get_config(stage)
+    assert not config.data.lm_examples and "lm_audio_slot" not in config.data
+    assert config.model.encoder.hop_length == config.data.hop_length == 320
 
 
 def train_losses(path):
@@ -18,9 +86,9 @@ def train_losses(path):
 def test_quick_demo_end_to_end(tmp_path):
   workdir = tmp_path / "demo"
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  result = subprocess.run([sys.executable, "-m", "speechjax.demo", "--config=configs/demo.py:quick",
-                           f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1200)
+  result = subprocess.run([sys.executable, "-m", "speechjax.projects.spoken_commands",
+                           "--config=configs/demo.py:quick", f"--workdir={workdir}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
   assert result.returncode == 0, result.stderr[-4000:]
   for stage in ("stages/lm", "stages/ctc", "."):
     losses = train_losses(workdir / stage / "metrics.jsonl")

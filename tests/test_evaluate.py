@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from speechjax.trainer.loop import Trainer
+from speechjax.train import build_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -25,7 +25,7 @@ def trained_run(tiny_corpus, tmp_path_factory):
   config.train.num_steps = 6
   config.checkpoint.every_steps = 6
   workdir = str(tmp_path_factory.mktemp("run"))
-  Trainer(config, workdir).run()
+  build_trainer(config, workdir).run()
   return workdir
 
 

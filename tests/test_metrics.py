@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from speechjax import metrics
-from speechjax import text_normalizer
+from speechjax.evaluation import metrics, normalizer, scoring
 
 
 def test_one_substitution_in_four_words():
@@ -36,7 +35,7 @@ def test_empty_reference_counts_insertions():
 
 
 def test_english_normalizer():
-  norm = text_normalizer.normalize
+  norm = normalizer.normalize
   assert norm("Hello, World!") == "hello world"
   assert norm("The colour of Mr. Smith's car") == norm("the color of mister smith's car")
   assert norm("twenty five") == "25"
@@ -45,10 +44,10 @@ def test_english_normalizer():
 
 
 def test_basic_and_none_normalizers():
-  assert text_normalizer.normalize("Héllo,  World!", "basic") == "héllo world"
+  assert normalizer.normalize("Héllo,  World!", "basic") == "héllo world"
   assert metrics.wer(["Hello, World!"], ["hello world"], normalizer="none") == 1.0
   with pytest.raises(ValueError, match="unknown normalizer"):
-    text_normalizer.normalize("x", "klingon")
+    normalizer.normalize("x", "klingon")
 
 
 def test_cer():
@@ -82,23 +81,40 @@ def test_classification_labels_are_case_insensitive_and_unknowns_are_wrong():
 
 
 def test_compute_metrics_keys_and_types():
-  asr = metrics.compute_metrics("asr", ["hello world"], ["Hello world."])
+  asr = scoring.compute_metrics("asr", ["hello world"], ["Hello world."])
   assert set(asr) == {"wer", "cer", "substitutions", "deletions", "insertions",
                       "num_reference_words"}
   assert asr["wer"] == 0.0
-  assert set(metrics.compute_metrics("translate", ["a b"], ["a b"])) == {"bleu", "chrf"}
-  assert set(metrics.compute_metrics("classify", [1, 2], [1, 1])) == {
+  assert set(scoring.compute_metrics("translate", ["a b"], ["a b"])) == {"bleu", "chrf"}
+  assert set(scoring.compute_metrics("classify", [1, 2], [1, 1])) == {
       "accuracy", "macro_f1", "precision", "recall"}
-  instruct = metrics.compute_metrics("instruct", ["yes it is"], ["yes it is"])
+  instruct = scoring.compute_metrics("instruct", ["yes it is"], ["yes it is"])
   assert set(instruct) == {"wer", "cer", "bleu", "chrf"}
   for out in (asr, instruct):
     assert all(type(v) is float for v in out.values())
 
 
+def test_each_task_scores_with_its_metric_function():
+  preds, refs = ["the cat sat up", "a b c"], ["the cat sat down", "a b c"]
+  asr = scoring.compute_metrics("asr", preds, refs)
+  words = metrics.error_rates(preds, refs)
+  assert asr["wer"] == pytest.approx(1 / 7) == words["rate"]
+  assert asr["cer"] == metrics.cer(preds, refs)
+  assert (asr["substitutions"], asr["num_reference_words"]) == (1.0, 7.0)
+  assert scoring.compute_metrics("translate", preds, refs) == {
+      "bleu": metrics.bleu(preds, refs), "chrf": metrics.chrf(preds, refs)}
+  assert scoring.compute_metrics("instruct", preds, refs) == {
+      "wer": asr["wer"], "cer": asr["cer"], "bleu": metrics.bleu(preds, refs),
+      "chrf": metrics.chrf(preds, refs)}
+  # Options reach the task's function: a normalizer for ASR, the label set for classify.
+  assert scoring.compute_metrics("asr", ["Hello, World!"], ["hello world"], normalizer="none")["wer"] == 1.0
+  assert scoring.compute_metrics("classify", ["a"], ["a"], labels=["a", "b"])["macro_f1"] == 0.5
+
+
 def test_bad_input():
   with pytest.raises(ValueError, match="2 predictions but 1 references"):
-    metrics.compute_metrics("asr", ["a", "b"], ["a"])
+    scoring.compute_metrics("asr", ["a", "b"], ["a"])
   with pytest.raises(ValueError, match="no examples"):
-    metrics.compute_metrics("asr", [], [])
-  with pytest.raises(ValueError, match="unknown task"):
-    metrics.compute_metrics("summarize", ["a"], ["a"])
+    scoring.compute_metrics("asr", [], [])
+  with pytest.raises(KeyError, match="unknown task 'summarize'; registered: asr, translate"):
+    scoring.compute_metrics("summarize", ["a"], ["a"])

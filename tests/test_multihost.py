@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
-
 import tiny_runs
 
 LOCAL_SH = os.path.join(tiny_runs.REPO, "launch", "local.sh")
@@ -78,6 +79,46 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
   assert os.path.isdir(os.path.join(resumed, "checkpoints", "last", "12"))
 
 
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_every_host_at_one_step(runs):
+  """SIGTERM reaches process 1 only: both processes agree on one step, save one
+  complete checkpoint of it together and exit 0 (no process is left waiting
+  in a collective for the one that stopped)."""
+  workdir = str(runs["root"] / "preempted")
+  port = tiny_runs.free_port()
+  env = tiny_runs.subprocess_env(devices=2)
+  procs = []
+  for i in range(2):
+    cmd = [env["PYTHON"], "-m", "speechjax.train", f"--config={runs['config']}", f"--workdir={workdir}",
+           "--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000",
+           "--config.eval.every_steps=0", f"--config.compile_cache_dir={runs['cache']}",
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+    procs.append(subprocess.Popen(cmd, cwd=tiny_runs.REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  try:
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 400
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+      if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+        break
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  summaries = [json.loads([line for line in out.splitlines() if line.startswith('{"final_step"')][-1])
+               for out in outputs]
+  assert [s["stopped_by"] for s in summaries] == ["signal", "signal"]
+  step = summaries[0]["final_step"]
+  assert summaries[1]["final_step"] == step and step >= 3
+  last = os.path.join(workdir, "checkpoints", "last")
+  assert sorted(os.listdir(last)) == [str(step)]  # one complete checkpoint, no temporary folder
+  assert max(tiny_runs.read_metrics(workdir)) == step
+
+
 def test_local_sh_fails_when_a_process_fails(tmp_path):
   env = tiny_runs.subprocess_env()
   result = subprocess.run(
@@ -97,10 +138,12 @@ def test_hosts_feed_their_rows_of_the_one_process_batches(tiny_corpus):
   the global batch's, so hosts never disagree on shapes)."""
   import grain
   from transformers import AutoTokenizer
+
+  from speechjax.data import config as data_config
   from speechjax.data import pipeline, sources
 
   data_dir, tokenizer, _ = tiny_corpus
-  config = pipeline.default_data_config()
+  config = data_config.default_data_config()
   config.update(data_dir=data_dir, batch_size=8, eval_batch_size=8, worker_threads=1,
                 audio_buckets_seconds=(2.0, 3.0, 4.0, 5.0), token_buckets=(32, 48, 64, 128))
   tok = AutoTokenizer.from_pretrained(tokenizer)

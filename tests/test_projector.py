@@ -10,8 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from speechjax.models.projector import (PROJECTOR_KINDS, ProjectorConfig, ctc_compress_slots,
-                                        make_projector, projector_output_length)
+from speechjax.models.projector import (
+  PROJECTORS,
+  ProjectorConfig,
+  ctc_compress_slots,
+  make_projector,
+  projector_output_length,
+)
 
 D_IN, D_OUT = 12, 16
 
@@ -37,7 +42,7 @@ def _prefix_mask(lengths, n):
   return (np.arange(n)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
 
 
-@pytest.fixture(scope="module", params=PROJECTOR_KINDS)
+@pytest.fixture(scope="module", params=PROJECTORS.names())
 def projector(request):
   cfg = _cfg(request.param)
   model = make_projector(cfg)

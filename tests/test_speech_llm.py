@@ -13,16 +13,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from speechjax.models.audio_encoder import WhisperEncoderConfig
-from speechjax.models.decoder import DecoderConfig, init_cache
+from speechjax.models.decoder import DecoderConfig
+from speechjax.models.encoders.whisper import WhisperEncoderConfig
 from speechjax.models.gpt2 import GPT2_LORA_TARGETS, GPT2Config
 from speechjax.models.heads import classification_loss, masked_mean_pool
 from speechjax.models.lora import LoRAConfig
+from speechjax.models.objectives import speech_llm_objective
 from speechjax.models.projector import ProjectorConfig
-from speechjax.models.speech_llm import (AUDIO_PLACEHOLDER_ID, SpeechLLM, SpeechLLMConfig,
-                                         init_inputs, num_audio_tokens,
-                                         text_prediction_positions)
-from speechjax.trainer.objectives import speech_llm_objective
+from speechjax.models.speech_llm import (
+  AUDIO_PLACEHOLDER_ID,
+  SpeechLLM,
+  SpeechLLMConfig,
+  init_inputs,
+  num_audio_tokens,
+  text_prediction_positions,
+)
+from speechjax.models.transformer import init_cache
 
 PH = AUDIO_PLACEHOLDER_ID
 LORA_TARGETS = (r"^encoder/.*q_proj$", r"^projector/fc1$", r"^(?!encoder/).*(q_proj|v_proj)$")

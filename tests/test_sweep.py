@@ -1,5 +1,6 @@
-"""speechjax.sweep: grid expansion, run names, value parsing, result tables, and
-one real two-run sweep of a tiny speech LLM (trained, scored, skipped on re-run)."""
+"""speechjax.sweep: grid expansion, run names, value parsing, result tables,
+re-runs keyed on each run's resolved config (with a stand-in trainer), and one
+real two-run sweep of a tiny speech LLM (trained, scored, skipped on re-run)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import os
 import sys
 
 import pytest
-
 import tiny_runs
-from speechjax import sweep
 
+from speechjax import sweep
 
 # ------------------------------------------------------------------ units
 
@@ -145,6 +145,122 @@ def test_run_status(tmp_path):
   assert sweep.run_status(os.path.join(root, "speech"), True, ["--config=b.py"]) == "changed"
   assert sweep.wants_evaluation({"model": {"kind": "ctc"}}, "auto") is False
   assert sweep.wants_evaluation({"model": {"kind": "ctc"}}, "always") is True
+
+
+# ------------------------------------------------ re-runs keyed on the resolved config
+
+_CONFIG_FILE = """
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = ml_collections.ConfigDict({"kind": "lm"})
+  config.optim = ml_collections.ConfigDict({"lr": 0.001})
+  config.train = ml_collections.ConfigDict({"num_steps": 3})
+  return config
+"""
+
+# Stands in for speechjax.train: parses the config as it does, writes RUN/config.json
+# and a final checkpoint folder, and records each launch (lr, and whether it found
+# a checkpoint already there, i.e. resumed).
+_FAKE_TRAIN = """
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder")
+
+
+def main(argv):
+  del argv
+  workdir, config = _WORKDIR.value, _CONFIG.value
+  checkpoints = os.path.join(workdir, "checkpoints")
+  with open(os.environ["LAUNCH_LOG"], "a") as f:
+    f.write(json.dumps({"run": os.path.basename(workdir), "lr": config.optim.lr,
+                        "resumed": os.path.isdir(checkpoints)}) + "\\n")
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+  os.makedirs(os.path.join(checkpoints, "last", str(config.train.num_steps)), exist_ok=True)
+
+
+app.run(main)
+"""
+
+
+def test_rerun_keys_runs_on_the_resolved_config(tmp_path, monkeypatch):
+  config = tmp_path / "config.py"
+  config.write_text(_CONFIG_FILE)
+  trainer = tmp_path / "fake_train.py"
+  trainer.write_text(_FAKE_TRAIN)
+  launch_log = tmp_path / "launches.jsonl"
+  monkeypatch.setenv("LAUNCH_LOG", str(launch_log))
+  root = tmp_path / "sweep"
+  runs = {r.name: r for r in sweep.plan_runs(["seed=1,2"])}
+
+  def execute(name, extra):
+    return sweep.execute_run(str(config), str(root), runs[name], extra,
+                             launcher=[sys.executable, str(trainer)])
+
+  def launches():
+    if not launch_log.exists():
+      return []
+    records = [json.loads(line) for line in launch_log.read_text().splitlines()]
+    launch_log.unlink()
+    return records
+
+  assert [execute(name, []) for name in runs] == ["done", "done"]
+  assert launches() == [{"run": "seed=1", "lr": 0.001, "resumed": False},
+                        {"run": "seed=2", "lr": 0.001, "resumed": False}]
+  marker = json.loads((root / "seed=1" / sweep.DONE_MARKER).read_text())
+  assert marker["config_fingerprint"] == sweep.config_fingerprint(
+      json.loads((root / "seed=1" / "config.json").read_text()))
+
+  # The same settings spelled differently: nothing to do.
+  assert [execute(name, ["--config.optim.lr=1e-3"]) for name in runs] == ["skipped", "skipped"]
+  assert launches() == []
+
+  # seed=1 with another lr trains from scratch, its old folder kept aside; seed=2,
+  # unchanged, is skipped.
+  assert execute("seed=1", ["--config.optim.lr=0.01"]) == "done"
+  assert execute("seed=2", []) == "skipped"
+  assert launches() == [{"run": "seed=1", "lr": 0.01, "resumed": False}]
+  assert json.loads((root / "seed=1" / "config.json").read_text())["optim"]["lr"] == 0.01
+  aside = [p.name for p in root.iterdir() if p.name.startswith("seed=1.replaced-")]
+  assert len(aside) == 1
+  assert json.loads((root / aside[0] / "config.json").read_text())["optim"]["lr"] == 0.001
+
+  # Only more steps asked for (train.num_steps may change on resume): the same
+  # run is resumed to the new length, in its own folder, not retrained.
+  (root / "seed=2" / sweep.DONE_MARKER).unlink()
+  assert sweep.run_status(str(root / "seed=2"), True, fingerprint=sweep.config_fingerprint(
+      sweep.resolve_config(str(config), ["--config.seed=2"]))) == "done"
+  assert sweep.config_fingerprint(sweep.resolve_config(str(config), ["--config.seed=2"])) == \
+      sweep.config_fingerprint(sweep.resolve_config(str(config), ["--config.seed=2",
+                                                                  "--config.train.num_steps=4"]))
+  assert sweep.run_status(str(root / "seed=2"), True, num_steps=4) == "started"
+  assert execute("seed=2", ["--config.train.num_steps=4"]) == "done"
+  assert launches() == [{"run": "seed=2", "lr": 0.001, "resumed": True}]
+  assert (root / "seed=2" / "checkpoints" / "last" / "4").is_dir()
+  assert (root / "seed=2" / "checkpoints" / "last" / "3").is_dir()  # the same folder, extended
+  assert not [p for p in root.iterdir() if p.name.startswith("seed=2.replaced-")]
+  assert execute("seed=2", ["--config.train.num_steps=4"]) == "skipped"
+  # Asked for fewer steps than the folder holds: its results are another run's.
+  assert sweep.run_status(str(root / "seed=2"), True, num_steps=3) == "changed"
+
+  # The table leaves out the numbers of a folder whose config is not the plan's.
+  for name in runs:
+    (root / name / "metrics.jsonl").write_text('{"step": 3, "split": "dev", "loss": 1.5}\n')
+  fingerprints = sweep.run_fingerprints(str(config), list(runs.values()),
+                                        ["--config.train.num_steps=4"])
+  rows = sweep.collect_results(str(root), list(runs.values()), fingerprints=fingerprints)
+  assert [row["status"] for row in rows] == ["changed", "done"]
+  assert "dev/loss" not in rows[0] and rows[1]["dev/loss"] == 1.5
 
 
 # ------------------------------------------------------------ a real sweep

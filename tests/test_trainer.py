@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
+from speechjax.train import build_trainer
 from speechjax.trainer import checkpoint as ckpt_lib
-from speechjax.trainer.loop import NonFiniteLossError, Trainer
+from speechjax.trainer.loop import NonFiniteLossError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -62,8 +63,8 @@ def leaves(tree):
 
 
 def test_mesh_2x2x2_matches_one_device(tiny_corpus, tmp_path):
-  one = Trainer(tiny_config(tiny_corpus, **{"mesh.shape": (1, 1, 1)}), str(tmp_path / "one"))
-  eight = Trainer(tiny_config(tiny_corpus, **{"mesh.shape": (2, 2, 2)}), str(tmp_path / "eight"))
+  one = build_trainer(tiny_config(tiny_corpus, **{"mesh.shape": (1, 1, 1)}), str(tmp_path / "one"))
+  eight = build_trainer(tiny_config(tiny_corpus, **{"mesh.shape": (2, 2, 2)}), str(tmp_path / "eight"))
   assert len(one.mesh.devices.flat) == 1 and eight.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
   # Weights really are split over the mesh.
   specs = {x.sharding.spec for x in jax.tree_util.tree_leaves(eight.frozen)}
@@ -77,9 +78,9 @@ def test_mesh_2x2x2_matches_one_device(tiny_corpus, tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
   # A checkpoint written on the 8-device mesh restores onto one device.
-  eight.checkpoints.save(eight.state, {"data_state": eight.data.train.get_state()}, force=True)
+  assert eight.checkpoints.save(eight.state, {"data_state": eight.data.train.get_state()})
   eight.checkpoints.wait()
-  restored = Trainer(tiny_config(tiny_corpus, **{"mesh.shape": (1, 1, 1)}), str(tmp_path / "eight"))
+  restored = build_trainer(tiny_config(tiny_corpus, **{"mesh.shape": (1, 1, 1)}), str(tmp_path / "eight"))
   assert restored.step == 20
   for x, y in zip(leaves(eight.state["trainable"]), leaves(restored.state["trainable"])):
     np.testing.assert_array_equal(x, y)
@@ -87,7 +88,7 @@ def test_mesh_2x2x2_matches_one_device(tiny_corpus, tmp_path):
 
 
 def test_optimizer_state_holds_only_trainables(tiny_corpus, tmp_path):
-  trainer = Trainer(tiny_config(tiny_corpus), str(tmp_path / "run"))
+  trainer = build_trainer(tiny_config(tiny_corpus), str(tmp_path / "run"))
   trainable = jax.tree_util.tree_leaves(trainer.state["trainable"])
   frozen = jax.tree_util.tree_leaves(trainer.frozen)
   moments = [x for x in jax.tree_util.tree_leaves(trainer.state["opt_state"]) if x.ndim > 0]
@@ -114,7 +115,7 @@ def test_resume_after_hard_kill_is_exact(tiny_corpus, tmp_path):
   for step in range(1, 21):
     assert a[step] == pytest.approx(b[step], rel=1e-6), step
   trainer_cfg = tiny_config(tiny_corpus)
-  template = Trainer(trainer_cfg, str(tmp_path / "template")).state["trainable"]
+  template = build_trainer(trainer_cfg, str(tmp_path / "template")).state["trainable"]
   ta, _, sa = ckpt_lib.restore_trainable(straight, template, "last")
   tb, _, sb = ckpt_lib.restore_trainable(killed, template, "last")
   assert sa == sb == 20
@@ -145,8 +146,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_corpus, tmp_path):
 
 def test_nan_guard_stops_with_last_good_checkpoint(tiny_corpus, tmp_path):
   workdir = str(tmp_path / "run")
-  trainer = Trainer(tiny_config(tiny_corpus, **{"train.max_bad_steps": 3, "logging.every_steps": 1,
-                                                "checkpoint.every_steps": 2}), workdir)
+  trainer = build_trainer(tiny_config(tiny_corpus, **{"train.max_bad_steps": 3, "logging.every_steps": 1,
+                                                      "checkpoint.every_steps": 2}), workdir)
   clean = trainer.data.train
 
   class Poisoned:
@@ -175,6 +176,58 @@ def test_nan_guard_stops_with_last_good_checkpoint(tiny_corpus, tmp_path):
   assert ckpt_lib.Checkpoints(workdir).latest_step() == 4
   skipped = logged(workdir, key="skipped_steps")
   assert skipped[5] == 1 and skipped[7] == 1
+
+
+def test_nan_guard_decides_every_step_not_only_at_log_steps(tiny_corpus, tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer = build_trainer(tiny_config(tiny_corpus, **{"train.max_bad_steps": 3, "logging.every_steps": 100,
+                                                      "checkpoint.every_steps": 100}), workdir)
+  clean = trainer.data.train
+
+  class PoisonedFromFive:
+    n = 0
+
+    def __next__(self):
+      batch = next(clean)
+      self.n += 1
+      if self.n >= 5:
+        batch["features"] = np.full_like(batch["features"], np.nan)
+      return batch
+
+    def get_state(self):
+      return clean.get_state()
+
+    def set_state(self, s):
+      clean.set_state(s)
+
+  trainer.data.train = PoisonedFromFive()
+  with pytest.raises(NonFiniteLossError) as stopped:
+    trainer.run()
+  # Steps 5, 6, 7 were non-finite; the guard reads a step once the next one is
+  # queued, so the run stops at step 8 at the latest, not at the log step.
+  assert "3 consecutive steps" in str(stopped.value) and "steps 5-7" in str(stopped.value)
+  assert "the last finite loss was" in str(stopped.value) and "at step 4" in str(stopped.value)
+  assert trainer.step <= 8
+
+
+def test_early_stopping_never_takes_nan_as_best():
+  from speechjax.trainer.loop import EarlyStopping
+
+  stopper = EarlyStopping("loss", "min", patience=3)
+  assert stopper.update({"loss": float("nan")}) is False
+  assert stopper.best is None and stopper.bad_evals == 1
+  assert stopper.update({"loss": 2.0}) is True and stopper.best == 2.0
+  assert stopper.update({"loss": float("nan")}) is False and stopper.best == 2.0
+  assert stopper.update({"loss": 1.5}) is True
+  assert EarlyStopping("loss", "min", 3, {"best": float("nan"), "bad_evals": 0}).best is None
+
+
+def test_float16_is_refused_with_a_pointer_to_bfloat16(tiny_corpus, tmp_path):
+  from speechjax.trainer.loop import Trainer
+
+  config = tiny_config(tiny_corpus, **{"model.dtype": "float16"})
+  with pytest.raises(ValueError, match="model.dtype='float16'.*model.dtype='bfloat16'"):
+    Trainer(config, str(tmp_path / "run"), bundle=object(), data=object())
 
 
 def test_unknown_config_key_lists_valid_keys(tiny_corpus, tmp_path):

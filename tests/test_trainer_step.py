@@ -2,19 +2,19 @@
 optimizer state, weight-decay masking, schedules, partitioning, and the fused
 (self-guarded) AdamW against optax's clip + adamw."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
-import flax.linen as nn
 
 from speechjax.models.lora import Dense, LoRAConfig
+from speechjax.models.objectives import Objective, token_cross_entropy
 from speechjax.trainer import adamw as adamw_lib
 from speechjax.trainer import optim, partition
 from speechjax.trainer import step as step_lib
-from speechjax.trainer.objectives import Objective, token_cross_entropy
 
 
 class ToyLM(nn.Module):

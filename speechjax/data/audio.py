@@ -31,7 +31,7 @@ def to_float32(audio: np.ndarray) -> np.ndarray:
     return (audio.astype(np.float32) / float(-np.iinfo(audio.dtype).min))
   if np.issubdtype(audio.dtype, np.floating):
     return audio.astype(np.float32, copy=False)
-  raise AudioError(f'Unsupported audio dtype {audio.dtype}.')
+  raise AudioError(f"Unsupported audio dtype {audio.dtype}.")
 
 
 def to_mono(audio: np.ndarray) -> np.ndarray:
@@ -41,7 +41,7 @@ def to_mono(audio: np.ndarray) -> np.ndarray:
     return audio
   if audio.ndim == 2:
     return audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
-  raise AudioError(f'Expected audio [samples] or [samples, channels], got shape {audio.shape}.')
+  raise AudioError(f"Expected audio [samples] or [samples, channels], got shape {audio.shape}.")
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
@@ -50,7 +50,7 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
   if int(orig_sr) == int(target_sr) or audio.size == 0:
     return audio
   return soxr.resample(audio, int(orig_sr), int(target_sr),
-                       quality='HQ').astype(np.float32, copy=False)
+                       quality="HQ").astype(np.float32, copy=False)
 
 
 def to_model_input(audio: np.ndarray, sample_rate: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
@@ -64,16 +64,16 @@ def load_audio(source: str | os.PathLike | bytes | Any, target_sr: int = SAMPLE_
   Raises AudioError naming the file when it is missing or cannot be decoded.
   Content checks (empty, NaN, too long) are left to `validate.check_audio`.
   """
-  name = source if isinstance(source, (str, os.PathLike)) else '<in-memory audio>'
+  name = source if isinstance(source, (str, os.PathLike)) else "<in-memory audio>"
   if isinstance(source, (bytes, bytearray)):
     source = io.BytesIO(source)
   if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
-    raise AudioError(f'Audio file not found: {name}')
+    raise AudioError(f"Audio file not found: {name}")
   try:
     # libsndfile scales integer PCM to [-1, 1) itself (x / 2**(bits-1)).
-    audio, sample_rate = sf.read(source, dtype='float32', always_2d=True)
+    audio, sample_rate = sf.read(source, dtype="float32", always_2d=True)
   except (sf.LibsndfileError, RuntimeError, ValueError, EOFError) as e:
-    raise AudioError(f'Cannot decode audio file {name}: {e}') from e
+    raise AudioError(f"Cannot decode audio file {name}: {e}") from e
   return to_model_input(audio, sample_rate, target_sr)
 
 
@@ -82,7 +82,7 @@ def audio_info(path: str | os.PathLike) -> tuple[int, float]:
   try:
     info = sf.info(str(path))
   except (sf.LibsndfileError, RuntimeError) as e:
-    raise AudioError(f'Cannot read audio header of {path}: {e}') from e
+    raise AudioError(f"Cannot read audio header of {path}: {e}") from e
   return info.samplerate, info.frames / float(info.samplerate or 1)
 
 
@@ -105,4 +105,4 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAM
   audio = np.asarray(audio)
   if audio.dtype != np.int16:
     audio = float_to_int16(audio)
-  sf.write(str(path), audio, int(sample_rate), subtype='PCM_16')
+  sf.write(str(path), audio, int(sample_rate), subtype="PCM_16")

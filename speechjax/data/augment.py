@@ -9,7 +9,7 @@ log-mel features.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,7 +24,7 @@ def speed_perturb(audio: np.ndarray, factor: float,
   round(len / factor) samples: 1.1 -> shorter and higher, 0.9 -> longer and lower.
   """
   if factor <= 0:
-    raise ValueError(f'speed factor must be > 0, got {factor}')
+    raise ValueError(f"speed factor must be > 0, got {factor}")
   if factor == 1.0 or audio.size == 0:
     return audio
   return audio_lib.resample(audio, int(round(sample_rate * factor)), sample_rate)
@@ -38,7 +38,7 @@ def random_speed(
 
 
 def add_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator,
-              color: str = 'white') -> np.ndarray:
+              color: str = "white") -> np.ndarray:
   """Adds Gaussian noise so that 10*log10(P_signal / P_noise) = snr_db.
 
   color: 'white', or 'pink' (1/f power, closer to room and fan noise).
@@ -49,11 +49,11 @@ def add_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator,
   if signal_power == 0.0:
     return audio
   noise = rng.standard_normal(audio.size)
-  if color == 'pink':
+  if color == "pink":
     spectrum = np.fft.rfft(noise)
     spectrum /= np.sqrt(np.maximum(np.arange(spectrum.size), 1.0))
     noise = np.fft.irfft(spectrum, n=audio.size)
-  elif color != 'white':
+  elif color != "white":
     raise ValueError(f"noise color must be 'white' or 'pink', got {color!r}")
   noise *= np.sqrt(signal_power / 10**(snr_db / 10) / max(float(np.mean(noise**2)), 1e-20))
   return (audio + noise).astype(np.float32)
@@ -61,7 +61,7 @@ def add_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator,
 
 def random_noise(audio: np.ndarray, rng: np.random.Generator,
                  snr_range: Sequence[float] = (10.0, 30.0),
-                 color: str = 'white') -> tuple[np.ndarray, float]:
+                 color: str = "white") -> tuple[np.ndarray, float]:
   snr = float(rng.uniform(snr_range[0], snr_range[1]))
   return add_noise(audio, snr, rng, color), snr
 

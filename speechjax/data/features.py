@@ -52,8 +52,8 @@ def check_hop_length(hop_length: int) -> int:
   samples, <= n_fft): 160 (Whisper's 10 ms), 240, 320 (20 ms) or 400."""
   hop_length = int(hop_length)
   if not 0 < hop_length <= N_FFT or hop_length % 80:
-    raise ValueError(f'hop_length={hop_length}: expected a multiple of 80 samples up to {N_FFT} '
-                     '(160 = Whisper 10 ms, 320 = 20 ms)')
+    raise ValueError(f"hop_length={hop_length}: expected a multiple of 80 samples up to {N_FFT} "
+                     "(160 = Whisper 10 ms, 320 = 20 ms)")
   return hop_length
 
 
@@ -77,7 +77,7 @@ def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
                   f_sp * mels)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mel_filters(n_mels: int = 80, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT) -> np.ndarray:
   """Slaney-normalised triangular mel filters [n_mels, 1 + n_fft // 2] (= librosa.filters.mel)."""
   fft_freqs = np.linspace(0.0, sample_rate / 2.0, 1 + n_fft // 2)
@@ -91,7 +91,7 @@ def mel_filters(n_mels: int = 80, sample_rate: int = SAMPLE_RATE, n_fft: int = N
   return weights.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hann_window(n_fft: int = N_FFT) -> np.ndarray:
   """Periodic Hann window, as torch.hann_window / Whisper use."""
   return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)
@@ -105,7 +105,7 @@ def _frames(audio: jax.Array, count: int, hop_length: int = HOP_LENGTH) -> jax.A
   stacked is much faster on XLA:CPU than a gather or a concat of hop blocks.
   """
   pad = N_FFT // 2
-  padded = jnp.pad(audio, [(0, 0)] * (audio.ndim - 1) + [(pad, pad)], mode='reflect')
+  padded = jnp.pad(audio, [(0, 0)] * (audio.ndim - 1) + [(pad, pad)], mode="reflect")
   piece = math.gcd(N_FFT, hop_length)
   per_frame, per_hop = N_FFT // piece, hop_length // piece
   num_pieces = (count - 1) * per_hop + per_frame
@@ -117,10 +117,10 @@ def _frames(audio: jax.Array, count: int, hop_length: int = HOP_LENGTH) -> jax.A
 
 def _power_spectrum(audio: jax.Array, count: int, stft: str, hop_length: int) -> jax.Array:
   frames = _frames(audio, count, hop_length) * _hann_window()
-  if stft == 'rfft':
+  if stft == "rfft":
     spec = jnp.fft.rfft(frames, n=N_FFT, axis=-1)
     return spec.real**2 + spec.imag**2
-  if stft == 'matmul':
+  if stft == "matmul":
     k = np.arange(1 + N_FFT // 2)
     n = np.arange(N_FFT)
     angle = 2.0 * np.pi * np.outer(n, k) / N_FFT
@@ -143,14 +143,14 @@ def _log_mel_spectrum(audio: jax.Array, n_mels: int, stft: str, hop_length: int)
   return jnp.swapaxes(jnp.log10(jnp.maximum(mel, LOG_FLOOR)), -1, -2)
 
 
-@functools.partial(jax.jit, static_argnames=('n_mels', 'stft', 'hop_length'))
+@functools.partial(jax.jit, static_argnames=("n_mels", "stft", "hop_length"))
 def _log_mel_jit(audio: jax.Array, n_mels: int, stft: str, hop_length: int) -> jax.Array:
   log_spec = _log_mel_spectrum(audio, n_mels, stft, hop_length)
   peak = jnp.max(log_spec, axis=(-2, -1), keepdims=True)
   return (jnp.maximum(log_spec, peak - DYNAMIC_RANGE) + 4.0) / 4.0
 
 
-@functools.partial(jax.jit, static_argnames=('n_mels', 'stft', 'hop_length'))
+@functools.partial(jax.jit, static_argnames=("n_mels", "stft", "hop_length"))
 def _log_mel_masked_jit(audio: jax.Array, lengths: jax.Array, n_mels: int, stft: str,
                         hop_length: int):
   log_spec = _log_mel_spectrum(audio, n_mels, stft, hop_length)
@@ -180,15 +180,15 @@ def _prepare(audio, sample_rate: int) -> jax.Array:
   audio = jnp.asarray(audio, jnp.float32)
   if audio.ndim not in (1, 2):
     raise ValueError(
-        f'log_mel expects audio [samples] or [batch, samples], got shape {audio.shape}')
+        f"log_mel expects audio [samples] or [batch, samples], got shape {audio.shape}")
   if audio.shape[-1] < N_FFT // 2 + 1:
-    raise ValueError(f'log_mel needs at least {N_FFT // 2 + 1} samples for reflect padding, '
-                     f'got shape {audio.shape}')
+    raise ValueError(f"log_mel needs at least {N_FFT // 2 + 1} samples for reflect padding, "
+                     f"got shape {audio.shape}")
   return audio
 
 
 def log_mel(audio, sample_rate: int = SAMPLE_RATE, n_mels: int = 80, *,
-            stft: str = 'rfft', hop_length: int = HOP_LENGTH) -> jax.Array:
+            stft: str = "rfft", hop_length: int = HOP_LENGTH) -> jax.Array:
   """Whisper log-mel features.
 
   Args:
@@ -210,7 +210,7 @@ def log_mel(audio, sample_rate: int = SAMPLE_RATE, n_mels: int = 80, *,
 
 
 def log_mel_with_mask(audio, lengths, sample_rate: int = SAMPLE_RATE, n_mels: int = 80, *,
-                      stft: str = 'rfft',
+                      stft: str = "rfft",
                       hop_length: int = HOP_LENGTH) -> tuple[jax.Array, jax.Array]:
   """Log-mel of a right-padded batch plus its frame mask.
 
@@ -229,7 +229,41 @@ def log_mel_with_mask(audio, lengths, sample_rate: int = SAMPLE_RATE, n_mels: in
     lengths = np.round(lengths * (SAMPLE_RATE / sample_rate)).astype(np.int64)
   audio = _prepare(audio, sample_rate)
   if audio.ndim != 2 or lengths.shape != (audio.shape[0],):
-    raise ValueError(f'log_mel_with_mask expects audio [batch, samples] and lengths [batch], got '
-                     f'{audio.shape} and {lengths.shape}')
+    raise ValueError(f"log_mel_with_mask expects audio [batch, samples] and lengths [batch], got "
+                     f"{audio.shape} and {lengths.shape}")
   return _log_mel_masked_jit(audio, jnp.asarray(lengths, jnp.int32), n_mels=n_mels, stft=stft,
                              hop_length=check_hop_length(hop_length))
+
+
+# Raw-sample input of wave encoders (wav2vec2, HuBERT, WavLM).
+WAVE_NORM_EPS = 1e-7  # transformers' Wav2Vec2FeatureExtractor adds it to the variance
+
+
+def waves_with_mask(audio, lengths, *, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+  """A right-padded batch of 16 kHz samples as a wave encoder reads it.
+
+  Args:
+    audio: float [batch, samples], example i valid in [:lengths[i]].
+    lengths: int [batch] valid samples per row.
+    normalize: scale each row to zero mean and unit variance over its valid
+      samples (Wav2Vec2FeatureExtractor's do_normalize), so padding does not
+      change an example's statistics.
+
+  Returns:
+    (samples float32 [batch, samples] with 0 past each length,
+     mask int32 [batch, samples], 1 on valid samples).
+  """
+  audio = np.asarray(audio, np.float32)
+  lengths = np.asarray(lengths, np.int64)
+  if audio.ndim != 2 or lengths.shape != (audio.shape[0],):
+    raise ValueError(f"waves_with_mask expects audio [batch, samples] and lengths [batch], got "
+                     f"{audio.shape} and {lengths.shape}")
+  mask = (np.arange(audio.shape[1])[None, :] < lengths[:, None]).astype(np.int32)
+  waves = np.where(mask > 0, audio, 0.0).astype(np.float32)
+  if normalize:
+    count = np.maximum(mask.sum(axis=1, keepdims=True), 1).astype(np.float64)
+    mean = waves.sum(axis=1, keepdims=True, dtype=np.float64) / count
+    var = (np.square(waves - mean) * mask).sum(axis=1, keepdims=True) / count
+    scaled = (waves - mean) / np.sqrt(var + WAVE_NORM_EPS)
+    waves = np.where(mask > 0, scaled, 0.0).astype(np.float32)
+  return waves, mask

@@ -1,4 +1,21 @@
-"""Prompt templates: tasks, paraphrased instructions, chat formats, token layout.
+r"""Tasks (one registered record each) and the prompt layout built from them.
+
+A task says which manifest fields an example needs, how the model is asked
+(paraphrased instructions with one <audio> slot, or the example's own prompt),
+where the answer comes from and how answers are scored. Adding a task is one
+`register_task(Task(...))`; the pipeline, the manifest builder, evaluation and
+`transcribe --task` read the registry and list no task names themselves.
+
+    register_task(Task('count_words', fields=('text',), answer=count_words, metric=accuracy,
+                       headline=('accuracy',), instructions=('<audio>\nHow many words?',)))
+
+Built-in tasks and the manifest fields they need:
+    asr        text                 answer = transcript
+    translate  translation          answer = translation ("into {language}")
+    classify   label                answer = the label string
+    instruct   prompt, target       the manifest prompt is the instruction
+Training samples one of a task's paraphrased instructions (seeded); evaluation
+always uses the first.
 
 A training example is laid out as
 
@@ -9,95 +26,198 @@ where A = num_audio_tokens(num_feature_frames) and the model swaps the
 placeholders for projected audio frames. `targets` is `input_ids` shifted
 left and `target_mask` is 1 on the positions whose target is an answer token
 or the EOS, so the loss covers exactly the answer. A generation prompt is the
-same ids up to '|'.
-
-Tasks and the manifest fields they need:
-    asr        text                 answer = transcript
-    translate  translation          answer = translation ("into {language}")
-    classify   label                answer = the label string
-    instruct   prompt, target       the manifest prompt is the instruction
-Training samples one of a task's paraphrased instructions (seeded); evaluation
-always uses the first. Chat formats: 'plain', 'llama2' ([INST] ... [/INST]),
+same ids up to '|'. Chat formats: 'plain', 'llama2' ([INST] ... [/INST]),
 'chatml' (<|im_start|>user ... <|im_end|><|im_start|>assistant).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import threading
-from typing import Any, Callable, Mapping, Sequence
+import types
+from typing import Any
 
 import numpy as np
 
-AUDIO_PLACEHOLDER = '<audio>'
+from speechjax.evaluation import metrics
+from speechjax.registry import Registry
+
+AUDIO_PLACEHOLDER = "<audio>"
 AUDIO_PLACEHOLDER_ID = -1  # = speechjax.models.speech_llm.AUDIO_PLACEHOLDER_ID
-
-TASKS = ('asr', 'translate', 'classify', 'instruct')
-TASK_FIELDS = {
-    'asr': ('text',),
-    'translate': ('translation',),
-    'classify': ('label',),
-    'instruct': ('prompt', 'target'),
-}
-
-INSTRUCTIONS = {
-    'asr': (
-        f'{AUDIO_PLACEHOLDER}\nTranscribe the audio.',
-        f'Transcribe this recording: {AUDIO_PLACEHOLDER}',
-        f'{AUDIO_PLACEHOLDER}\nWrite down exactly what the speaker says.',
-        f'What is said in this audio? {AUDIO_PLACEHOLDER}',
-        f'{AUDIO_PLACEHOLDER}\nGive the transcript of this speech.',
-        f'Listen to {AUDIO_PLACEHOLDER} and write it down word for word.',
-    ),
-    'translate': (
-        f'{AUDIO_PLACEHOLDER}\nTranslate the speech into {{language}}.',
-        f'Translate this recording into {{language}}: {AUDIO_PLACEHOLDER}',
-        f'{AUDIO_PLACEHOLDER}\nWhat does the speaker say, in {{language}}?',
-        f'Listen to {AUDIO_PLACEHOLDER} and give its {{language}} translation.',
-        f'{AUDIO_PLACEHOLDER}\nRender this speech in {{language}}.',
-    ),
-    'classify': (
-        f'{AUDIO_PLACEHOLDER}\nWhat is the intent of this command?',
-        f'Classify the intent of this request: {AUDIO_PLACEHOLDER}',
-        f'{AUDIO_PLACEHOLDER}\nWhich intent does the speaker express?',
-        f'Give the intent label for {AUDIO_PLACEHOLDER}',
-        f'{AUDIO_PLACEHOLDER}\nName the action this utterance asks for.',
-    ),
-}
 
 # (user prefix, text after the user turn, text before the answer)
 CHAT_FORMATS = {
-    'plain': ('', '\n', ''),
-    'llama2': ('[INST] ', ' [/INST]', ' '),
-    'chatml': ('<|im_start|>user\n', '<|im_end|>\n<|im_start|>assistant\n', ''),
+    "plain": ("", "\n", ""),
+    "llama2": ("[INST] ", " [/INST]", " "),
+    "chatml": ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", ""),
 }
 
 
 def as_text(value: Any) -> str:
   if value is None:
-    return ''
+    return ""
   if isinstance(value, bytes):
-    return value.decode('utf-8')
+    return value.decode("utf-8")
   if isinstance(value, np.ndarray) and value.shape == ():
     return as_text(value.item())
   return str(value)
 
 
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One task.
+
+  name:        what configs (`data.tasks`, `eval.tasks`) and `transcribe --task` say.
+  fields:      manifest fields an example needs (non-empty) to be used for the task.
+  answer:      the manifest field holding the answer, or example -> answer text.
+  metric:      (predictions, references, **options) -> {metric name: float}, from
+               `speechjax.evaluation.metrics` for the built-ins.
+  headline:    metric names the evaluation summary also reports unprefixed ('wer').
+  instructions: paraphrased user messages, each with one <audio> ('{language}' is
+               filled in); training samples one, evaluation uses the first.
+  instruction_field: the manifest field holding the instruction instead (instruct).
+  class_head:  answers are classes of the manifest 'label' field, so evaluation can
+               also read them off the model's classification head (eval.classify_with).
+  """
+  name: str
+  fields: tuple[str, ...]
+  answer: str | Callable[[Mapping[str, Any]], str]
+  metric: Callable[..., dict[str, float]]
+  headline: tuple[str, ...]
+  instructions: tuple[str, ...] = ()
+  instruction_field: str | None = None
+  class_head: bool = False
+
+  def __post_init__(self):
+    for name in ("fields", "headline", "instructions"):
+      value = getattr(self, name)
+      if isinstance(value, str):
+        raise TypeError(f"Task {self.name!r}: {name} is a sequence of strings, "
+                        f"got the string {value!r}")
+      object.__setattr__(self, name, tuple(value))
+    if not self.fields or not all(isinstance(f, str) and f for f in self.fields):
+      raise ValueError(f"Task {self.name!r}: fields must name at least one manifest field, "
+                       f"got {self.fields}")
+    if isinstance(self.answer, str) and self.answer not in self.fields:
+      raise ValueError(f"Task {self.name!r}: answer field {self.answer!r} is not in "
+                       f"fields {self.fields}")
+    if not isinstance(self.answer, str) and not callable(self.answer):
+      raise TypeError(f"Task {self.name!r}: answer must be a field name or a function of "
+                      "the example")
+    if not callable(self.metric):
+      raise TypeError(f"Task {self.name!r}: metric must be a function "
+                      "(predictions, references) -> dict")
+    if self.instruction_field is not None and self.instruction_field not in self.fields:
+      raise ValueError(f"Task {self.name!r}: instruction_field {self.instruction_field!r} "
+                       f"is not in fields {self.fields}")
+    if self.instruction_field is None and not self.instructions:
+      raise ValueError(f"Task {self.name!r} needs instructions or an instruction_field")
+    for text in self.instructions:
+      if text.count(AUDIO_PLACEHOLDER) != 1:
+        raise ValueError(f"Task {self.name!r}: an instruction needs exactly one "
+                         f"{AUDIO_PLACEHOLDER}: {text!r}")
+
+  def answer_text(self, example: Mapping[str, Any]) -> str:
+    value = example.get(self.answer) if isinstance(self.answer, str) else self.answer(example)
+    return as_text(value).strip()
+
+  def supports(self, example: Mapping[str, Any]) -> bool:
+    """Whether the example has every field of the task, non-blank."""
+    return all(as_text(example.get(field)).strip() for field in self.fields)
+
+  def score(self, predictions: Sequence, references: Sequence, **options) -> dict[str, float]:
+    return self.metric(predictions, references, **options)
+
+
+class _TaskRegistry(Registry[Task]):
+  """Names in registration order (built-ins first), which also orders the
+  instruction texts a domain tokenizer is trained on."""
+
+  def names(self) -> tuple[str, ...]:
+    return tuple(self._entries)
+
+
+TASK_REGISTRY = _TaskRegistry("task")
+
+
+def register_task(task: Task, *, replace: bool = False) -> Task:
+  """Adds `task` under its name; a name already taken is refused unless replace=True."""
+  if not isinstance(task, Task):
+    raise TypeError(f"register_task takes a speechjax.data.tasks.Task, got {type(task).__name__}")
+  return TASK_REGISTRY.register(task.name, task, replace=replace)
+
+
+def unregister_task(name: str) -> None:
+  TASK_REGISTRY.unregister(name)
+
+
+def get_task(name: str) -> Task:
+  """The registered task; an unknown name raises KeyError listing the registered ones."""
+  return TASK_REGISTRY.get(name)
+
+
+def task_names() -> tuple[str, ...]:
+  return TASK_REGISTRY.names()
+
+
+register_task(Task("asr", fields=("text",), answer="text", metric=metrics.transcript_metrics,
+                   headline=("wer", "cer"), instructions=(
+    f"{AUDIO_PLACEHOLDER}\nTranscribe the audio.",
+    f"Transcribe this recording: {AUDIO_PLACEHOLDER}",
+    f"{AUDIO_PLACEHOLDER}\nWrite down exactly what the speaker says.",
+    f"What is said in this audio? {AUDIO_PLACEHOLDER}",
+    f"{AUDIO_PLACEHOLDER}\nGive the transcript of this speech.",
+    f"Listen to {AUDIO_PLACEHOLDER} and write it down word for word.",
+)))
+register_task(Task("translate", fields=("translation",), answer="translation",
+                   metric=metrics.translation_metrics, headline=("bleu", "chrf"), instructions=(
+    f"{AUDIO_PLACEHOLDER}\nTranslate the speech into {{language}}.",
+    f"Translate this recording into {{language}}: {AUDIO_PLACEHOLDER}",
+    f"{AUDIO_PLACEHOLDER}\nWhat does the speaker say, in {{language}}?",
+    f"Listen to {AUDIO_PLACEHOLDER} and give its {{language}} translation.",
+    f"{AUDIO_PLACEHOLDER}\nRender this speech in {{language}}.",
+)))
+register_task(Task("classify", fields=("label",), answer="label", class_head=True,
+                   metric=metrics.classification_metrics, headline=("accuracy", "macro_f1"),
+                   instructions=(
+    f"{AUDIO_PLACEHOLDER}\nWhat is the intent of this command?",
+    f"Classify the intent of this request: {AUDIO_PLACEHOLDER}",
+    f"{AUDIO_PLACEHOLDER}\nWhich intent does the speaker express?",
+    f"Give the intent label for {AUDIO_PLACEHOLDER}",
+    f"{AUDIO_PLACEHOLDER}\nName the action this utterance asks for.",
+)))
+register_task(Task("instruct", fields=("prompt", "target"), answer="target",
+                   instruction_field="prompt", metric=metrics.free_form_metrics,
+                   headline=("wer", "bleu")))
+
+
+def __getattr__(name: str):
+  """TASKS, TASK_FIELDS and INSTRUCTIONS: read-only views of the registry as it is now."""
+  if name == "TASKS":
+    return task_names()
+  if name == "TASK_FIELDS":
+    return types.MappingProxyType({n: get_task(n).fields for n in task_names()})
+  if name == "INSTRUCTIONS":
+    return types.MappingProxyType(
+        {n: get_task(n).instructions for n in task_names() if get_task(n).instructions})
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def supports(example: Mapping[str, Any], task: str) -> bool:
-  if task not in TASK_FIELDS:
-    raise ValueError(f'Unknown task {task!r}; valid: {TASKS}')
-  return all(as_text(example.get(field)).strip() for field in TASK_FIELDS[task])
+  return get_task(task).supports(example)
 
 
-def supported_tasks(example: Mapping[str, Any], tasks: Sequence[str] = TASKS) -> list[str]:
-  return [task for task in tasks if supports(example, task)]
+def supported_tasks(example: Mapping[str, Any], tasks: Sequence[str] | None = None) -> list[str]:
+  """The tasks (default: every registered one) the example has the fields for."""
+  return [task for task in (task_names() if tasks is None else tasks) if supports(example, task)]
 
 
 def sample_task(example: Mapping[str, Any], tasks: Sequence[str], weights: Sequence[float],
                 rng: np.random.Generator) -> str | None:
   """A task drawn by weight among those the example has fields for (None if none)."""
   if len(tasks) != len(weights):
-    raise ValueError(f'tasks {tuple(tasks)} and weights {tuple(weights)} differ in length')
+    raise ValueError(f"tasks {tuple(tasks)} and weights {tuple(weights)} differ in length")
   pairs = [(t, float(w)) for t, w in zip(tasks, weights) if w > 0 and supports(example, t)]
   if not pairs:
     return None
@@ -106,15 +226,7 @@ def sample_task(example: Mapping[str, Any], tasks: Sequence[str], weights: Seque
 
 
 def answer_text(example: Mapping[str, Any], task: str) -> str:
-  if task == 'asr':
-    return as_text(example.get('text')).strip()
-  if task == 'translate':
-    return as_text(example.get('translation')).strip()
-  if task == 'classify':
-    return as_text(example.get('label')).strip()
-  if task == 'instruct':
-    return as_text(example.get('target')).strip()
-  raise ValueError(f'Unknown task {task!r}; valid: {TASKS}')
+  return get_task(task).answer_text(example)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -122,8 +234,8 @@ def _encode(tokenizer, text: str) -> list[int]:
     return []
   # A fast tokenizer's Rust backend gives the same ids without the ~50 us of
   # Python wrapping per call (LM pretraining tokenizes ~10^5 prompts).
-  backend = getattr(tokenizer, 'backend_tokenizer', None)
-  if backend is not None and not getattr(tokenizer, 'split_special_tokens', False):
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is not None and not getattr(tokenizer, "split_special_tokens", False):
     return backend.encode(text, add_special_tokens=False).ids
   return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -137,17 +249,17 @@ class PromptBuilder:
   instructions are tokenized once and cached.
   """
   tokenizer: Any
-  template: str = 'plain'
-  language: str = 'French'
+  template: str = "plain"
+  language: str = "French"
   add_bos: bool = True
   instructions: Mapping[str, Sequence[str]] | None = None
 
   def __post_init__(self):
     if self.template not in CHAT_FORMATS:
-      raise ValueError(f'Unknown chat template {self.template!r}; valid: {tuple(CHAT_FORMATS)}')
+      raise ValueError(f"Unknown chat template {self.template!r}; valid: {tuple(CHAT_FORMATS)}")
     if self.tokenizer.eos_token_id is None:
-      raise ValueError('The tokenizer has no eos_token_id; the answer needs an end token.')
-    self.instructions = dict(INSTRUCTIONS, **(self.instructions or {}))
+      raise ValueError("The tokenizer has no eos_token_id; the answer needs an end token.")
+    self.instructions = dict(self.instructions or {})  # per-task overrides of the registered texts
     self._cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
     self._answers: dict[tuple[str, str], list[int]] = {}
     self._lock = threading.Lock()
@@ -158,20 +270,21 @@ class PromptBuilder:
 
   @property
   def pad_id(self) -> int:
-    pad = getattr(self.tokenizer, 'pad_token_id', None)
+    pad = getattr(self.tokenizer, "pad_token_id", None)
     return int(pad if pad is not None else self.eos_id)
 
   def num_instructions(self, task: str) -> int:
-    return 1 if task == 'instruct' else len(self.instructions[task])
+    spec = get_task(task)
+    return 1 if spec.instruction_field else len(self.instructions.get(task) or spec.instructions)
 
   def instruction(self, example: Mapping[str, Any], task: str, index: int = 0) -> str:
     """The user message with its <audio> placeholder."""
-    if task == 'instruct':
-      prompt = as_text(example.get('prompt')).strip()
-      return prompt if AUDIO_PLACEHOLDER in prompt else f'{AUDIO_PLACEHOLDER}\n{prompt}'
-    if task not in self.instructions:
-      raise ValueError(f'Unknown task {task!r}; valid: {TASKS}')
-    return self.instructions[task][index].replace('{language}', self.language)
+    spec = get_task(task)
+    if spec.instruction_field:
+      prompt = as_text(example.get(spec.instruction_field)).strip()
+      return prompt if AUDIO_PLACEHOLDER in prompt else f"{AUDIO_PLACEHOLDER}\n{prompt}"
+    texts = self.instructions.get(task) or spec.instructions
+    return texts[index].replace("{language}", self.language)
 
   def _pieces(self, user: str) -> tuple[list[int], list[int]]:
     """Token ids before and after the audio placeholder (BOS and chat wrapping included)."""
@@ -180,10 +293,10 @@ class PromptBuilder:
     if cached is not None:
       return cached
     if user.count(AUDIO_PLACEHOLDER) != 1:
-      raise ValueError(f'An instruction needs exactly one {AUDIO_PLACEHOLDER}: {user!r}')
+      raise ValueError(f"An instruction needs exactly one {AUDIO_PLACEHOLDER}: {user!r}")
     prefix, suffix, _ = CHAT_FORMATS[self.template]
     before, after = user.split(AUDIO_PLACEHOLDER)
-    bos = getattr(self.tokenizer, 'bos_token_id', None)
+    bos = getattr(self.tokenizer, "bos_token_id", None)
     head = ([int(bos)] if self.add_bos and bos is not None else []) + _encode(
         self.tokenizer, prefix + before)
     tail = _encode(self.tokenizer, after + suffix)
@@ -207,7 +320,7 @@ class PromptBuilder:
   def transcript_ids(self, example: Mapping[str, Any], instruction_index: int = 0) -> list[int]:
     """The transcript's tokens as the ASR answer has them, without EOS: what a
     text-slot LM copies and a token-level CTC head predicts."""
-    return self.answer_ids(example, 'asr', instruction_index)[:-1]
+    return self.answer_ids(example, "asr", instruction_index)[:-1]
 
   def answer_ids(self, example: Mapping[str, Any], task: str,
                  instruction_index: int = 0) -> list[int]:
@@ -249,17 +362,17 @@ class PromptBuilder:
     target_mask = np.zeros(input_ids.shape, np.float32)
     target_mask[len(prompt) - 1:len(input_ids) - 1] = 1.0
     return {
-        'input_ids': input_ids,
-        'targets': targets,
-        'target_mask': target_mask,
-        'prompt_length': np.int32(len(prompt))
+        "input_ids": input_ids,
+        "targets": targets,
+        "target_mask": target_mask,
+        "prompt_length": np.int32(len(prompt))
     }
 
 
 def build_training_example(tokenizer, example: Mapping[str, Any], task: str,
                            num_feature_frames: int, num_audio_tokens: Callable[[int], int], *,
-                           template: str = 'plain', instruction_index: int = 0,
-                           language: str = 'French', add_bos: bool = True) -> dict[str, np.ndarray]:
+                           template: str = "plain", instruction_index: int = 0,
+                           language: str = "French", add_bos: bool = True) -> dict[str, np.ndarray]:
   """(a) Token ids of prompt-with-audio-slots + answer + EOS, with targets and target_mask."""
   builder = PromptBuilder(tokenizer, template, language, add_bos)
   return builder.training_example(example, task, num_audio_tokens(num_feature_frames),
@@ -268,8 +381,8 @@ def build_training_example(tokenizer, example: Mapping[str, Any], task: str,
 
 def build_generation_prompt(tokenizer, example: Mapping[str, Any], task: str,
                             num_feature_frames: int, num_audio_tokens: Callable[[int], int], *,
-                            template: str = 'plain', instruction_index: int = 0,
-                            language: str = 'French', add_bos: bool = True) -> np.ndarray:
+                            template: str = "plain", instruction_index: int = 0,
+                            language: str = "French", add_bos: bool = True) -> np.ndarray:
   """(b) The ids up to where the answer starts, for decoding."""
   builder = PromptBuilder(tokenizer, template, language, add_bos)
   return np.asarray(

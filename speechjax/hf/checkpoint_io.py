@@ -8,13 +8,19 @@ from ml_dtypes. Pickle checkpoints (pytorch_model.bin) are never opened.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+import contextlib
 import json
+import logging
 import os
+import shutil
 import struct
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -93,7 +99,12 @@ class Checkpoint:
     single_path = os.path.join(folder, SINGLE_FILE)
     self._files: dict[str, SafetensorsFile] = {}
     self._where: dict[str, str] = {}
-    if os.path.isfile(index_path):
+    if os.path.isfile(index_path) and os.path.isfile(single_path) and \
+        os.path.getmtime(single_path) > os.path.getmtime(index_path):
+      # A folder re-written as one file over an older sharded one: the index is stale.
+      log.warning("%s: ignoring %s, which is older than %s", folder, INDEX_FILE, SINGLE_FILE)
+      index_path = ""
+    if index_path and os.path.isfile(index_path):
       with open(index_path) as f:
         weight_map = json.load(f).get("weight_map")
       if not isinstance(weight_map, dict):
@@ -273,13 +284,40 @@ def write_json(path: str, obj: Any) -> None:
     f.write("\n")
 
 
-def flatten_names(tree: Mapping[str, Any],
-                  prefix: Iterable[str] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for key, value in tree.items():
-    path = tuple(prefix) + (key,)
-    if isinstance(value, Mapping):
-      out.update(flatten_names(value, path))
-    else:
-      out[path] = value
-  return out
+def load_extra_params(folder: str, name: str) -> dict[str, np.ndarray]:
+  """`<name>.safetensors` beside a checkpoint: a head trained with the model
+  (e.g. the encoder's CTC head, which a 'ctc_compress' projector starts from)."""
+  path = os.path.join(folder, f"{name}.safetensors")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} not found: the projector's {name!r} starts from a head saved beside the encoder "
+        "(for 'ctc_compress': CTC pretraining with model.kind='ctc' over the tokenizer, exported "
+        "with export_whisper_encoder(..., ctc_head=...))")
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  return load_file(path)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str):
+  """Yields a temporary folder beside `folder` to write into; on success it
+  replaces `folder` in one rename, on any error it is deleted and `folder` is
+  left exactly as it was. A crash never leaves a half-written model folder."""
+  folder = os.path.abspath(folder)
+  parent = os.path.dirname(folder)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(folder)}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if os.path.exists(folder):
+    old = os.path.join(parent, f".{os.path.basename(folder)}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(folder, old)
+  os.rename(tmp, folder)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)

@@ -16,29 +16,28 @@ gathered; only process 0 writes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import os
 import re
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from speechjax.hf import gpt2 as gpt2_io
-from speechjax.hf import llama as llama_io
-from speechjax.hf.checkpoint_io import flatten_names, save_safetensors, save_weights, write_json
-from speechjax.models.decoder import DecoderConfig
-from speechjax.models.gpt2 import GPT2Config
+from speechjax.hf.checkpoint_io import atomic_folder, save_safetensors, save_weights, write_json
+from speechjax.hf.loading import converter_for
+from speechjax.models.families import get_family
 from speechjax.models.lora import LoRAConfig, merge
+from speechjax.tree import flatten
 
 
 def _converter(model_cfg):
-  if isinstance(model_cfg, DecoderConfig):
-    return llama_io
-  if isinstance(model_cfg, GPT2Config):
-    return gpt2_io
-  raise TypeError(f"export: expected DecoderConfig or GPT2Config, got {type(model_cfg).__name__}")
+  model_type = getattr(model_cfg, "model_type", None)
+  if model_type is None or get_family(model_type).role != "decoder":
+    raise TypeError(f"export: expected a decoder LLM config, got {type(model_cfg).__name__}")
+  return converter_for(model_type)
 
 
 def _decoder_subtree(tree, converter):
@@ -89,17 +88,17 @@ def export_hf(folder: str, model_cfg, params, lora=None, lora_cfg: LoRAConfig | 
       value = getattr(tokenizer, field, None)
       if value is not None:
         config[field] = value
-  os.makedirs(folder, exist_ok=True)
-  write_json(os.path.join(folder, "config.json"), config)
-  save_weights(folder, tensors, max_shard_bytes)
-  if tokenizer is not None:
-    tokenizer.save_pretrained(folder)
+  with atomic_folder(folder) as tmp:
+    write_json(os.path.join(tmp, "config.json"), config)
+    save_weights(tmp, tensors, max_shard_bytes)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(tmp)
   return folder
 
 
 def _adapter_modules(lora, converter, model_cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{HF module name: (lora_a [in, r], lora_b [r, out])} for every adapter."""
-  flat = flatten_names(lora)
+  flat = flatten(lora)
   out = {}
   layer_key = converter.LAYER_KEY
   for path, a in flat.items():
@@ -165,7 +164,7 @@ def export_peft_adapter(folder: str, lora, lora_cfg: LoRAConfig | None, model_cf
       "target_modules": _target_modules(set(modules),
                                         converter.linear_module_names(model_cfg)),
       "bias": "none",
-      "fan_in_fan_out": isinstance(model_cfg, GPT2Config),
+      "fan_in_fan_out": getattr(converter, "FAN_IN_FAN_OUT", False),
       "inference_mode": True,
       "init_lora_weights": True,
       "use_rslora": False,
@@ -175,7 +174,7 @@ def export_peft_adapter(folder: str, lora, lora_cfg: LoRAConfig | None, model_cf
       "rank_pattern": {},
       "alpha_pattern": {},
   }
-  os.makedirs(folder, exist_ok=True)
-  write_json(os.path.join(folder, "adapter_config.json"), config)
-  save_safetensors(os.path.join(folder, "adapter_model.safetensors"), tensors)
+  with atomic_folder(folder) as tmp:
+    write_json(os.path.join(tmp, "adapter_config.json"), config)
+    save_safetensors(os.path.join(tmp, "adapter_model.safetensors"), tensors)
   return folder

@@ -15,8 +15,8 @@ import numpy as np
 
 from speechjax.data import features
 from speechjax.hf import whisper as whisper_io
-from speechjax.hf.checkpoint_io import save_weights, write_json
-from speechjax.models.audio_encoder import WhisperEncoderConfig
+from speechjax.hf.checkpoint_io import atomic_folder, save_safetensors, save_weights, write_json
+from speechjax.models.encoders.whisper import WhisperEncoderConfig
 
 
 def whisper_config_to_hf(cfg: WhisperEncoderConfig) -> dict:
@@ -36,8 +36,10 @@ def whisper_config_to_hf(cfg: WhisperEncoderConfig) -> dict:
   }
 
 
-def feature_extractor_config(cfg: WhisperEncoderConfig, hop_length: int = features.HOP_LENGTH) -> dict:
-  """preprocessor_config.json of the WhisperFeatureExtractor the encoder was trained with."""
+def feature_extractor_config(cfg: WhisperEncoderConfig, hop_length: int | None = None) -> dict:
+  """preprocessor_config.json of the WhisperFeatureExtractor the encoder was
+  trained with (hop_length: the config's own when None)."""
+  hop_length = cfg.hop_length if hop_length is None else hop_length
   chunk_seconds = 30
   n_samples = chunk_seconds * features.SAMPLE_RATE
   return {
@@ -49,11 +51,11 @@ def feature_extractor_config(cfg: WhisperEncoderConfig, hop_length: int = featur
   }
 
 
-CTC_HEAD_FILE = "ctc_head.safetensors"
+CTC_HEAD_FILE = "ctc_head.safetensors"  # read back by checkpoint_io.load_extra_params(folder, "ctc_head")
 
 
 def export_whisper_encoder(folder: str, cfg: WhisperEncoderConfig, params, lora=None, lora_cfg=None,
-                           hop_length: int = features.HOP_LENGTH, ctc_head=None) -> str:
+                           hop_length: int | None = None, ctc_head=None) -> str:
   """Writes config.json, preprocessor_config.json (the feature hop) and
   model.safetensors (names 'encoder.*', WhisperModel layout); with `ctc_head`
   (the CTC stage's {'kernel', 'bias'}), also ctc_head.safetensors, which a
@@ -66,23 +68,11 @@ def export_whisper_encoder(folder: str, cfg: WhisperEncoderConfig, params, lora=
   params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
   if jax.process_index() != 0:
     return folder
-  os.makedirs(folder, exist_ok=True)
-  write_json(os.path.join(folder, "config.json"), whisper_config_to_hf(cfg))
-  write_json(os.path.join(folder, "preprocessor_config.json"), feature_extractor_config(cfg, hop_length))
-  save_weights(folder, whisper_io.params_to_hf(params, cfg, prefix="encoder."))
-  if ctc_head is not None:
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-    head = {k: np.asarray(jax.device_get(v), np.float32) for k, v in nn.unbox(ctc_head).items()}
-    save_file(head, os.path.join(folder, CTC_HEAD_FILE))
+  with atomic_folder(folder) as tmp:
+    write_json(os.path.join(tmp, "config.json"), whisper_config_to_hf(cfg))
+    write_json(os.path.join(tmp, "preprocessor_config.json"), feature_extractor_config(cfg, hop_length))
+    save_weights(tmp, whisper_io.params_to_hf(params, cfg, prefix="encoder."))
+    if ctc_head is not None:
+      head = {k: np.asarray(jax.device_get(v), np.float32) for k, v in nn.unbox(ctc_head).items()}
+      save_safetensors(os.path.join(tmp, CTC_HEAD_FILE), head)
   return folder
-
-
-def load_ctc_head(folder: str) -> dict[str, np.ndarray]:
-  """{'kernel' [d, V+1], 'bias' [V+1]} written by export_whisper_encoder."""
-  path = os.path.join(folder, CTC_HEAD_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: a 'ctc_compress' projector starts from the CTC head "
-                            "of the encoder's CTC pretraining (model.kind='ctc' over the tokenizer, "
-                            "exported with export_whisper_encoder(..., ctc_head=...))")
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  return load_file(path)

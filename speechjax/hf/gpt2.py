@@ -8,7 +8,8 @@ the 'transformer.' prefix load alike (checkpoint_io resolves it).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,8 @@ from speechjax.models.gpt2 import GPT2Config
 
 MODEL_TYPES = ("gpt2",)
 LAYER_KEY = "h"
+# GPT-2 stores Conv1D weights as [in, out]: PEFT adapters for it set fan_in_fan_out.
+FAN_IN_FAN_OUT = True
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides) -> GPT2Config:

@@ -7,7 +7,8 @@ v5 configs (rope_parameters) are read; exported configs carry both spellings.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -10,14 +10,15 @@ arrays are stacked along a leading axis under 'layers'.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from speechjax.models.audio_encoder import WhisperEncoderConfig
+from speechjax.models.encoders.whisper import WhisperEncoderConfig
 
 PREFIXES = ("model.encoder.", "encoder.", "")
 
@@ -96,6 +97,9 @@ def config_from_hf(hf_config: Mapping[str, Any] | Any, **overrides) -> WhisperEn
       max_source_positions=int(_get_config(hf_config, "max_source_positions", 1500)),
       # Not an HF field: speechjax's export writes it for low-frame-rate encoders.
       frame_stack=int(_get_config(hf_config, "frame_stack", 1)),
+      # The feature hop lives in preprocessor_config.json, which the loader
+      # hands over as "feature_extractor" (absent: Whisper's 10 ms).
+      hop_length=int((_get_config(hf_config, "feature_extractor") or {}).get("hop_length", 160)),
   )
   fields.update(overrides)
   return WhisperEncoderConfig(**fields)

@@ -9,13 +9,13 @@ exported as a Whisper folder and loaded like any pretrained encoder.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from speechjax.models.audio_encoder import WhisperEncoder, WhisperEncoderConfig, encoder_output_mask
+from speechjax.models.encoders import encoder_config_from_dict, make_encoder
 from speechjax.models.lora import Dense
 
 BLANK = "_"  # index 0 of every CTC vocabulary
@@ -27,11 +27,12 @@ class CTCConfig:
   `token_vocab_size` ids of the LLM's tokenizer (label = token id + 1), the
   units a 'ctc_compress' projector hands to the LLM. Index 0 is the blank."""
 
-  encoder: WhisperEncoderConfig
+  encoder: Any  # any registered audio encoder's config (or its dict)
   vocab: str = ""
   token_vocab_size: int = 0
 
   def __post_init__(self):
+    object.__setattr__(self, "encoder", encoder_config_from_dict(self.encoder))
     if bool(self.vocab) == bool(self.token_vocab_size):
       raise ValueError("CTCConfig: set exactly one of vocab (characters) and token_vocab_size "
                        f"(tokenizer ids), got {self.vocab!r} and {self.token_vocab_size}")
@@ -42,28 +43,21 @@ class CTCConfig:
 
 
 class CTCEncoder(nn.Module):
-  """features [B, n_mels, F], feature_mask [B, F] -> (logits [B, N, V], mask [B, N])."""
+  """encoder inputs [B, n_mels, F] or [B, S], mask [B, F|S] -> (logits [B, N, V], mask [B, N])."""
 
   config: CTCConfig
 
   @nn.compact
   def __call__(self, features, feature_mask=None, deterministic: bool = True):
     enc_cfg = self.config.encoder
-    hidden = WhisperEncoder(enc_cfg, name="encoder")(features, feature_mask, deterministic)
+    hidden = make_encoder(enc_cfg, name="encoder")(features, feature_mask, deterministic)
     if feature_mask is None:
       mask = jnp.ones(hidden.shape[:2], jnp.int32)
     else:
-      mask = encoder_output_mask(feature_mask, enc_cfg.frame_stack).astype(jnp.int32)
+      mask = enc_cfg.output_mask(feature_mask).astype(jnp.int32)
     logits = Dense(self.config.vocab_size, kernel_axes=("embed", "vocab"), dtype=jnp.dtype(enc_cfg.dtype),
                    name="ctc_head")(hidden)
     return logits.astype(jnp.float32), mask
-
-
-def encode_text(text: str, vocab: str) -> list[int]:
-  """Characters -> CTC label ids (1-based; 0 is the blank). Characters outside
-  the vocabulary are dropped, after lower-casing."""
-  index = {c: i + 1 for i, c in enumerate(vocab)}
-  return [index[c] for c in text.lower() if c in index]
 
 
 def greedy_labels(logits: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:

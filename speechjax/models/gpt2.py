@@ -22,10 +22,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from speechjax.models import attention
 from speechjax.models import layers as L
-from speechjax.models.decoder import (build_mask, check_inputs, finish_outputs,
-                                      make_layers, run_layers)
 from speechjax.models.lora import Dense, LoRAConfig, as_lora_config
+from speechjax.models.transformer import build_mask, check_inputs, finish_outputs, make_layers, run_layers
 
 GPT2_LORA_TARGETS = (r"^(?!encoder/).*attn/c_attn$",)
 
@@ -92,11 +92,11 @@ class GPT2Attention(nn.Module):
       q = q / (jnp.asarray(layer, jnp.float32) + 1.0).astype(dtype)
     new_kv = None
     if cache is not None:
-      k, v, new_kv = L.update_kv_cache(cache, k, v)
+      k, v, new_kv = attention.update_kv_cache(cache, k, v)
     dropout_rng = None
     if not deterministic and cfg.attention_dropout > 0:
       dropout_rng = self.make_rng("dropout")
-    out = L.attend(q, k, v, mask, is_causal=True, scale=None if cfg.scale_attn_weights else 1.0,
+    out = attention.attend(q, k, v, mask, is_causal=True, scale=None if cfg.scale_attn_weights else 1.0,
                    dropout_rate=cfg.attention_dropout, deterministic=deterministic,
                    dropout_rng=dropout_rng, implementation=cfg.attention_impl or None)
     out = Dense(e, kernel_axes=("heads", "embed"), lora=cfg.lora, dtype=dtype,

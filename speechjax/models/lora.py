@@ -14,19 +14,24 @@ zero, so an untrained adapter leaves the model's outputs unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import re
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from speechjax.tree import flatten, path_names
 
 Initializer = Callable[..., jax.Array]
 
 # Default targets: the query and value projections of the LLM (LoRA paper, SLAM-ASR),
 # i.e. every q_proj / v_proj that is not inside the audio encoder.
 DEFAULT_TARGETS = (r"^(?!encoder/).*(q_proj|v_proj)$",)
+# Every attention projection outside the audio encoder (Qwen2-Audio, the demo).
+ATTENTION_TARGETS = (r"^(?!encoder/).*(q_proj|k_proj|v_proj|o_proj)$",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,11 +142,6 @@ class Dense(nn.Module):
     return low_rank * jnp.asarray(cfg.scale, self.dtype)
 
 
-def _flatten(tree) -> dict[tuple[str, ...], Any]:
-  return {tuple(str(getattr(k, "key", k)) for k in path): v
-          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def merge(params, lora, config: LoRAConfig):
   """Folds the adapters into the frozen kernels: W' = W + scale * A B.
 
@@ -150,7 +150,7 @@ def merge(params, lora, config: LoRAConfig):
   A @ B is batched over leading axes.
   """
   lora = nn.unbox(lora)
-  flat_lora = _flatten(lora)
+  flat_lora = flatten(lora)
   deltas = {}
   for path, a in flat_lora.items():
     if path[-1] != "lora_a":
@@ -159,13 +159,13 @@ def merge(params, lora, config: LoRAConfig):
     deltas[path[:-1] + ("kernel",)] = jnp.matmul(a, b) * config.scale
 
   def fold(path, w):
-    key = tuple(str(getattr(k, "key", k)) for k in path)
+    key = path_names(path)
     if key in deltas:
       return (w.astype(jnp.float32) + deltas[key]).astype(w.dtype)
     return w
 
   merged = jax.tree_util.tree_map_with_path(fold, nn.unbox(params))
-  missing = set(deltas) - set(_flatten(nn.unbox(params)))
+  missing = set(deltas) - set(flatten(nn.unbox(params)))
   if missing:
     raise ValueError(f"LoRA adapters without a matching kernel in params: {sorted(missing)[:3]}")
   return merged

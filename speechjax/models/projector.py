@@ -2,7 +2,9 @@
 
 Every projector maps (x [B, N, d], mask [B, N], deterministic) to
 (y [B, M, D], mask [B, M]) with M = projector_output_length(N, cfg), and is
-built by `make_projector(cfg)`:
+built by `make_projector(cfg)`. Each kind is one line of the PROJECTORS
+registry at the end of this file (module, output length, what it needs from
+the LLM and the tokenizer):
 
   'frame_stack'  SLAM-ASR: concatenate k consecutive frames, then
                  linear -> ReLU -> linear.
@@ -32,6 +34,7 @@ projector_output_length(L) outputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 from typing import Any
 
@@ -39,11 +42,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from speechjax.models import attention
 from speechjax.models import layers as L
-from speechjax.models.audio_encoder import Conv1d
+from speechjax.models.conv import Conv1d
 from speechjax.models.lora import Dense, LoRAConfig, as_lora_config
-
-PROJECTOR_KINDS = ("frame_stack", "conv", "qformer", "pool", "ctc_compress")
+from speechjax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +83,8 @@ class ProjectorConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "lora", as_lora_config(self.lora))
-    if self.kind not in PROJECTOR_KINDS:
-      raise ValueError(f"ProjectorConfig.kind={self.kind!r}; expected one of {PROJECTOR_KINDS}")
+    if self.kind not in PROJECTORS:
+      raise ValueError(f"ProjectorConfig.kind={self.kind!r}; expected one of {PROJECTORS.names()}")
     for name in ("stack_factor", "conv_kernel", "conv_stride", "window_size", "num_queries",
                  "pool_factor", "max_tokens"):
       if getattr(self, name) < 1:
@@ -93,21 +96,6 @@ class ProjectorConfig:
 
 def _ceil_div(a: int, b: int) -> int:
   return -(-int(a) // int(b))
-
-
-def projector_output_length(n: int, cfg: ProjectorConfig) -> int:
-  """Output frames for n input frames."""
-  if cfg.kind == "frame_stack":
-    return _ceil_div(n, cfg.stack_factor)
-  if cfg.kind == "conv":
-    return _ceil_div(n, cfg.conv_stride)
-  if cfg.kind == "qformer":
-    return _ceil_div(n, cfg.window_size) * cfg.num_queries
-  if cfg.kind == "pool":
-    return _ceil_div(n, cfg.pool_factor)
-  if cfg.kind == "ctc_compress":
-    return cfg.max_tokens
-  raise ValueError(f"unknown projector kind {cfg.kind!r}")
 
 
 def _check_inputs(name, x, mask):
@@ -235,7 +223,7 @@ class CrossAttention(nn.Module):
     k = proj("key", ("embed", "kv_heads"))(memory, deterministic).reshape(b, -1, n, d)
     v = proj("value", ("embed", "kv_heads"))(memory, deterministic).reshape(b, -1, n, d)
     rng = self.make_rng("dropout") if not deterministic and self.dropout_rate > 0 else None
-    out = L.attend(q, k, v, mask, dropout_rate=self.dropout_rate, deterministic=deterministic,
+    out = attention.attend(q, k, v, mask, dropout_rate=self.dropout_rate, deterministic=deterministic,
                    dropout_rng=rng)
     return proj("out", ("heads", "embed"))(out.reshape(b, q_len, features), deterministic)
 
@@ -291,7 +279,7 @@ class WindowQFormerProjector(nn.Module):
     windows, window_mask = _group(x, mask.astype(bool), w)
     num_windows = windows.shape[1]
     frames = windows.reshape(b * num_windows, w, d)
-    frame_mask = L.padding_mask(window_mask.reshape(b * num_windows, w))
+    frame_mask = attention.padding_mask(window_mask.reshape(b * num_windows, w))
 
     query_init = nn.initializers.normal(0.02)
     queries = self.param("queries", nn.with_logical_partitioning(query_init, ("queries", "embed")),
@@ -349,9 +337,60 @@ class CTCCompressProjector(nn.Module):
     return y.astype(dtype), jnp.ones(y.shape[:2], mask.dtype)
 
 
+# ------------------------------------------------------------- registry ---
+
+@dataclasses.dataclass(frozen=True)
+class ProjectorKind:
+  """A registry entry.
+
+  module_cls        built as module_cls(cfg); called (x, mask, deterministic)
+                    or, when token_table_rows(cfg) > 0, with token_table= the
+                    first token_table_rows(cfg) rows of the LLM's embeddings.
+  output_length     (n encoder frames, cfg) -> outputs, a pure function of ints.
+  token_table_rows  cfg -> rows of the LLM's embedding table the module reads.
+  from_tokenizer    (config values dict, tokenizer) -> values with the fields
+                    that follow the tokenizer filled in (None: none do).
+  encoder_folder_params  subtrees that start from `<name>.safetensors` in the
+                    pretrained encoder's folder (a head trained with it).
+  """
+
+  module_cls: type
+  output_length: Callable[[int, ProjectorConfig], int]
+  token_table_rows: Callable[[ProjectorConfig], int] = lambda cfg: 0
+  from_tokenizer: Callable[[dict, Any], dict] | None = None
+  encoder_folder_params: tuple[str, ...] = ()
+
+
+def _ctc_fields_from_tokenizer(values: dict, tokenizer) -> dict:
+  values = dict(values)
+  if tokenizer is None and (values["ctc_vocab_size"] <= 0 or values["fill_token_id"] < 0):
+    raise ValueError("projector kind 'ctc_compress' needs model.tokenizer (or "
+                     "model.projector.ctc_vocab_size and fill_token_id)")
+  if values["ctc_vocab_size"] <= 0:
+    values["ctc_vocab_size"] = len(tokenizer) + 1
+  if values["fill_token_id"] < 0:
+    pad = tokenizer.pad_token_id
+    values["fill_token_id"] = pad if pad is not None else tokenizer.eos_token_id
+  return values
+
+
+PROJECTORS: Registry[ProjectorKind] = Registry("projector kind")
+PROJECTORS.register("frame_stack", ProjectorKind(FrameStackProjector,
+                                                 lambda n, cfg: _ceil_div(n, cfg.stack_factor)))
+PROJECTORS.register("conv", ProjectorKind(ConvProjector, lambda n, cfg: _ceil_div(n, cfg.conv_stride)))
+PROJECTORS.register("qformer", ProjectorKind(
+    WindowQFormerProjector, lambda n, cfg: _ceil_div(n, cfg.window_size) * cfg.num_queries))
+PROJECTORS.register("pool", ProjectorKind(PoolProjector, lambda n, cfg: _ceil_div(n, cfg.pool_factor)))
+PROJECTORS.register("ctc_compress", ProjectorKind(
+    CTCCompressProjector, lambda n, cfg: cfg.max_tokens, lambda cfg: cfg.ctc_vocab_size - 1,
+    _ctc_fields_from_tokenizer, encoder_folder_params=("ctc_head",)))
+
+
+def projector_output_length(n: int, cfg: ProjectorConfig) -> int:
+  """Output frames for n input frames."""
+  return PROJECTORS.get(cfg.kind).output_length(n, cfg)
+
+
 def make_projector(cfg: ProjectorConfig, name: str | None = None) -> nn.Module:
   """The projector module for cfg.kind."""
-  classes = {"frame_stack": FrameStackProjector, "conv": ConvProjector,
-             "qformer": WindowQFormerProjector, "pool": PoolProjector,
-             "ctc_compress": CTCCompressProjector}
-  return classes[cfg.kind](cfg, name=name)
+  return PROJECTORS.get(cfg.kind).module_cls(cfg, name=name)

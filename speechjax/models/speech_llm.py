@@ -1,7 +1,11 @@
-"""The speech LLM: Whisper encoder -> projector -> decoder LLM (+ optional class head).
+"""The speech LLM: audio encoder -> projector -> decoder LLM (+ optional class head).
 
-The tokenized prompt carries AUDIO_PLACEHOLDER_ID (-1) at the audio slots,
-exactly num_audio_tokens(F, cfg) of them per row for F padded mel frames.
+The encoder is any registered audio encoder (speechjax/models/encoders: Whisper
+on log-mel features, wave encoders on samples), the projector any registered
+kind, the decoder any registered decoder family; each is picked by its
+config's `model_type` / `kind`. The tokenized prompt carries
+AUDIO_PLACEHOLDER_ID (-1) at the audio slots, exactly num_audio_tokens(F, cfg)
+of them per row for F padded encoder inputs (mel frames or samples).
 The model replaces them, in order, with the projected audio frames (row-wise
 gather by the running count of placeholders), and ANDs the projector's frame
 mask into attention_mask at those slots, so padded audio frames are invisible
@@ -21,24 +25,23 @@ such as r'^encoder/.*q_proj$' or r'^projector/fc1$' reach any Dense.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
-from typing import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from speechjax.models.audio_encoder import (WhisperEncoder, WhisperEncoderConfig,
-                                            encoder_output_length,
-                                            encoder_output_mask)
-from speechjax.models.decoder import DecoderConfig, make_decoder
-from speechjax.models.gpt2 import GPT2Config
+from speechjax.conventions import AUDIO_PLACEHOLDER_ID
+from speechjax.models.decoder import DecoderConfig
+from speechjax.models.encoders import encoder_config_from_dict, make_encoder
+from speechjax.models.encoders.whisper import WhisperEncoderConfig
+from speechjax.models.families import decoder_config_from_dict, make_decoder
 from speechjax.models.heads import POOLINGS, ClassificationHead
 from speechjax.models.lora import LoRAConfig, as_lora_config
-from speechjax.models.projector import ProjectorConfig, make_projector, projector_output_length
-
-AUDIO_PLACEHOLDER_ID = -1
+from speechjax.models.projector import PROJECTORS, ProjectorConfig, make_projector, projector_output_length
 
 
 def _from_dict(cls, value):
@@ -48,25 +51,19 @@ def _from_dict(cls, value):
   return value
 
 
-def _decoder_from_dict(value):
-  if isinstance(value, Mapping):
-    cls = GPT2Config if dict(value).get("model_type") == "gpt2" else DecoderConfig
-    return _from_dict(cls, value)
-  return value
-
-
 @dataclasses.dataclass(frozen=True)
 class SpeechLLMConfig:
   """The three parts plus the shared LoRA config and the optional class head.
 
-  Sub-configs may be given as dicts (from ml_collections); a decoder dict
-  with model_type 'gpt2' becomes a GPT2Config, otherwise a DecoderConfig.
-  The `lora` of the sub-configs is ignored: the top-level one is used.
+  Sub-configs may be given as dicts (from ml_collections): their model_type
+  picks the registered encoder (default 'whisper') and decoder family
+  (default 'llama'). The `lora` of the sub-configs is ignored: the top-level
+  one is used.
   """
 
-  encoder: WhisperEncoderConfig = WhisperEncoderConfig()
+  encoder: Any = WhisperEncoderConfig()
   projector: ProjectorConfig = ProjectorConfig()
-  decoder: DecoderConfig | GPT2Config = DecoderConfig()
+  decoder: Any = DecoderConfig()
   lora: LoRAConfig = LoRAConfig()
   num_classes: int = 0
   classifier_pooling: str = "mean"
@@ -75,12 +72,9 @@ class SpeechLLMConfig:
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
     set_("lora", as_lora_config(self.lora))
-    set_("encoder", _from_dict(WhisperEncoderConfig, self.encoder))
+    set_("encoder", encoder_config_from_dict(self.encoder))
     set_("projector", _from_dict(ProjectorConfig, self.projector))
-    set_("decoder", _decoder_from_dict(self.decoder))
-    if not isinstance(self.decoder, (DecoderConfig, GPT2Config)):
-      raise TypeError(f"SpeechLLMConfig.decoder must be a DecoderConfig or GPT2Config, got "
-                      f"{type(self.decoder).__name__}")
+    set_("decoder", decoder_config_from_dict(self.decoder))
     if self.classifier_pooling not in POOLINGS:
       raise ValueError(f"SpeechLLMConfig.classifier_pooling={self.classifier_pooling!r}; "
                        f"expected one of {POOLINGS}")
@@ -89,28 +83,29 @@ class SpeechLLMConfig:
       raise ValueError(f"SpeechLLMConfig: projector.output_dim={out_dim} differs from the "
                        f"decoder's hidden_size={self.decoder.hidden_size} (use 0 to follow it)")
 
-  def encoder_config(self) -> WhisperEncoderConfig:
+  def encoder_config(self):
     return dataclasses.replace(self.encoder, lora=self.lora)
 
   def projector_config(self) -> ProjectorConfig:
     return dataclasses.replace(self.projector, lora=self.lora,
                                output_dim=self.decoder.hidden_size)
 
-  def decoder_config(self) -> DecoderConfig | GPT2Config:
+  def decoder_config(self):
     return dataclasses.replace(self.decoder, lora=self.lora)
 
 
-def num_audio_tokens(num_feature_frames: int, cfg: SpeechLLMConfig) -> int:
-  """Placeholders a prompt needs for a batch padded to `num_feature_frames` mel frames."""
-  return projector_output_length(encoder_output_length(num_feature_frames, cfg.encoder.frame_stack),
-                                 cfg.projector)
+def num_audio_tokens(num_inputs: int, cfg: SpeechLLMConfig) -> int:
+  """Placeholders a prompt needs for a batch padded to `num_inputs` encoder
+  inputs (mel frames or samples, as the encoder's audio_input() says)."""
+  return projector_output_length(cfg.encoder.output_length(num_inputs), cfg.projector)
 
 
 def init_inputs(cfg: SpeechLLMConfig, batch_size: int = 1, num_frames: int = 8,
                 num_text_tokens: int = 2):
-  """Small (features, feature_mask, input_ids, attention_mask) for model.init."""
+  """Small (features, feature_mask, input_ids, attention_mask) for model.init;
+  `num_frames` counts encoder inputs (mel frames or samples)."""
   m = num_audio_tokens(num_frames, cfg)
-  features = np.zeros((batch_size, cfg.encoder.num_mel_bins, num_frames), np.float32)
+  features = np.zeros(cfg.encoder.audio_input().dummy_shape(batch_size, num_frames), np.float32)
   feature_mask = np.ones((batch_size, num_frames), np.int32)
   ids = np.concatenate([np.full((batch_size, m), AUDIO_PLACEHOLDER_ID, np.int32),
                         np.ones((batch_size, num_text_tokens), np.int32)], axis=1)
@@ -172,7 +167,7 @@ class SpeechLLM(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.encoder = WhisperEncoder(cfg.encoder_config())
+    self.encoder = make_encoder(cfg.encoder_config())
     self.projector = make_projector(cfg.projector_config())
     dec_cfg = cfg.decoder_config()
     self.decoder = make_decoder(dec_cfg)
@@ -183,15 +178,15 @@ class SpeechLLM(nn.Module):
 
   def encode_audio(self, features: jax.Array, feature_mask: jax.Array | None = None,
                    deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-    """features [B,n_mels,F] -> (audio embeddings [B,M,H], mask [B,M])."""
+    """features [B,n_mels,F] or waves [B,S] -> (audio embeddings [B,M,H], mask [B,M])."""
     hidden = self.encoder(features, feature_mask, deterministic)
     if feature_mask is None:
       mask = jnp.ones(hidden.shape[:2], jnp.int32)
     else:
-      mask = encoder_output_mask(feature_mask, self.config.encoder.frame_stack).astype(jnp.int32)
-    if self.config.projector.kind == "ctc_compress":  # soft tokens over the LLM's own embeddings
-      table = self.decoder.embed(jnp.arange(self.config.projector.ctc_vocab_size - 1))
-      return self.projector(hidden, mask, deterministic, token_table=table)
+      mask = self.config.encoder.output_mask(feature_mask).astype(jnp.int32)
+    rows = PROJECTORS.get(self.config.projector.kind).token_table_rows(self.config.projector)
+    if rows:  # e.g. 'ctc_compress': soft tokens over the LLM's own embeddings
+      return self.projector(hidden, mask, deterministic, token_table=self.decoder.embed(jnp.arange(rows)))
     return self.projector(hidden, mask, deterministic)
 
   def embed_inputs(self, features, feature_mask, input_ids, attention_mask=None,

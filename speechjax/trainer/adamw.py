@@ -24,7 +24,8 @@ so they take the params' shardings; count is a replicated scalar).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,11 +61,11 @@ def _resolve_mask(mask, params):
   return mask(params) if callable(mask) else mask
 
 
-def fused_adamw(learning_rate: Union[float, Callable[[jax.Array], jax.Array]],
+def fused_adamw(learning_rate: float | Callable[[jax.Array], jax.Array],
                 b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                weight_decay: float = 1e-4, mask: Optional[Union[Any, Callable]] = None,
-                clip_norm: Optional[float] = None,
-                lr_scale: Optional[Union[Any, Callable]] = None) -> SelfGuardedTransformation:
+                weight_decay: float = 1e-4, mask: Any | Callable | None = None,
+                clip_norm: float | None = None,
+                lr_scale: Any | Callable | None = None) -> SelfGuardedTransformation:
   """AdamW (decoupled weight decay on the leaves where `mask` is true) with
   optional global-norm clipping of the incoming gradients, guarded against
   non-finite steps. `learning_rate` is a number or a schedule of the step count;

@@ -2,7 +2,10 @@
 
 If there is already a checkpoint under `workdir/checkpoints`, training resumes
 from it, including the data iterator, so the resumed run sees exactly the
-batches it would have seen.
+batches it would have seen; a config that changes what is trained is refused
+(speechjax.trainer.config_record). SIGTERM / SIGINT on any process stops every
+process at the same step with one complete checkpoint; a run of non-finite
+steps longer than `train.max_bad_steps` stops the run, at most one step late.
 """
 
 from __future__ import annotations
@@ -13,51 +16,25 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
 from speechjax import parallel
 from speechjax.trainer import checkpoint as ckpt_lib
-from speechjax.trainer import optim
-from speechjax.trainer import partition
+from speechjax.trainer import config_record, optim, partition
 from speechjax.trainer import step as step_lib
 from speechjax.trainer.metric_writer import MetricWriter
+from speechjax.trainer.stopping import (
+  NonFiniteGuard,
+  NonFiniteLossError,  # noqa: F401  (raised by run(); callers catch it from here)
+  Preemption,
+  StopAgreement,
+)
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-  pass
-
-
-class _Preemption:
-  """SIGTERM / SIGINT set a flag; the loop checkpoints and exits cleanly at the
-  next step boundary instead of dying mid-update."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread (e.g. inside some test runners)
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    log.warning("received signal %d: checkpointing and stopping", signum)
-    self.requested = True
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 class EarlyStopping:
@@ -68,7 +45,8 @@ class EarlyStopping:
       raise ValueError(f"eval.mode={mode!r}; valid: min, max")
     self.metric, self.mode, self.patience = metric, mode, patience
     state = state or {}
-    self.best = state.get("best")
+    best = state.get("best")
+    self.best = best if best is not None and math.isfinite(best) else None
     self.bad_evals = state.get("bad_evals", 0)
 
   def update(self, metrics: dict) -> bool:
@@ -76,6 +54,12 @@ class EarlyStopping:
     if self.metric not in metrics:
       raise KeyError(f"eval.metric={self.metric!r} not among the eval metrics {sorted(metrics)}")
     value = float(metrics[self.metric])
+    if not math.isfinite(value):
+      # A NaN compares false with everything: taken as a best it would never be
+      # beaten. It counts as an evaluation without improvement.
+      log.warning("dev %s is %s: not an improvement", self.metric, value)
+      self.bad_evals += 1
+      return False
     better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
     if better:
       self.best, self.bad_evals = value, 0
@@ -111,23 +95,60 @@ def _count_bytes(tree) -> int:
 
 class Trainer:
   """Holds what one run needs; `run()` is the loop. Kept as an object so tests
-  and the demo can build one, step it, and inspect it."""
+  and the demo can build one, step it, and inspect it.
 
-  def __init__(self, config, workdir: str, *, bundle=None, data=None):
-    from speechjax import model_builder
-    from speechjax import data_builder
+  `bundle` is the model (speechjax.model_builder.build(config)) and `data` what
+  it trains on (speechjax.data.run_data.build_run_data(config, bundle)); the
+  entry point builds both (speechjax.train.build_trainer)."""
 
-    from speechjax import runtime
-
+  def __init__(self, config, workdir: str, *, bundle, data):
+    if bundle is None or data is None:
+      raise ValueError("Trainer needs the model bundle and the run data: build them with "
+                       "speechjax.train.build_trainer(config, workdir)")
+    _refuse_float16(config)
     self.config = config
     self.workdir = workdir
-    runtime.write_config(config, workdir)
     self.is_main = jax.process_index() == 0
     self.mesh = parallel.mesh_from_config(config.mesh)
     self.rules = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in config.mesh.rules)
-    self.bundle = bundle or model_builder.build(config)
-    self.data = data or data_builder.build(config, self.bundle)
-    self._build_state()
+    self.bundle = bundle
+    self.data = data
+    self.checkpoints = ckpt_lib.Checkpoints(workdir, config.checkpoint.keep, config.checkpoint.async_save)
+    try:
+      self._check_config_against_checkpoint()
+      self._build_state()
+    except BaseException:
+      self.checkpoints.close()
+      raise
+    self._record_start()
+
+  def _check_config_against_checkpoint(self) -> None:
+    """Before anything is restored: a changed model would otherwise fail deep
+    inside orbax with a shape error, and a changed optimizer or data would
+    resume silently into another experiment."""
+    from speechjax.config_base import base_config, to_json
+
+    latest = self.checkpoints.latest_step()
+    if latest is None:
+      return
+    config_record.check_resume(self.workdir, json.loads(to_json(self.config)), latest,
+                               self.config.get("resume_policy", "strict"),
+                               defaults=json.loads(to_json(base_config())))
+
+  def _record_start(self) -> None:
+    """Writes this start's config (config.<step>.json, config.json) once every
+    process has compared its config with the older records."""
+    from speechjax import runtime
+
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("speechjax_config_checked")
+    runtime.write_config(self.config, self.workdir, step=self.step)
+
+  def close(self) -> None:
+    """Waits for in-flight checkpoint saves and stops their threads (run() does
+    this when it returns or raises)."""
+    self.checkpoints.close()
 
   # -------------------------------------------------------------- set-up
   def _build_state(self):
@@ -136,17 +157,14 @@ class Trainer:
     rng = jax.random.PRNGKey(cfg.seed)
     init_rng, state_rng = jax.random.split(rng)
 
-    boxed = jax.eval_shape(bundle.init_fn, init_rng)
-    var_shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
-    variables = jax.jit(lambda r: nn.unbox(bundle.init_fn(r)),
-                        out_shardings=var_shardings)(init_rng)
-    variables = bundle.load_pretrained(variables, var_shardings)
-
-    patterns = partition.trainable_patterns(cfg.train, bundle.num_decoder_layers)
-    trainable, frozen = partition.split_variables(variables, patterns)
-    self.frozen = partition.cast_frozen(frozen, cfg.model.frozen_dtype)
-    # Trainables and optimizer state stay in float32 whatever the storage dtype.
-    trainable = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), trainable)
+    # Trained weights (and the optimizer state) live in float32, frozen ones in
+    # their storage dtype, decided before anything is read from a checkpoint.
+    selection = partition.trainable_patterns(cfg.train, bundle.num_decoder_layers)
+    abstract = nn.unbox(jax.eval_shape(bundle.init_fn, init_rng))
+    dtypes = partition.storage_dtypes(abstract, selection, cfg.model.frozen_dtype)
+    variables, _ = bundle.init_variables(init_rng, self.mesh, self.rules, dtypes)
+    trainable, self.frozen = partition.split_variables(variables, selection)
+    self.update_mask = partition.update_mask(selection, trainable)
 
     self.optimizer, self.schedule = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
     trainable_shardings = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
@@ -162,14 +180,14 @@ class Trainer:
                          out_shardings=self.state_shardings)(trainable, state_rng)
     self.frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.frozen)
 
-    train_step = step_lib.make_train_step(bundle.objective, self.optimizer, self.schedule, cfg.train)
+    train_step = step_lib.make_train_step(bundle.objective, self.optimizer, self.schedule, cfg.train,
+                                          self.update_mask)
     self.train_step = jax.jit(
         train_step, in_shardings=(self.state_shardings, self.frozen_shardings, None),
         out_shardings=(self.state_shardings, None), donate_argnums=(0,))
     self.eval_step = jax.jit(step_lib.make_eval_step(bundle.objective),
                              in_shardings=(trainable_shardings, self.frozen_shardings, None))
 
-    self.checkpoints = ckpt_lib.Checkpoints(self.workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     self.meta = {}
     if self.checkpoints.latest_step() is not None:
       self.state, self.meta = self.checkpoints.restore(self.state)
@@ -233,8 +251,8 @@ class Trainer:
     cfg = self.config.eval
     metrics = self.evaluate_loss(self.data.dev_batches(cfg.max_batches))
     if cfg.task_metrics:
-      from speechjax import evaluation
-      metrics.update(evaluation.dev_metrics(self.bundle, self.variables(), self.data, self.config))
+      from speechjax.evaluation import scoring
+      metrics.update(scoring.dev_metrics(self.bundle, self.variables(), self.data, self.config))
     return metrics
 
   # ---------------------------------------------------------------- loop
@@ -254,70 +272,76 @@ class Trainer:
     stopped_by = "num_steps"
     first = True
 
+    guard = NonFiniteGuard(cfg.train.max_bad_steps, int(jax.device_get(self.state["bad_in_a_row"])),
+                            self.workdir)
+    agreement = StopAgreement(self.mesh)
+
     def save(best=False, force=False):
-      if not force and int(jax.device_get(self.state["bad_in_a_row"])):
+      guard.check(lag=0)  # the state about to be saved; saving waits for it anyway
+      if not force and guard.bad_in_a_row:
         return  # never replace the last good checkpoint during a run of bad steps
       meta = {"data_state": self.data.train.get_state(), "early_stopping": stopper.state(),
               "last_eval": last_eval}
-      self.checkpoints.save(self.state, meta, best=best, force=force)
+      _maybe_kill_during_save(step, self.checkpoints)
+      self.checkpoints.save(self.state, meta, best=best)
+      _maybe_inject_fault(step, self.checkpoints)
 
-    with _Preemption() as preemption:
-      step = start_step
-      while step < total:
-        batch = next(self.data.train)
-        if first:
-          self.compile(batch)
-          first = False
-        metrics = self.train_one(batch)
-        step += 1
-        pending.append(metrics)
-        window_audio += float(np.sum(batch.get("audio_seconds", 0.0)))
-        window_tokens += float(np.sum(batch["attention_mask"]))
-        window_steps += 1
-        bar.update(1)
+    try:
+      with Preemption() as preemption:
+        step = start_step
+        while step < total:
+          batch = next(self.data.train)
+          if first:
+            self.compile(batch)
+            first = False
+          metrics = self.train_one(batch)
+          step += 1
+          pending.append(metrics)
+          guard.add(step, metrics)
+          window_audio += float(np.sum(batch.get("audio_seconds", 0.0)))
+          window_tokens += float(np.sum(batch["attention_mask"]))
+          window_steps += 1
+          bar.update(1)
 
-        if step % cfg.logging.every_steps == 0 or step == total:
-          logged = _mean_metrics(jax.device_get(pending))
-          pending = []
-          elapsed = max(time.time() - window_start, 1e-9)
-          logged.update(steps_per_sec=window_steps / elapsed, audio_sec_per_sec=window_audio / elapsed,
-                        tokens_per_sec=window_tokens / elapsed, **self.data.train_stats())
-          writer.write(step, "train", logged)
-          bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['lr']:.2e}",
-                          steps_s=f"{logged['steps_per_sec']:.2f}",
-                          audio_s_s=f"{logged['audio_sec_per_sec']:.0f}", refresh=False)
-          window_start, window_audio, window_tokens, window_steps = time.time(), 0.0, 0.0, 0
-          bad = int(jax.device_get(self.state["bad_in_a_row"]))
-          if bad >= cfg.train.max_bad_steps:
-            self.checkpoints.wait()
-            raise NonFiniteLossError(
-                f"{bad} consecutive steps had a non-finite loss or gradient (step {step}); "
-                f"weights were not updated by them and the last good checkpoint is intact in "
-                f"{self.workdir}/checkpoints. Lower optim.lr or check the data.")
+          if step % cfg.logging.every_steps == 0 or step == total:
+            logged = _mean_metrics(jax.device_get(pending))
+            pending = []
+            elapsed = max(time.time() - window_start, 1e-9)
+            logged.update(steps_per_sec=window_steps / elapsed, audio_sec_per_sec=window_audio / elapsed,
+                          tokens_per_sec=window_tokens / elapsed, **self.data.train_stats())
+            writer.write(step, "train", logged)
+            bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['lr']:.2e}",
+                            steps_s=f"{logged['steps_per_sec']:.2f}",
+                            audio_s_s=f"{logged['audio_sec_per_sec']:.0f}", refresh=False)
+            window_start, window_audio, window_tokens, window_steps = time.time(), 0.0, 0.0, 0
+            guard.check(lag=0)  # fetched already: decide on this step
+          else:
+            guard.check(lag=1)  # the previous step, finished or nearly: no stall
 
-        is_best = False
-        if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == total):
-          last_eval = self.evaluate()
-          is_best = stopper.update(last_eval)
-          writer.write(step, "dev", {**last_eval, "best_" + cfg.eval.metric: stopper.best})
-          log.info("step %d dev: %s", step, json.dumps(last_eval, default=float))
+          is_best = False
+          if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == total):
+            last_eval = self.evaluate()
+            is_best = stopper.update(last_eval)
+            writer.write(step, "dev", {**last_eval, "best_" + cfg.eval.metric: stopper.best})
+            log.info("step %d dev: %s", step, json.dumps(last_eval, default=float))
 
-        if is_best or step % cfg.checkpoint.every_steps == 0 or step == total:
-          save(best=is_best)
-          _maybe_inject_fault(step, self.checkpoints)
-        if preemption.requested:
-          save(force=True)
-          stopped_by = "signal"
-          break
-        if stopper.should_stop:
-          save()
-          stopped_by = "early_stopping"
-          break
-
-    bar.close()
-    self.checkpoints.wait()
-    writer.flush()
-    writer.close()
+          if is_best or step % cfg.checkpoint.every_steps == 0 or step == total:
+            save(best=is_best)
+          if agreement.should_stop(preemption.requested):
+            save(force=True)
+            stopped_by = "signal"
+            log.warning("stopped at step %d by a signal; the checkpoint of step %d is complete",
+                        step, step)
+            break
+          if stopper.should_stop:
+            save()
+            stopped_by = "early_stopping"
+            break
+    finally:
+      bar.close()
+      self.close()  # every in-flight save completes before the run returns or raises
+      writer.flush()
+      writer.close()
     summary = {"final_step": self.step, "stopped_by": stopped_by, "best": stopper.best,
                "skipped_steps": int(jax.device_get(self.state["skipped"])), "last_eval": last_eval}
     if self.is_main:
@@ -329,10 +353,40 @@ def _maybe_inject_fault(step: int, checkpoints) -> None:
   """Test hook: SPEECHJAX_KILL_AFTER_CHECKPOINT=N hard-kills this process
   (SIGKILL, no clean-up) right after the checkpoint of step N is on disk, so
   tests can check that a resumed run continues exactly."""
-  target = os.environ.get("SPEECHJAX_KILL_AFTER_CHECKPOINT")
-  if target and int(target) == step:
+  after = os.environ.get("SPEECHJAX_KILL_AFTER_CHECKPOINT")
+  if after and int(after) == step:
     checkpoints.wait()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _maybe_kill_during_save(step: int, checkpoints) -> None:
+  """Test hook: SPEECHJAX_KILL_DURING_CHECKPOINT=N hard-kills this process while
+  the checkpoint of step N is being written: a watcher thread sends SIGKILL as
+  soon as orbax's temporary folder for step N exists (inside a synchronous save,
+  or while an async save writes in the background)."""
+  during = os.environ.get("SPEECHJAX_KILL_DURING_CHECKPOINT")
+  if not during or int(during) != step:
+    return
+  import threading
+
+  folder = checkpoints.last.directory
+
+  def kill_when_writing():
+    while True:
+      names = os.listdir(folder) if os.path.isdir(folder) else []
+      if any(name.startswith(f"{step}.") and "tmp" in name for name in names):
+        os.kill(os.getpid(), signal.SIGKILL)
+      time.sleep(0.0005)
+
+  threading.Thread(target=kill_when_writing, daemon=True).start()
+
+
+def _refuse_float16(config) -> None:
+  if str(config.model.dtype) == "float16":
+    raise ValueError(
+        "model.dtype='float16' is not supported: float16 overflows to inf in activations and "
+        "gradients without loss scaling, which this trainer does not do. Use "
+        "model.dtype='bfloat16' (the same memory and speed, with float32's range).")
 
 
 def _mean_metrics(history: list[dict]) -> dict:

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import secrets
 from typing import Any
 
 import jax
@@ -20,6 +21,38 @@ def _plain(value: Any):
   if isinstance(value, float) and not math.isfinite(value):
     return str(value)  # JSON has no NaN; keep it visible rather than dropping it
   return value
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _start_wandb(workdir: str, wandb_cfg, config_dict):
+  """A W&B run for this run folder, or None when wandb is not installed.
+
+  The run id is kept in W/wandb_run_id, so a resumed training logs into the same
+  W&B run. Its files go under $WANDB_DIR when set, else under the run folder.
+  Offline runs are uploaded later with `wandb sync`."""
+  mode = wandb_cfg.get("mode", "offline")
+  if mode not in WANDB_MODES:
+    raise ValueError(f"logging.wandb.mode={mode!r}; valid: {', '.join(WANDB_MODES)}")
+  try:
+    import wandb
+  except ImportError:
+    log.warning("logging.wandb.enabled is set but wandb is not installed "
+                "(pip install 'speechjax[wandb]'); logging without W&B")
+    return None
+  id_path = os.path.join(workdir, WANDB_ID_FILE)
+  if os.path.exists(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = secrets.token_hex(4)  # W&B ids: letters and digits
+    with open(id_path, "w") as f:
+      f.write(run_id + "\n")
+  return wandb.init(project=wandb_cfg.project, mode=mode, dir=os.environ.get("WANDB_DIR") or workdir,
+                    config=config_dict, id=run_id, resume="allow",
+                    name=os.path.basename(os.path.abspath(workdir)))
 
 
 class MetricWriter:
@@ -37,14 +70,7 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
     if wandb_cfg is not None and wandb_cfg.enabled:
-      try:
-        import wandb
-      except ImportError:
-        log.warning("logging.wandb.enabled is set but wandb is not installed; skipping W&B")
-      else:
-        self._wandb = wandb.init(project=wandb_cfg.project, mode=wandb_cfg.mode, dir=workdir,
-                                 config=config_dict, resume="allow",
-                                 name=os.path.basename(os.path.abspath(workdir)))
+      self._wandb = _start_wandb(workdir, wandb_cfg, config_dict)
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     if not self.enabled:

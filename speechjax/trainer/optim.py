@@ -6,13 +6,15 @@ state is sized by the trainables, never by the frozen base model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import re
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import optax
 
 from speechjax.trainer.adamw import fused_adamw
+from speechjax.tree import path_names
 
 VALID_OPTIMIZERS = ("adamw", "adafactor", "sgd")
 VALID_SCHEDULES = ("cosine", "linear", "constant")
@@ -29,6 +31,13 @@ def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
   end = lr * float(optim_cfg.end_lr_fraction)
   decay_steps = max(num_steps - warmup, 1)
   kind = optim_cfg.schedule
+  if not lr >= 0:
+    raise ValueError(f"optim.lr={optim_cfg.lr!r}; valid: a learning rate >= 0")
+  if warmup < 0:
+    raise ValueError(f"optim.warmup_steps={warmup}; valid: a number of steps >= 0")
+  if not 0.0 <= float(optim_cfg.end_lr_fraction) <= 1.0:
+    raise ValueError(f"optim.end_lr_fraction={optim_cfg.end_lr_fraction!r}; valid: 0 to 1 "
+                     "(the final learning rate as a fraction of optim.lr)")
   if kind not in VALID_SCHEDULES:
     raise ValueError(f"optim.schedule={kind!r}; valid: {VALID_SCHEDULES}")
   if kind == "cosine":
@@ -42,15 +51,11 @@ def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def _path_keys(path) -> list[str]:
-  return [str(getattr(k, "key", k)) for k in path]
-
-
 def decay_mask(params):
   """True for leaves that get weight decay (matrices), False for norms/biases."""
 
   def keep(path, leaf):
-    keys = _path_keys(path)
+    keys = path_names(path)
     return leaf.ndim >= 2 and not NO_DECAY_PATTERN.search(keys[-1] if keys else "")
 
   return jax.tree_util.tree_map_with_path(keep, params)
@@ -71,13 +76,16 @@ def lr_multipliers(rules) -> Callable[[Any], Any] | None:
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
             and isinstance(rule[1], (int, float)) and rule[1] >= 0):
       raise ValueError(f"optim.lr_multipliers[{i}]={rule!r}: expected (regex, factor >= 0)")
-    compiled.append((re.compile(rule[0]), float(rule[1])))
+    try:
+      compiled.append((re.compile(rule[0]), float(rule[1])))
+    except re.error as e:
+      raise ValueError(f"optim.lr_multipliers[{i}]={rule!r}: {rule[0]!r} is not a valid regex ({e})") from None
   if not compiled:
     return None
 
   def factors(params):
     def factor(path, _):
-      keys = _path_keys(path)
+      keys = path_names(path)
       if keys and keys[0] in COLLECTIONS:
         keys = keys[1:]
       name = "/".join(keys)

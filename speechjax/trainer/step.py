@@ -10,14 +10,15 @@ and the frozen base weights travel beside it, never through the optimizer.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from speechjax.models.objectives import Objective
 from speechjax.trainer.adamw import global_norm, guards_itself
-from speechjax.trainer.objectives import Objective
 from speechjax.trainer.partition import join_variables
 
 
@@ -51,7 +52,9 @@ def adversarial_input(loss_of_input: Callable, x, valid, cfg, rng):
 
 
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation,
-                    schedule: Callable, train_cfg) -> Callable:
+                    schedule: Callable, train_cfg, update_mask: Callable | None = None) -> Callable:
+  """update_mask (partition.update_mask): zeroes the gradient and the update of
+  parameter rows that must not train (scanned layers outside top-N)."""
   accum = int(train_cfg.grad_accum_steps)
   adv = train_cfg.adversarial
   use_adv = adv.method != "none"
@@ -102,6 +105,8 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
               jax.tree_util.tree_map(jnp.zeros_like, trainable))
       (loss, stats, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum), micros))
 
+    if update_mask is not None:
+      grads = update_mask(grads)
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite loss or gradient leaves weights and optimizer state as they were.
@@ -110,9 +115,13 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
       # old moments), so there is no separate copy of every buffer here.
       updates, new_opt_state = optimizer.update(grads, state["opt_state"], trainable,
                                                 finite=finite, grad_norm=grad_norm)
+      if update_mask is not None:  # weight decay must not move masked rows either
+        updates = update_mask(updates)
       new_trainable = optax.apply_updates(trainable, updates)
     else:
       updates, new_opt_state = optimizer.update(grads, state["opt_state"], trainable)
+      if update_mask is not None:
+        updates = update_mask(updates)
       keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
       new_trainable = keep(optax.apply_updates(trainable, updates), trainable)
       new_opt_state = keep(new_opt_state, state["opt_state"])

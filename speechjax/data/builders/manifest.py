@@ -16,44 +16,118 @@ a split is its i-th clean line; grain shuffles at read time. Each built dataset
 also holds, in `info.metadata` (metadata.json):
     sample_rate, label_names (sorted labels over all splits),
     num_samples[split] (per example, for length bucketing without reading audio),
-    fields[split] (per example bitmask of non-empty label/translation/prompt+target),
+    field_names, fields[split] (per example bitmask: bit i set when field_names[i] is non-empty),
     num_skipped[split], skip_reasons[split],
 and `skipped.jsonl` lists every line that failed a check in `validate.py`.
+
+Which text fields an example stores, and which of them the field bits record,
+follow the registered tasks (`speechjax.data.tasks`): every field some task
+needs, plus 'speaker' and 'id'. The fields every line must have follow the
+tasks the dataset is built for (`fields_required_by(tasks)`): 'text' for ASR,
+'label' and no 'text' for a classification-only manifest.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator, Mapping, Sequence
 import concurrent.futures
 import contextlib
 import glob
 import json
 import os
 import sys
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
 from speechjax.data import audio as audio_lib
+from speechjax.data import tasks as tasks_lib
 from speechjax.data import validate
 
-VERSION = '1.0.0'
-HAS_LABEL, HAS_TRANSLATION, HAS_INSTRUCTION = 1, 2, 4
+VERSION = "1.0.0"
+# Text fields an example stores whatever its tasks.
+METADATA_FIELDS = ("speaker", "id")
+# Field bits of datasets built before metadata named its fields: label,
+# translation, prompt-and-target; 'text' was required, so every example had it.
+_LEGACY_BITS = ((1, ("label",)), (2, ("translation",)), (4, ("prompt", "target")))
+_MAX_FIELDS = 31  # bits of the int32 `fields` array
+
+# Grows only, so a field keeps its bit for the life of the process even when a
+# task is registered after some SourceInfo was made.
+_bit_order: list[str] = []
+
+
+def task_fields(tasks: Sequence[str] | None = None) -> tuple[str, ...]:
+  """The manifest fields of `tasks` (default: every registered task), in order, once each."""
+  names = tasks_lib.task_names() if tasks is None else tasks
+  return tuple(dict.fromkeys(f for name in names for f in tasks_lib.get_task(name).fields))
+
+
+def stored_fields() -> tuple[str, ...]:
+  """Text fields a built example holds: its possible tasks' fields, then 'speaker' and 'id'."""
+  return task_fields() + tuple(f for f in METADATA_FIELDS if f not in task_fields())
+
+
+def fields_required_by(tasks: Sequence[str]) -> tuple[str, ...]:
+  """Fields every line must have for `tasks`: those all of the tasks need.
+
+  ('asr',) -> ('text',); ('classify',) -> ('label',); ('asr', 'classify') -> ():
+  each example is then used for the tasks it has the fields of.
+  """
+  if not tasks:
+    raise ValueError('fields_required_by needs at least one task; registered: '
+                     f'{", ".join(tasks_lib.task_names())}')
+  needed = [set(tasks_lib.get_task(name).fields) for name in tasks]
+  return tuple(f for f in task_fields(tasks) if all(f in n for n in needed))
+
+
+def field_names() -> tuple[str, ...]:
+  """The fields `field_bits` records, bit i for field_names()[i]."""
+  _bit_order.extend(f for f in task_fields() if f not in _bit_order)
+  if len(_bit_order) > _MAX_FIELDS:
+    raise ValueError(f"The registered tasks need {len(_bit_order)} manifest fields; the per-example "
+                     f"field bits hold at most {_MAX_FIELDS}: {_bit_order}")
+  return tuple(_bit_order)
+
+
+def field_mask(fields: Sequence[str]) -> int:
+  """The bits of `fields` (each a field of some registered task)."""
+  names = field_names()
+  unknown = [f for f in fields if f not in names]
+  if unknown:
+    raise ValueError(f"No registered task uses the manifest field(s) {unknown}; known: {names}")
+  return sum(1 << names.index(f) for f in dict.fromkeys(fields))
+
+
+def task_mask(task: str) -> int:
+  """Bits an example's `field_bits` must all have for `task`."""
+  return field_mask(tasks_lib.get_task(task).fields)
 
 
 def field_bits(example: Mapping[str, Any]) -> int:
+  """Bitmask of the example's non-blank fields (layout: `field_names()`)."""
+  return sum(1 << i for i, f in enumerate(field_names()) if tasks_lib.as_text(example.get(f)).strip())
 
-  def present(key):
-    value = example.get(key)
-    if isinstance(value, bytes):
-      value = value.decode('utf-8')
-    return bool(value and str(value).strip())
 
-  return ((HAS_LABEL if present('label') else 0) |
-          (HAS_TRANSLATION if present('translation') else 0) |
-          (HAS_INSTRUCTION if present('prompt') and present('target') else 0))
+def split_field_bits(metadata: Mapping[str, Any], split: str) -> np.ndarray:
+  """int32 [N] field bits of a built split, in this process' `field_names()` layout."""
+  stored = np.asarray(metadata["fields"][split], np.int64)
+  names = field_names()
+  out = np.zeros(stored.shape, np.int64)
+  if "field_names" in metadata:
+    pairs = [(1 << i, (f,)) for i, f in enumerate(metadata["field_names"])]
+  else:
+    pairs = list(_LEGACY_BITS)
+    if "text" in names:
+      out |= 1 << names.index("text")
+  for bit, fields in pairs:
+    for f in fields:
+      if f in names:
+        out |= np.where(stored & bit, 1 << names.index(f), 0)
+  return out.astype(np.int32)
 
 
 class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -66,30 +140,34 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   VERSION = tfds.core.Version(VERSION)
   RELEASE_NOTES = {
-      str(VERSION): 'Audio as int16 16 kHz, text fields, per-example lengths in metadata.'
+      str(VERSION): "Audio as int16 16 kHz, text fields, per-example lengths in metadata."
   }
 
   def __init__(self, *, max_seconds: float | None = 30.0, min_seconds: float = validate.MIN_SECONDS,
-               required_fields: Sequence[str] = ('text',), num_workers: int = 4, **kwargs):
+               tasks: Sequence[str] = ("asr",), required_fields: Sequence[str] | None = None,
+               num_workers: int = 4, **kwargs):
+    """Every line must have `required_fields` (default: `fields_required_by(tasks)`)."""
     self._max_seconds = max_seconds
     self._min_seconds = min_seconds
-    self._required_fields = tuple(required_fields)
+    self._required_fields = tuple(
+        fields_required_by(tasks) if required_fields is None else required_fields)
+    self._stored_fields = stored_fields()
     self._num_workers = max(1, int(num_workers))
     self.skipped: list[validate.Skipped] = []
-    kwargs.setdefault('file_format', 'array_record')
+    kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()
     return tfds.core.DatasetInfo(
         builder=self,
-        description='Speech with transcripts (and optional labels, translations, instructions).',
+        description="Speech with transcripts (and optional labels, translations, instructions).",
         features=tfds.features.FeaturesDict({
             # Raw bytes: an Int64List proto of samples is ~5x slower to write and read.
-            'audio': tfds.features.Tensor(shape=(None,), dtype=np.int16,
+            "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16,
                                           encoding=tfds.features.Encoding.BYTES),
-            'duration': tfds.features.Tensor(shape=(), dtype=np.float32),
-            **{field: text for field in validate.TEXT_FIELDS},
+            "duration": tfds.features.Tensor(shape=(), dtype=np.float32),
+            **{field: text for field in self._stored_fields},
         }),
         metadata=tfds.core.MetadataDict(sample_rate=audio_lib.SAMPLE_RATE),
         disable_shuffling=True,
@@ -112,6 +190,11 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                              max_seconds=self._max_seconds,
                                              min_seconds=self._min_seconds,
                                              required_fields=self._required_fields)
+    if example is not None:  # exactly the stored text fields, whichever tasks are registered
+      text = {f: validate.as_text(example.get(f, record.get(f))).strip()
+              for f in self._stored_fields}
+      example = {key: value for key, value in example.items() if key not in validate.text_fields()}
+      example.update(text)
     return source, line_number, record, example, problem
 
   def _checked(self, records, split: str):
@@ -122,7 +205,7 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       for item in records:
         if item[2] is None:  # unparsable manifest line
           self.skipped.append(
-              validate.Skipped('invalid_json', 'not a JSON object', item[0], item[1], split=split))
+              validate.Skipped("invalid_json", "not a JSON object", item[0], item[1], split=split))
           continue
         chunk.append(item)
         if len(chunk) == 64 * self._num_workers:
@@ -137,11 +220,11 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           if problem:
             self.skipped.append(
                 validate.Skipped(problem[0], problem[1], source, line_number,
-                                 validate.as_text(record.get('id')),
-                                 validate.as_text(record.get('audio')), split))
+                                 validate.as_text(record.get("id")),
+                                 validate.as_text(record.get("audio")), split))
             continue
-          if not example['id']:
-            example['id'] = f'{os.path.splitext(os.path.basename(source))[0]}-{line_number:06d}'
+          if not example["id"]:
+            example["id"] = f"{os.path.splitext(os.path.basename(source))[0]}-{line_number:06d}"
           yield source, example
 
   def _generate_examples(self, split: str, records) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -155,34 +238,35 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     for index, (source, example) in enumerate(self._checked(tracked(records), split)):
       kept_per_source[source] += 1
-      audio = audio_lib.float_to_int16(example.pop('audio'))
-      example.pop('audio_path')
+      audio = audio_lib.float_to_int16(example.pop("audio"))
+      example.pop("audio_path")
       num_samples.append(int(audio.size))
       fields.append(field_bits(example))
-      if example['label']:
-        labels.add(example['label'])
-      yield index, {**example, 'audio': audio, 'duration': np.float32(example['duration'])}
+      if example.get("label"):
+        labels.add(example["label"])
+      yield index, {**example, "audio": audio, "duration": np.float32(example["duration"])}
     # A manifest whose every line is bad is almost always a wrong path or
     # format: fail loudly, naming it, rather than train on the other sources.
     for source, kept in sorted(kept_per_source.items()):
       validate.raise_if_all_skipped(source, kept, self.skipped)
     if not num_samples:
-      raise validate.AllExamplesSkippedError(f'Split {split!r} of {self.name} has no examples.')
+      raise validate.AllExamplesSkippedError(f"Split {split!r} of {self.name} has no examples.")
     metadata = self.info.metadata
-    metadata.setdefault('num_samples', {})[split] = num_samples
-    metadata.setdefault('fields', {})[split] = fields
+    metadata.setdefault("num_samples", {})[split] = num_samples
+    metadata["field_names"] = list(field_names())
+    metadata.setdefault("fields", {})[split] = fields
     mine = [s for s in self.skipped if s.split == split]
-    metadata.setdefault('num_skipped', {})[split] = len(mine)
-    metadata.setdefault('skip_reasons', {})[split] = validate.summarize(mine)
-    metadata['label_names'] = sorted(set(metadata.get('label_names', [])) | labels)
+    metadata.setdefault("num_skipped", {})[split] = len(mine)
+    metadata.setdefault("skip_reasons", {})[split] = validate.summarize(mine)
+    metadata["label_names"] = sorted(set(metadata.get("label_names", [])) | labels)
     if mine:
-      logging.warning('%s: skipped %d examples of split %s: %s', self.name, len(mine), split,
+      logging.warning("%s: skipped %d examples of split %s: %s", self.name, len(mine), split,
                       validate.summarize(mine))
 
   def _download_and_prepare(self, dl_manager, download_config=None):
     super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
     # self.data_dir is the temporary directory here, renamed into place on success.
-    validate.write_skipped(os.path.join(self.data_dir, 'skipped.jsonl'), self.skipped)
+    validate.write_skipped(os.path.join(self.data_dir, "skipped.jsonl"), self.skipped)
 
 
 class ManifestDataset(AudioTextBuilder, skip_registration=True):
@@ -197,7 +281,7 @@ class ManifestDataset(AudioTextBuilder, skip_registration=True):
 
   def _split_records(self):
     if not self._manifests:
-      raise ValueError(f'{type(self).__name__} needs manifests={{split: path}} to build a dataset.')
+      raise ValueError(f"{type(self).__name__} needs manifests={{split: path}} to build a dataset.")
     return {
         split: _manifest_records([os.path.abspath(p) for p in paths])
         for split, paths in self._manifests.items()
@@ -213,10 +297,10 @@ def _manifest_records(paths: Sequence[str]):
 def builder_class(name: str,
                   base: type[AudioTextBuilder] = ManifestDataset) -> type[AudioTextBuilder]:
   """A builder class whose TFDS name (the folder under data_dir) is `name`."""
-  if not name.replace('_', '').isalnum() or not name[0].isalpha() or name.lower() != name:
-    raise ValueError(f'Dataset name must be snake_case letters/digits, got {name!r}')
-  class_name = ''.join(part.capitalize() for part in name.split('_'))
-  return type(class_name, (base,), {'name': name, '__module__': __name__}, skip_registration=True)
+  if not name.replace("_", "").isalnum() or not name[0].isalpha() or name.lower() != name:
+    raise ValueError(f"Dataset name must be snake_case letters/digits, got {name!r}")
+  class_name = "".join(part.capitalize() for part in name.split("_"))
+  return type(class_name, (base,), {"name": name, "__module__": __name__}, skip_registration=True)
 
 
 def prepare(builder: tfds.core.DatasetBuilder, overwrite: bool = False) -> str:
@@ -231,18 +315,20 @@ def prepare(builder: tfds.core.DatasetBuilder, overwrite: bool = False) -> str:
 
 
 def build_manifest_dataset(manifests: Mapping[str, str | Sequence[str]], data_dir: str,
-                           name: str = 'manifest_dataset', *, max_seconds: float | None = 30.0,
+                           name: str = "manifest_dataset", *, max_seconds: float | None = 30.0,
                            min_seconds: float = validate.MIN_SECONDS,
-                           required_fields: Sequence[str] = ('text',), num_workers: int = 4,
+                           tasks: Sequence[str] = ("asr",),
+                           required_fields: Sequence[str] | None = None, num_workers: int = 4,
                            overwrite: bool = False) -> str:
   """Builds `data_dir/name/1.0.0/` from {split: manifest path(s)}; returns that folder.
 
+  Lines must have the fields all of `tasks` need (or `required_fields` when given).
   Raises validate.AllExamplesSkippedError naming the manifest when every line
   of one is bad.
   """
   builder = builder_class(name)(manifests=manifests, data_dir=data_dir, max_seconds=max_seconds,
-                                min_seconds=min_seconds, required_fields=required_fields,
-                                num_workers=num_workers)
+                                min_seconds=min_seconds, tasks=tasks,
+                                required_fields=required_fields, num_workers=num_workers)
   return prepare(builder, overwrite=overwrite)
 
 
@@ -250,16 +336,30 @@ def resolve_dataset_dir(path: str, name: str | None = None) -> str:
   """A folder holding dataset_info.json: `path` itself, or the newest `path/name/<version>`."""
   candidates = [path] + ([os.path.join(path, name)] if name else [])
   for candidate in candidates:
-    if os.path.exists(os.path.join(candidate, 'dataset_info.json')):
+    if os.path.exists(os.path.join(candidate, "dataset_info.json")):
       return candidate
     versions = sorted(
-        glob.glob(os.path.join(candidate, '*', 'dataset_info.json')),
+        glob.glob(os.path.join(candidate, "*", "dataset_info.json")),
         key=lambda p: tfds.core.Version(os.path.basename(os.path.dirname(p)))
-        if _is_version(os.path.basename(os.path.dirname(p))) else tfds.core.Version('0.0.0'))
+        if _is_version(os.path.basename(os.path.dirname(p))) else tfds.core.Version("0.0.0"))
     if versions:
       return os.path.dirname(versions[-1])
-  raise FileNotFoundError(f'No TFDS dataset (dataset_info.json) under {path}' +
-                          (f' or {os.path.join(path, name)}' if name else ''))
+  found = available_datasets(path)
+  raise FileNotFoundError(f"No TFDS dataset (dataset_info.json) under {path}" +
+                          (f" or {os.path.join(path, name)}" if name else "") +
+                          (f"; datasets there: {', '.join(found)}" if found else
+                           "; build one with `python -m speechjax.data.build SOURCE ...`"))
+
+
+def available_datasets(data_dir: str) -> list[str]:
+  """Names of the datasets built under a TFDS data_dir (folders holding <version>/dataset_info.json)."""
+  return sorted({os.path.basename(os.path.dirname(os.path.dirname(p)))
+                 for p in glob.glob(os.path.join(glob.escape(data_dir), "*", "*", "dataset_info.json"))})
+
+
+def split_names(dataset_dir: str, name: str | None = None) -> list[str]:
+  """The splits of a built dataset, sorted."""
+  return sorted(open_dataset(dataset_dir, name).info.splits)
 
 
 def _is_version(text: str) -> bool:
@@ -285,8 +385,8 @@ def dataset_metadata(dataset_dir: str, name: str | None = None) -> dict[str, Any
 
 
 def read_skipped(dataset_dir: str) -> list[dict[str, Any]]:
-  path = os.path.join(resolve_dataset_dir(dataset_dir), 'skipped.jsonl')
+  path = os.path.join(resolve_dataset_dir(dataset_dir), "skipped.jsonl")
   if not os.path.exists(path):
     return []
-  with open(path, encoding='utf-8') as f:
+  with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,172 @@
+"""Compile targets: a TPU slice named as Cloud TPU names it, or the local devices.
+
+    target = resolve_target("v5e-16")            # 16 abstract v5e chips, no TPU needed
+    target = resolve_target("v5p-128", num_slices=2)
+    target = resolve_target("")                  # jax.devices() of this process
+
+A TPU slice is described by libtpu (`pip install libtpu`, or the package's
+`speechjax[tpu-compile]` extra): `jax.experimental.topologies` turns a
+topology into compile-only devices, so XLA's TPU compiler runs on a CPU
+machine and reports the memory and FLOPs of each chip. Those devices sit on a
+backend of their own, beside the process' CPU (or GPU) devices.
+
+Accelerator-type names count TensorCores on v4 and v5p (two per chip: v4-32 is
+16 chips, a 2x2x4 torus) and chips on v5e and v6e (v5e-16 is a 4x4 grid); the
+cores of a v4/v5p chip compile as one device ("megacore"), so one device is
+one chip on every generation. Chip figures are Cloud TPU's published ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+
+INSTALL_HINT = ("compiling for a TPU topology needs libtpu on this machine: `pip install libtpu` "
+                "(or `pip install speechjax[tpu-compile]`); without it, leave --topology empty to "
+                "compile for the local devices")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+  name: str  # as in accelerator types: v5e
+  device_kind: str  # as jax reports it: "TPU v5 lite"
+  hbm_gib: float
+  peak_bf16_tflops: float  # dense, per chip
+  cores_per_chip: int  # TensorCores
+  name_counts: str  # what the number in "v5p-128" counts: "cores" | "chips"
+  chip_config: str  # libtpu chip config: "megacore" = one device per two-core chip
+  shapes: dict  # chips -> torus/grid shape of the slice
+
+
+GRID_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
+           256: (16, 16)}
+TORUS_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+            256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16),
+            6144: (16, 16, 24)}
+
+CHIPS = {
+    "v4": ChipSpec("v4", "TPU v4", 32.0, 275.0, 2, "cores", "megacore", TORUS_3D),
+    "v5e": ChipSpec("v5e", "TPU v5 lite", 16.0, 197.0, 1, "chips", "default", GRID_2D),
+    "v5p": ChipSpec("v5p", "TPU v5", 95.0, 459.0, 2, "cores", "megacore", TORUS_3D),
+    "v6e": ChipSpec("v6e", "TPU v6 lite", 32.0, 918.0, 1, "chips", "default", GRID_2D),
+}
+ALIASES = {"v5litepod": "v5e"}
+# Local GPUs: dense bf16 peak of the SXM parts (HBM comes from the device itself).
+GPU_PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
+
+
+@dataclasses.dataclass
+class Target:
+  """What a step compiles for. `devices` are one per chip (all slices)."""
+
+  name: str  # "v5e-16", "v5e:4x4 x2 slices", "cpu x8"
+  chip: str  # "v5e", or the local device kind
+  devices: list
+  hbm_bytes_per_chip: int
+  peak_flops_per_chip: float | None  # bf16 FLOP/s; None when not known
+  num_slices: int = 1
+
+  @property
+  def num_chips(self) -> int:
+    return len(self.devices)
+
+
+def parse_topology(name: str) -> tuple[ChipSpec, tuple[int, ...]]:
+  """'v5e-16' | 'v5litepod-16' | 'v5p-128' | 'v4-32' | 'v6e-8', or a shape
+  'v5e:4x4' / 'v4:2x2x4' (in chips) -> (chip, shape in chips)."""
+  valid = ", ".join(sorted(CHIPS))
+  match = re.fullmatch(r"(v[0-9a-z]+)(?:-(\d+)|:(\d+(?:x\d+)+))", name.strip().lower())
+  chip_name = ALIASES.get(match.group(1), match.group(1)) if match else ""
+  if not match or chip_name not in CHIPS:
+    raise ValueError(f"--topology={name!r}: expected GENERATION-COUNT (e.g. v5e-16, v5p-128, v4-32, "
+                     f"v6e-8) or GENERATION:SHAPE (e.g. v5e:4x4, v4:2x2x4); generations: {valid}")
+  chip = CHIPS[chip_name]
+  if match.group(3):
+    shape = tuple(int(x) for x in match.group(3).split("x"))
+    want = len(next(iter(chip.shapes.values())))
+    if len(shape) != want:
+      raise ValueError(f"--topology={name!r}: a {chip.name} slice shape has {want} dimensions")
+    return chip, shape
+  count = int(match.group(2))
+  cores_each = chip.cores_per_chip if chip.name_counts == "cores" else 1
+  if count % cores_each or count // cores_each not in chip.shapes:
+    sizes = ", ".join(f"{chip.name}-{n * cores_each}" for n in sorted(chip.shapes))
+    raise ValueError(f"--topology={name!r}: no {chip.name} slice of that size (the number counts "
+                     f"{chip.name_counts}); known: {sizes}")
+  return chip, chip.shapes[count // cores_each]
+
+
+def libtpu_available() -> bool:
+  return importlib.util.find_spec("libtpu") is not None
+
+
+def topology_devices(chip: ChipSpec, shape: tuple[int, ...], num_slices: int = 1) -> list:
+  """Compile-only devices of `num_slices` slices of that shape, one per chip."""
+  if not libtpu_available():
+    raise RuntimeError(INSTALL_HINT)
+  from jax.experimental import topologies
+
+  # Hosts of 2x2 chips (v5e/v6e training VMs, every v4/v5p VM); the bound only
+  # has to tile the slice, it does not change what a chip compiles.
+  host_bounds = (min(2, shape[0]), min(2, shape[1]), 1)
+  topology_name = f"{chip.name}:{'x'.join(str(s) for s in shape)}"
+  return list(topologies.get_topology_desc(
+      platform="tpu", topology_name=topology_name, chip_config_name=chip.chip_config,
+      chips_per_host_bounds=host_bounds, num_slices=num_slices).devices)
+
+
+def _host_memory_bytes() -> int:
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _local_chip(devices) -> tuple[str, int, float | None]:
+  """(kind, memory bytes per device, peak bf16 FLOP/s or None) of local devices."""
+  import jax
+
+  kind = devices[0].device_kind
+  spec = next((c for c in CHIPS.values() if c.device_kind == kind), None)
+  stats = None
+  try:
+    stats = devices[0].memory_stats()
+  except Exception:  # backends without memory statistics (CPU) raise or return None
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    memory = int(stats["bytes_limit"])
+  elif spec:
+    memory = int(spec.hbm_gib * 2**30)
+  else:  # CPU devices (real or --xla_force_host_platform_device_count) share the host's RAM
+    memory = _host_memory_bytes() // max(1, jax.local_device_count())
+  if spec:
+    return spec.name, memory, spec.peak_bf16_tflops * 1e12
+  peak = next((v for k, v in GPU_PEAK_BF16_TFLOPS.items() if k in kind), None)
+  return kind, memory, peak * 1e12 if peak else None
+
+
+def resolve_target(topology: str = "", num_slices: int = 1, hbm_gib: float = 0.0,
+                   peak_tflops: float = 0.0) -> Target:
+  """A TPU slice (`topology` given) or this process' devices; `hbm_gib` and
+  `peak_tflops` (> 0) replace the chip's figures."""
+  if num_slices < 1:
+    raise ValueError(f"--num_slices={num_slices}: must be >= 1")
+  if topology:
+    chip, shape = parse_topology(topology)
+    devices = topology_devices(chip, shape, num_slices)
+    name = topology + (f" x{num_slices} slices" if num_slices > 1 else "")
+    target = Target(name, chip.name, devices, int(chip.hbm_gib * 2**30), chip.peak_bf16_tflops * 1e12,
+                    num_slices)
+  else:
+    import jax
+
+    if num_slices > 1:
+      raise ValueError("--num_slices > 1 needs --topology (the local devices are one slice)")
+    devices = jax.devices()
+    kind, memory, peak = _local_chip(devices)
+    target = Target(f"{devices[0].platform} x{len(devices)}", kind, devices, memory, peak)
+  if hbm_gib > 0:
+    target.hbm_bytes_per_chip = int(hbm_gib * 2**30)
+  if peak_tflops > 0:
+    target.peak_flops_per_chip = peak_tflops * 1e12
+  return target
+

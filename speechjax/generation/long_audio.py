@@ -1,0 +1,48 @@
+"""Audio longer than the encoder's window: cut into chunks at quiet moments,
+each transcribed on its own (`speechjax.transcribe`), and the transcripts joined."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def chunk_audio(audio, sample_rate: int, chunk_seconds: float = 30.0,
+                search_seconds: float = 2.0) -> list[np.ndarray]:
+  """Splits mono audio into consecutive chunks of at most `chunk_seconds`.
+
+  Each cut is placed at the quietest 20 ms frame within the last
+  `search_seconds` of the window, so words are rarely split; 0 cuts exactly at
+  the limit. The chunks cover the audio without overlap or gap, so their
+  transcripts can be joined with `join_transcripts`.
+  """
+  audio = np.asarray(audio)
+  if audio.ndim != 1:
+    raise ValueError(f"speechjax.generation.chunk_audio: expected mono audio [samples], "
+                     f"got shape {audio.shape}")
+  limit = int(chunk_seconds * sample_rate)
+  if limit < 1:
+    raise ValueError(f"speechjax.generation.chunk_audio: chunk_seconds={chunk_seconds} at "
+                     f"{sample_rate} Hz is shorter than one sample")
+  frame = max(1, int(0.02 * sample_rate))
+  search = min(int(search_seconds * sample_rate), limit // 2)
+  chunks, start = [], 0
+  while len(audio) - start > limit:
+    end = start + limit
+    if search >= frame:
+      window = audio[end - search:end].astype(np.float64)
+      frames = window[:(len(window) // frame) * frame].reshape(-1, frame)
+      energy = np.sum(frames ** 2, axis=1)
+      # Among equally quiet frames prefer the latest, keeping chunks long.
+      quietest = len(energy) - 1 - int(np.argmin(energy[::-1]))
+      end = end - search + quietest * frame + frame // 2
+    chunks.append(audio[start:end])
+    start = end
+  chunks.append(audio[start:])
+  return chunks
+
+
+def join_transcripts(texts: Sequence[str]) -> str:
+  """Concatenates the transcripts of consecutive chunks."""
+  return " ".join(t.strip() for t in texts if t.strip())

@@ -1,0 +1,161 @@
+"""Attention: masks, the attention kernel, the KV-cache update and the module.
+
+`Attention` is general: causal or not, grouped-query heads, optional q/k
+RMSNorm, rotary embeddings and a KV cache. Pass either a complete boolean
+`mask` [B, 1|N, T, S] (e.g. `padding_mask(key_mask)` for a bidirectional
+encoder with padded keys) or no mask, in which case the module's `causal`
+flag decides between plain causal and full attention. Logits and softmax run
+in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from speechjax.models.layers import RMSNorm, apply_rope
+from speechjax.models.lora import Dense, LoRAConfig
+
+
+def padding_mask(key_mask: jax.Array) -> jax.Array:
+  """[B,S] (1 = real) -> boolean [B,1,1,S] for bidirectional attention."""
+  return key_mask.astype(bool)[:, None, None, :]
+
+
+def causal_mask(query_slots: jax.Array, key_slots: jax.Array,
+                key_mask: jax.Array | None = None, sliding_window: int = 0) -> jax.Array:
+  """Boolean [B|1, 1, T, S]: key slot <= query slot, key real, within the window.
+
+  query_slots [T] and key_slots [S] are positions in the key sequence (cache
+  slots), not rotary positions, so left padding does not move the window.
+  """
+  q = query_slots[:, None]
+  k = key_slots[None, :]
+  mask = k <= q
+  if sliding_window:
+    mask = mask & (k > q - sliding_window)
+  mask = mask[None, None]
+  if key_mask is not None:
+    mask = mask & key_mask.astype(bool)[:, None, None, :]
+  return mask
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+           is_causal: bool = False, scale: float | None = None, dropout_rate: float = 0.0,
+           deterministic: bool = True, dropout_rng: jax.Array | None = None,
+           implementation: str | None = None) -> jax.Array:
+  """q [B,T,N,D], k/v [B,S,K,D] with N % K == 0 -> [B,T,N,D].
+
+  Without dropout this is jax.nn.dot_product_attention (GQA handled inside,
+  fused kernels where the backend has them); with dropout the same math is
+  written out so probabilities can be dropped. Fully masked rows (padding
+  queries) give finite garbage, never NaN.
+  """
+  if deterministic or dropout_rate == 0.0:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal and mask is None,
+                                        scale=scale, implementation=implementation or None)
+  b, t, n, d = q.shape
+  kv_heads = k.shape[2]
+  scale = d ** -0.5 if scale is None else scale
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  if mask is None and is_causal:
+    mask = causal_mask(jnp.arange(t), jnp.arange(k.shape[1]))
+  if mask is not None:
+    # mask [B|1, N|1, T, S] -> [B|1, K|1, G|1, T, S]
+    if mask.shape[1] == 1:
+      mask = mask[:, :, None]
+    else:
+      mask = mask.reshape(mask.shape[0], kv_heads, n // kv_heads, *mask.shape[2:])
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+  probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, n, d)
+
+
+def update_kv_cache(cache, k: jax.Array, v: jax.Array):
+  """Writes k/v [B,t,K,D] into a stacked cache at (layer, :, index) and reads the layer back.
+
+  cache = (k_all [L,B,S,K,D], v_all, layer, index). dynamic_update_slice on
+  the whole stack lets XLA update the buffer in place instead of copying a
+  layer's cache per step. Returns (k_layer, v_layer, (k_all, v_all)).
+  """
+  k_all, v_all, layer, index = cache
+  layer = jnp.asarray(layer, jnp.int32)
+  index = jnp.asarray(index, jnp.int32)
+  zero = jnp.zeros((), jnp.int32)
+  start = (layer, zero, index, zero, zero)
+  k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+  v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+  k_layer = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(k.dtype)
+  v_layer = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(v.dtype)
+  return k_layer, v_layer, (k_all, v_all)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with GQA, optional q/k RMSNorm, RoPE and KV cache.
+
+  Projections are named like HF (q_proj, k_proj, v_proj and `out_name`) so
+  LoRA target patterns and checkpoint keys read naturally.
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  causal: bool = True
+  q_bias: bool = False
+  k_bias: bool = False
+  v_bias: bool = False
+  o_bias: bool = False
+  qk_norm: bool = False
+  norm_eps: float = 1e-6
+  out_name: str = "o_proj"
+  dropout_rate: float = 0.0
+  lora: LoRAConfig | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+               rope: tuple[jax.Array, jax.Array] | None = None, cache=None,
+               deterministic: bool = True):
+    """x [B,T,E] -> [B,T,E], or (out, (k_all, v_all)) when `cache` is given.
+
+    mask: complete boolean mask [B|1, N|1, T, S] or None (then `causal`).
+    rope: (cos, sin) [B,T,D/2] from rope_cos_sin. cache: see update_kv_cache.
+    """
+    b, t, features = x.shape
+    n, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+
+    def proj(name, out, axes, bias):
+      return Dense(out, use_bias=bias, kernel_axes=axes, lora=self.lora, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=name)
+
+    q = proj("q_proj", n * d, ("embed", "heads"), self.q_bias)(x, deterministic).reshape(b, t, n, d)
+    k = proj("k_proj", kv * d, ("embed", "kv_heads"), self.k_bias)(x, deterministic)
+    v = proj("v_proj", kv * d, ("embed", "kv_heads"), self.v_bias)(x, deterministic)
+    k, v = k.reshape(b, t, kv, d), v.reshape(b, t, kv, d)
+    if self.qk_norm:
+      norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+      q = RMSNorm(**norm, name="q_norm")(q)
+      k = RMSNorm(**norm, name="k_norm")(k)
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    new_cache = None
+    if cache is not None:
+      k, v, new_cache = update_kv_cache(cache, k, v)
+    dropout_rng = None
+    if not deterministic and self.dropout_rate > 0:
+      dropout_rng = self.make_rng("dropout")
+    out = attend(q, k, v, mask, is_causal=self.causal, dropout_rate=self.dropout_rate,
+                 deterministic=deterministic, dropout_rng=dropout_rng,
+                 implementation=self.implementation)
+    out = proj(self.out_name, features, ("heads", "embed"), self.o_bias)(
+        out.reshape(b, t, n * d), deterministic)
+    return out if cache is None else (out, new_cache)

@@ -1,0 +1,210 @@
+r"""The end-to-end CPU demo: corpus -> LM -> audio encoder -> speech LLM -> scores.
+
+    python -m speechjax.projects.spoken_commands --config=configs/demo.py --workdir=runs/demo
+    python -m speechjax.projects.spoken_commands --config=configs/demo.py:quick --workdir=runs/demo_quick
+
+Stages, each resumable (re-running skips what is finished):
+  1. synthesize the spoken-command corpus (espeak-ng voices, held-out test voices
+     and sentences) and a byte-level BPE tokenizer for its text;
+  2. pretrain a small decoder LM on the corpus text and export it as an HF folder;
+  3. pretrain the audio encoder with CTC and export it as an HF Whisper folder;
+  4. train the speech LLM: that encoder (trainable) + projector + the frozen LM with LoRA;
+  5. evaluate on the test split (eval/test.json), transcribe a few files, and
+     write training curves (curves.png) and a report (report.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import time
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defined only when run as a program, so importing this module adds no flags."""
+  flags.DEFINE_string("config", "configs/demo.py", "Demo config file, optionally with ':quick'.")
+  flags.DEFINE_string("workdir", "runs/demo", "Output folder.")
+  flags.DEFINE_integer("num_train", -1, "Training utterances (-1: 6000, quick: 300).")
+  flags.DEFINE_integer("num_dev", -1, "Dev utterances (-1: 200, quick: 48).")
+  flags.DEFINE_integer("num_test", -1, "Test utterances (-1: 300, quick: 48).")
+
+
+def load_stage_config(config_arg: str, stage: str, workdir: str):
+  path, _, extra = config_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("_demo_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  quick = "quick" in extra.split(",")
+  config = module.get_config(stage + (",quick" if quick else ""))
+  config.data.data_dir = os.path.join(workdir, "data", "tfds")
+  config.model.tokenizer = os.path.join(workdir, "tokenizer")
+  if config.data.get("lm_text_manifest"):  # the corpus' text-only file, in this run's data folder
+    config.data.lm_text_manifest = os.path.join(workdir, "data", os.path.basename(config.data.lm_text_manifest))
+  # Re-running the demo (or one stage) reuses compiled programs.
+  config.compile_cache_dir = os.path.join(workdir, "xla_cache")
+  if stage == "speech":
+    config.model.encoder_pretrained = os.path.join(workdir, "encoder")
+    config.model.decoder_pretrained = os.path.join(workdir, "lm")
+  return config, quick
+
+
+def build_corpus(workdir: str, num_train: int, num_dev: int, num_test: int) -> dict:
+  from speechjax.projects.spoken_commands import synth
+  from speechjax.projects.spoken_commands.tokenizer import domain_texts, train_bpe_tokenizer
+
+  data_dir = os.path.join(workdir, "data")
+  summary_path = os.path.join(data_dir, "corpus.json")
+  if not os.path.exists(summary_path):
+    logging.info("synthesizing %d/%d/%d utterances into %s", num_train, num_dev, num_test, data_dir)
+    synth.build(data_dir, num_train, num_dev, num_test, seed=0, workers=2)
+  tok_dir = os.path.join(workdir, "tokenizer")
+  if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+    train_bpe_tokenizer(domain_texts(), vocab_size=512).save_pretrained(tok_dir)
+  with open(summary_path) as f:
+    return json.load(f)
+
+
+def _done(path: str) -> bool:
+  return os.path.exists(os.path.join(path, "config.json"))
+
+
+def train_stage(config, workdir: str):
+  from speechjax.train import build_trainer
+
+  trainer = build_trainer(config, workdir)
+  summary = trainer.run()
+  return trainer, summary
+
+
+def pretrain_lm(config_arg: str, workdir: str) -> None:
+  from speechjax.hf.export import export_hf
+
+  out = os.path.join(workdir, "lm")
+  if _done(out):
+    return
+  config, _ = load_stage_config(config_arg, "lm", workdir)
+  trainer, _ = train_stage(config, os.path.join(workdir, "stages", "lm"))
+  export_hf(out, trainer.bundle.model_config, trainer.variables()["params"], tokenizer=trainer.bundle.tokenizer)
+
+
+def pretrain_encoder(config_arg: str, workdir: str) -> None:
+  from speechjax.hf.export_whisper import export_whisper_encoder
+
+  out = os.path.join(workdir, "encoder")
+  if _done(out):
+    return
+  config, _ = load_stage_config(config_arg, "ctc", workdir)
+  trainer, _ = train_stage(config, os.path.join(workdir, "stages", "ctc"))
+  params = trainer.variables()["params"]
+  export_whisper_encoder(out, trainer.bundle.model_config.encoder, params["encoder"],
+                         hop_length=int(config.data.hop_length), ctc_head=params["ctc_head"])
+
+
+def plot_curves(workdir: str) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  stages = [("LM pretraining", os.path.join(workdir, "stages", "lm"), "loss"),
+            ("encoder CTC", os.path.join(workdir, "stages", "ctc"), "loss"),
+            ("speech LLM", workdir, "loss")]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for ax, (title, folder, key) in zip(axes, stages):
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.exists(path):
+      continue
+    rows = [json.loads(line) for line in open(path)]
+    for split, style in (("train", "-"), ("dev", "o-")):
+      points = [(r["step"], r[key]) for r in rows if r["split"] == split and isinstance(r.get(key), (int, float))]
+      if points:
+        ax.plot(*zip(*points), style, label=f"{split} {key}")
+    dev_metric = {"encoder CTC": "cer", "speech LLM": "wer"}.get(title)
+    if dev_metric:
+      points = [(r["step"], r[dev_metric]) for r in rows if r["split"] == "dev" and dev_metric in r]
+      if points:
+        twin = ax.twinx()
+        twin.plot(*zip(*points), "s--", color="tab:red", label=f"dev {dev_metric}")
+        twin.set_ylabel(f"dev {dev_metric}")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.legend(loc="upper right")
+  fig.tight_layout()
+  out = os.path.join(workdir, "curves.png")
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out
+
+
+def write_report(workdir: str, corpus: dict, results: dict, transcripts, timings: dict,
+                 projector: str = "") -> str:
+  lines = ["# speechjax CPU demo", "",
+           "Speech LLM for spoken commands: Whisper-style encoder (CTC-pretrained) + "
+           f"{projector + ' ' if projector else ''}projector + frozen Llama-style LM with LoRA, "
+           "trained on this machine.", "",
+           "## Test split (held-out voices and sentences)", "",
+           "| metric | value |", "|---|---|"]
+  for key in ("wer", "cer", "accuracy", "macro_f1", "bleu", "chrf", "num_examples", "num_skipped"):
+    if key in results:
+      value = results[key]
+      lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+  lines += ["", "## Corpus", ""]
+  for split, info in corpus.get("splits", {}).items():
+    lines.append(f"- {split}: {info['num_utterances']} utterances, {info['hours']:.2f} h, "
+                 f"{info['num_unique_sentences']} distinct sentences, {len(info['voices'])} voices")
+  lines += ["", "## Transcribed files", ""]
+  for path, text, error in transcripts:
+    lines.append(f"- `{os.path.basename(path)}`: {text if error is None else 'ERROR ' + error}")
+  lines += ["", "## Time (seconds)", ""]
+  lines += [f"- {k}: {v:.0f}" for k, v in timings.items()]
+  lines += ["", "![training curves](curves.png)", ""]
+  out = os.path.join(workdir, "report.md")
+  with open(out, "w") as f:
+    f.write("\n".join(lines))
+  return out
+
+
+def main(argv):
+  del argv
+  from speechjax import runtime
+  from speechjax.evaluate import evaluate_run
+  from speechjax.transcribe import Transcriber
+
+  workdir = FLAGS.workdir
+  _, quick = load_stage_config(FLAGS.config, "speech", workdir)
+  defaults = (300, 48, 48) if quick else (6000, 200, 300)
+  counts = [v if v >= 0 else d for v, d in zip((FLAGS.num_train, FLAGS.num_dev, FLAGS.num_test), defaults)]
+  runtime.setup(load_stage_config(FLAGS.config, "speech", workdir)[0])
+  timings = {}
+  start = time.time()
+  corpus = build_corpus(workdir, *counts)
+  timings["corpus"] = time.time() - start
+  for name, fn in (("lm", pretrain_lm), ("encoder", pretrain_encoder)):
+    t = time.time()
+    fn(FLAGS.config, workdir)
+    timings[name] = time.time() - t
+  t = time.time()
+  config, _ = load_stage_config(FLAGS.config, "speech", workdir)
+  train_stage(config, workdir)
+  timings["speech_llm"] = time.time() - t
+  t = time.time()
+  results = evaluate_run(workdir, split="test", progress=True)
+  timings["evaluate"] = time.time() - t
+  manifest = os.path.join(workdir, "data", "test.jsonl")
+  files = [os.path.join(workdir, "data", json.loads(line)["audio"]) for line in open(manifest)][:3]
+  transcripts = Transcriber(workdir)(files, "asr")
+  timings["total"] = time.time() - start
+  plot_curves(workdir)
+  write_report(workdir, corpus, results, transcripts, timings, projector=config.model.projector.kind)
+  print("\n=== speechjax demo: test split (held-out voices and sentences) ===")
+  for key in ("wer", "cer", "accuracy", "bleu", "num_examples"):
+    if key in results:
+      print(f"  {key:>12}: {results[key]:.4f}" if isinstance(results[key], float) else f"  {key:>12}: {results[key]}")
+  for path, text, error in transcripts:
+    print(f"  {os.path.basename(path)} -> {text if error is None else 'ERROR ' + error}")
+  print(f"  total time: {timings['total']:.0f} s; report: {os.path.join(workdir, 'report.md')}")
