@@ -144,32 +144,32 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_corpus, tmp_path):
   assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints", "last")) if "tmp" in d]
 
 
+class PoisonedFrom:
+  """The clean iterator's batches, with features full of NaN from batch `first_bad` on."""
+
+  def __init__(self, clean, first_bad: int):
+    self.clean, self.first_bad, self.n = clean, first_bad, 0
+
+  def __next__(self):
+    batch = next(self.clean)
+    self.n += 1
+    if self.n >= self.first_bad:
+      batch["features"] = np.full_like(batch["features"], np.nan)
+    return batch
+
+  def get_state(self):
+    return self.clean.get_state()
+
+  def set_state(self, state):
+    self.clean.set_state(state)
+
+
 def test_nan_guard_stops_with_last_good_checkpoint(tiny_corpus, tmp_path):
   workdir = str(tmp_path / "run")
   trainer = build_trainer(tiny_config(tiny_corpus, **{"train.max_bad_steps": 3, "logging.every_steps": 1,
                                                       "checkpoint.every_steps": 2}), workdir)
-  clean = trainer.data.train
-
-  class Poisoned:
-    """Clean batches for 4 steps, then features full of NaN."""
-
-    def __init__(self):
-      self.n = 0
-
-    def __next__(self):
-      batch = next(clean)
-      self.n += 1
-      if self.n > 4:
-        batch["features"] = np.full_like(batch["features"], np.nan)
-      return batch
-
-    def get_state(self):
-      return clean.get_state()
-
-    def set_state(self, s):
-      clean.set_state(s)
-
-  trainer.data.train = Poisoned()
+  # Clean batches for 4 steps, then features full of NaN.
+  trainer.data.train = PoisonedFrom(trainer.data.train, first_bad=5)
   with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
     trainer.run()
   assert int(trainer.state["skipped"]) == 3
@@ -182,25 +182,7 @@ def test_nan_guard_decides_every_step_not_only_at_log_steps(tiny_corpus, tmp_pat
   workdir = str(tmp_path / "run")
   trainer = build_trainer(tiny_config(tiny_corpus, **{"train.max_bad_steps": 3, "logging.every_steps": 100,
                                                       "checkpoint.every_steps": 100}), workdir)
-  clean = trainer.data.train
-
-  class PoisonedFromFive:
-    n = 0
-
-    def __next__(self):
-      batch = next(clean)
-      self.n += 1
-      if self.n >= 5:
-        batch["features"] = np.full_like(batch["features"], np.nan)
-      return batch
-
-    def get_state(self):
-      return clean.get_state()
-
-    def set_state(self, s):
-      clean.set_state(s)
-
-  trainer.data.train = PoisonedFromFive()
+  trainer.data.train = PoisonedFrom(trainer.data.train, first_bad=5)
   with pytest.raises(NonFiniteLossError) as stopped:
     trainer.run()
   # Steps 5, 6, 7 were non-finite; the guard reads a step once the next one is
