@@ -22,7 +22,7 @@ $(VENV)/.installed-%: setup.py
 
 install: $(VENV)/.installed-test
 
-test: $(VENV)/.installed-test chromium
+test: $(VENV)/.installed-test chromium voices
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 # Debian's headless Chromium for the web-page test (best effort: the test
@@ -32,11 +32,29 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium could not be installed; the web-page test will be skipped"
 
-demo: $(VENV)/.installed-base
+# Debian's flite and festival voices, for the unseen-synthesizer tests and
+# `make demo-other-voices` (best effort: those skip, saying why, without them).
+.PHONY: voices
+voices:
+	@command -v flite >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq flite festival \
+	  festvox-kdlpc16k festvox-us-slt-hts >/dev/null) || echo "flite/festival could not be installed"
+
+demo: $(VENV)/.installed-demo
 	$(PY) -m speechjax.projects.spoken_commands --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)
 
-demo-quick: $(VENV)/.installed-base
+demo-quick: $(VENV)/.installed-demo
 	$(PY) -m speechjax.projects.spoken_commands --config=$(DEMO_CONFIG):quick --workdir=runs/demo_quick
+
+# After `make demo`: the same test sentences spoken by synthesizers the demo
+# never trains on (Debian's flite and festival, installed here when missing;
+# skipped with a message where they cannot be), scored with the demo's model.
+.PHONY: demo-other-voices demo-baseline
+demo-other-voices: $(VENV)/.installed-demo voices
+	$(PY) -m speechjax.projects.spoken_commands.other_voices --workdir=$(DEMO_DIR)
+
+# Whisper tiny.en alone (PyTorch transformers, greedy) on the same sets: the baseline row.
+demo-baseline: $(VENV)/.installed-test
+	$(PY) -m speechjax.projects.spoken_commands.whisper_baseline --workdir=$(DEMO_DIR)
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m bench.run_all

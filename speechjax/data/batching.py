@@ -17,7 +17,7 @@ import grain
 import numpy as np
 
 from speechjax.data import audio as audio_lib
-from speechjax.data import augment
+from speechjax.data import augment, encoder_cache
 from speechjax.data import features as features_lib
 from speechjax.data import tasks as tasks_lib
 from speechjax.data.builders import manifest as manifest_builder
@@ -74,6 +74,13 @@ def encoder_features(padded: np.ndarray, lengths: np.ndarray,
                                                           n_mels=int(audio_input.n_mels),
                                                           hop_length=int(audio_input.hop_length))
   return np.array(features), np.asarray(feature_mask, np.int32)
+
+
+def input_frames(samples: int, audio_input) -> int:
+  """Encoder input frames of a `samples`-long padded bucket: mel frames or samples."""
+  if audio_input.kind == "wave":
+    return int(samples)
+  return int(features_lib.num_frames(int(samples), int(audio_input.hop_length)))
 
 
 def smallest_fitting(value: int, buckets: Sequence[int]) -> int | None:
@@ -188,8 +195,12 @@ class BatchMaker:
 
   def __init__(self, source, info, prompts: tasks_lib.PromptBuilder,
                num_audio_tokens: Callable[[int], int], config, *, train: bool,
-               task: str | None = None, generate: bool = False, audio_input=None):
+               task: str | None = None, generate: bool = False, audio_input=None,
+               encoder_states=None):
     self.source, self.info, self.prompts = source, info, prompts
+    # An EncoderStateCache (data/encoder_cache.py): batches carry the stored
+    # states of a frozen encoder instead of its input features.
+    self.encoder_states = encoder_states
     self.num_audio_tokens = num_audio_tokens
     self.train, self.task, self.generate = train, task, generate
     self.seed = int(config_value(config, "seed", 0))
@@ -204,6 +215,15 @@ class BatchMaker:
         for key, default in default_data_config().augment.items()
     }
     self.label_ids = {name: i for i, name in enumerate(info.label_names)}
+    if encoder_states is not None and train:
+      on = [key for key in ("noise", "spec_augment") if self.aug[key]]
+      if on:
+        raise ValueError(f"data.cache_encoder_states stores the encoder's states once, but data.augment "
+                         f"turns on {', '.join(on)} (new values every step): turn them off or the cache")
+      wanted = tuple(float(f) for f in self.aug["speed_factors"]) if self.aug["speed"] else (1.0,)
+      if tuple(encoder_states.speed_factors) != wanted:
+        raise ValueError(f"the encoder-state cache {encoder_states.folder} holds speed factors "
+                         f"{encoder_states.speed_factors}, the config asks for {wanted}")
     if train and self.aug["spec_augment"] and self.audio_input.kind != "mel":
       raise ValueError("data.augment.spec_augment masks log-mel features, but the encoder reads "
                        f"{self.audio_input.kind!r} input; turn spec_augment off")
@@ -243,16 +263,26 @@ class BatchMaker:
                batch_index: int) -> dict[str, Any]:
     rng = np.random.default_rng([self.seed, 11, int(batch_index)])
     records = [self.source[int(i)] for i in indices]
-    waves = [self._audio(r, rng) for r in records]
-    lengths = np.array([w.size for w in waves], np.int64)
+    cache = self.encoder_states
+    if cache is not None:  # stored states: one copy per example (a speed factor when training)
+      copies = [int(rng.integers(cache.num_copies)) if self.train else 0 for _ in records]
+      lengths = np.array([cache.num_samples(int(i), c) for i, c in zip(indices, copies)], np.int64)
+    else:
+      waves = [self._audio(r, rng) for r in records]
+      lengths = np.array([w.size for w in waves], np.int64)
     samples = smallest_fitting(int(lengths.max()), self.audio_buckets) or self.audio_buckets[-1]
     truncated_audio = int((lengths > samples).sum())
     lengths = np.minimum(lengths, samples)
-    padded = np.zeros((len(waves), samples), np.float32)
-    for row, wave in enumerate(waves):
-      padded[row, :lengths[row]] = wave[:lengths[row]]
-    features, feature_mask = self._features(padded, lengths, rng)
-    frames = features.shape[-1]  # encoder inputs: mel frames or samples
+    if cache is not None:
+      frames = input_frames(samples, self.audio_input)
+      audio_arrays = encoder_cache.cached_states(cache, indices, copies, frames)
+    else:
+      padded = np.zeros((len(waves), samples), np.float32)
+      for row, wave in enumerate(waves):
+        padded[row, :lengths[row]] = wave[:lengths[row]]
+      features, feature_mask = self._features(padded, lengths, rng)
+      frames = features.shape[-1]  # encoder inputs: mel frames or samples
+      audio_arrays = {"features": features, "feature_mask": feature_mask}
     num_audio = int(self.num_audio_tokens(frames))
 
     chosen = [self._choose_task(r, rng) for r in records]
@@ -267,7 +297,7 @@ class BatchMaker:
     longest = max(len(row["input_ids"]) for row in rows)
     length = smallest_fitting(longest, self.token_buckets) or self.token_buckets[-1]
     batch = self._token_arrays(rows, length, records)
-    batch.update(features=features, feature_mask=feature_mask)
+    batch.update(audio_arrays)
     batch["class_labels"] = np.array(
         [self.label_ids.get(tasks_lib.as_text(r.get("label")).strip(), -1) for r in records],
         np.int32)

@@ -30,6 +30,12 @@ def default_data_config() -> ml_collections.ConfigDict:
   # half the frames and about half the encoder's compute.
   c.n_mels = 80
   c.hop_length = features_lib.HOP_LENGTH
+  # A frozen pretrained encoder's states, computed once for the train split
+  # and read back by every step (speechjax.data.encoder_cache); the encoder
+  # must not train and audio augmentation must be off. encoder_cache_dir ''
+  # = <workdir>/encoder_cache; runs sharing a folder share the states.
+  c.cache_encoder_states = False
+  c.encoder_cache_dir = ""
   # Prompts and tasks.
   c.template = "plain"  # plain | llama2 | chatml
   c.tasks = ("asr",)  # registered tasks (speechjax.data.tasks): asr, translate, classify, instruct, ...

@@ -26,7 +26,10 @@ Design:
     features [B, n_mels, F] (jit per bucket shape) and a frame mask; 'wave'
     gives the samples [B, S], zero-mean unit-variance per utterance over its
     real samples when `normalize`, and a sample mask. Without one, the
-    log-mel settings of the data config (n_mels, hop_length) apply.
+    log-mel settings of the data config (n_mels, hop_length) apply. With a
+    frozen encoder's stored states (data.cache_encoder_states, training only),
+    batches carry `encoder_states` [B, N, D] and `encoder_state_mask` [B, N]
+    instead of features (speechjax.data.encoder_cache).
   * Per-host sharding: batches are planned globally, the same on every host,
     and process i feeds rows [i*b, (i+1)*b) of each one (b = batch_size //
     process_count; grain ShardByJaxProcess gives i). That contiguous block is
@@ -124,9 +127,11 @@ def _read_options(config) -> grain.ReadOptions:
 
 def make_train_iterator(source, info, tokenizer, num_audio_tokens: Callable[[int], int], config, *,
                         shard_options: grain.sharding.ShardOptions | None = None,
-                        audio_input=None) -> TrainIterator:
+                        audio_input=None, encoder_states=None) -> TrainIterator:
   """Shuffled, length-grouped, augmented training batches (forever, or num_epochs).
-  `audio_input`: what the encoder reads (see the module docstring; None = log-mel)."""
+  `audio_input`: what the encoder reads (see the module docstring; None = log-mel).
+  `encoder_states`: an EncoderStateCache; batches then carry the stored
+  states (encoder_states, encoder_state_mask) instead of features."""
   shard = shard_options or shard_options_from_config(config)
   task_list = tuple(config_value(config, "tasks", ("asr",)))
   weights = tuple(config_value(config, "task_weights", (1.0,) * len(task_list)))
@@ -140,7 +145,7 @@ def make_train_iterator(source, info, tokenizer, num_audio_tokens: Callable[[int
                          int(config_value(config, "seed", 0)),
                          int(config_value(config, "length_grouping_window", 32)), shard)
   maker = BatchMaker(source, info, _prompt_builder(tokenizer, config), num_audio_tokens, config,
-                     train=True, audio_input=audio_input)
+                     train=True, audio_input=audio_input, encoder_states=encoder_states)
   epochs = int(config_value(config, "num_epochs", 0))
   if epochs < 0:
     raise ValueError(f"data.num_epochs={epochs}; valid: 0 (repeat forever) or a number of passes > 0")

@@ -27,7 +27,7 @@ from typing import Any
 
 import grain
 
-from speechjax.data import batching, ctc_labels, pipeline, sources, text_lm
+from speechjax.data import batching, ctc_labels, encoder_cache, pipeline, sources, text_lm
 
 RUN_KINDS = ("speech_llm", "lm", "ctc")
 
@@ -43,7 +43,11 @@ class RunData:
   skipped: list = dataclasses.field(default_factory=list)  # bad lines of train + dev (validate.Skipped)
 
 
-def build_run_data(config, model) -> RunData:
+def build_run_data(config, model, *, frozen_encoder=None, cache_root: str = "") -> RunData:
+  """`frozen_encoder` (with data.cache_encoder_states): an object with
+  encode(features, feature_mask) -> (states, mask), output_length(frames) and
+  a JSON-able `fingerprint`; the training split's states are stored under
+  `cache_root` (data/encoder_cache.py) and training batches carry them."""
   kind = getattr(model, "kind", None)
   if kind not in RUN_KINDS:
     raise ValueError(f"model kind {kind!r} (model.kind); valid: {', '.join(RUN_KINDS)}")
@@ -52,9 +56,28 @@ def build_run_data(config, model) -> RunData:
     return RunData(train, dev_batches, lambda: {})
   audio_input = getattr(model, "audio_input", None)
   check_features_match(config.data, audio_input)
+  states = None
+  if config.data.get("cache_encoder_states", False):
+    if frozen_encoder is None or not cache_root:
+      raise ValueError("data.cache_encoder_states needs the frozen encoder and a cache folder "
+                       "(speechjax.train.build_trainer passes both)")
+    states = lambda source, info: _encoder_cache(config.data, source, info, audio_input,  # noqa: E731
+                                                 frozen_encoder, cache_root)
   if kind == "ctc":
-    return _ctc_data(config, model.tokenizer, audio_input)
-  return _speech_data(config, model.tokenizer, model.num_audio_tokens, audio_input)
+    return _ctc_data(config, model.tokenizer, audio_input, states)
+  return _speech_data(config, model.tokenizer, model.num_audio_tokens, audio_input, states)
+
+
+def _encoder_cache(data_cfg, source, info, audio_input, frozen_encoder, cache_root: str):
+  checked = batching.audio_input_from_config(data_cfg, audio_input)
+  return encoder_cache.build_cache(
+      cache_root, source, info, encode=frozen_encoder.encode, output_length=frozen_encoder.output_length,
+      featurize=lambda padded, lengths: batching.encoder_features(padded, lengths, checked),
+      buckets=batching.bucket_sizes_samples(data_cfg, checked),
+      fingerprint={**frozen_encoder.fingerprint, "audio_input": repr(checked),
+                   "data_dir": str(data_cfg.get("data_dir", "")), "split": str(data_cfg.train_split)},
+      speed_factors=tuple(data_cfg.augment.speed_factors) if data_cfg.augment.speed else (1.0,),
+      batch_size=int(data_cfg.eval_batch_size), progress=True)
 
 
 def check_features_match(data_cfg, audio_input) -> None:
@@ -71,12 +94,13 @@ def check_features_match(data_cfg, audio_input) -> None:
                        "set them equal")
 
 
-def _speech_data(config, tokenizer, num_audio_tokens, audio_input) -> RunData:
+def _speech_data(config, tokenizer, num_audio_tokens, audio_input, states=None) -> RunData:
   data_cfg = config.data
   train_source, train_info = sources.open_source(data_cfg, data_cfg.train_split)
   dev_source, dev_info = sources.open_source(data_cfg, data_cfg.eval_split, train_info.label_names)
   train = pipeline.make_train_iterator(train_source, train_info, tokenizer, num_audio_tokens, data_cfg,
-                                       audio_input=audio_input)
+                                       audio_input=audio_input,
+                                       encoder_states=states(train_source, train_info) if states else None)
 
   def dev_batches(max_batches: int):
     return pipeline.make_eval_iterator(dev_source, dev_info, tokenizer, num_audio_tokens, data_cfg,
@@ -88,7 +112,7 @@ def _speech_data(config, tokenizer, num_audio_tokens, audio_input) -> RunData:
 
 # -------------------------------------------------------------------- CTC
 
-def _ctc_data(config, tokenizer, audio_input) -> RunData:
+def _ctc_data(config, tokenizer, audio_input, states=None) -> RunData:
   data_cfg = config.data
   train_source, train_info = sources.open_source(data_cfg, data_cfg.train_split)
   dev_source, dev_info = sources.open_source(data_cfg, data_cfg.eval_split, train_info.label_names)
@@ -99,7 +123,8 @@ def _ctc_data(config, tokenizer, audio_input) -> RunData:
   def add_labels(batch, texts):
     return ctc_labels.add_ctc_labels(batch, texts, encode, max_length)
 
-  train = _ctc_train_iterator(train_source, train_info, tokenizer, data_cfg, add_labels, audio_input)
+  train = _ctc_train_iterator(train_source, train_info, tokenizer, data_cfg, add_labels, audio_input,
+                              states(train_source, train_info) if states else None)
 
   def dev_batches(max_batches: int):
     it = pipeline.make_eval_iterator(dev_source, dev_info, tokenizer, lambda f: 0, data_cfg,
@@ -125,7 +150,7 @@ class _CTCTrainIterator(pipeline.TrainIterator):
     return self._add_labels(batch, batch.pop("_meta")["text"])
 
 
-def _ctc_train_iterator(source, info, tokenizer, data_cfg, add_labels, audio_input):
+def _ctc_train_iterator(source, info, tokenizer, data_cfg, add_labels, audio_input, encoder_states=None):
   shard = batching.shard_options_from_config(data_cfg)
   batch_size = int(data_cfg.batch_size)
   if batch_size % shard.shard_count:
@@ -136,7 +161,8 @@ def _ctc_train_iterator(source, info, tokenizer, data_cfg, add_labels, audio_inp
   # Transcripts only: the prompt is irrelevant to CTC, so make it zero audio slots.
   asr_only = dict(data_cfg.to_dict(), tasks=("asr",), task_weights=(1.0,))
   maker = batching.BatchMaker(source, info, pipeline._prompt_builder(tokenizer, asr_only),  # pylint: disable=protected-access
-                              lambda f: 0, asr_only, train=True, audio_input=audio_input)
+                              lambda f: 0, asr_only, train=True, audio_input=audio_input,
+                              encoder_states=encoder_states)
   dataset = grain.MapDataset.range(2 ** 62).map(lambda k: planner.make_host_batch(maker, k))
   return _CTCTrainIterator(iter(dataset.to_iter_dataset(pipeline._read_options(data_cfg))), planner,  # pylint: disable=protected-access
                            add_labels)

@@ -12,9 +12,10 @@ def chunk_audio(audio, sample_rate: int, chunk_seconds: float = 30.0,
                 search_seconds: float = 2.0) -> list[np.ndarray]:
   """Splits mono audio into consecutive chunks of at most `chunk_seconds`.
 
-  Each cut is placed at the quietest 20 ms frame within the last
-  `search_seconds` of the window, so words are rarely split; 0 cuts exactly at
-  the limit. The chunks cover the audio without overlap or gap, so their
+  Each cut is placed in the middle of the longest quiet stretch (20 ms
+  frames within 3 dB of the quietest one) in the last `search_seconds` of the
+  window, so words are rarely split and both sides keep some of the pause;
+  0 cuts exactly at the limit. The chunks cover the audio without overlap or gap, so their
   transcripts can be joined with `join_transcripts`.
   """
   audio = np.asarray(audio)
@@ -34,13 +35,26 @@ def chunk_audio(audio, sample_rate: int, chunk_seconds: float = 30.0,
       window = audio[end - search:end].astype(np.float64)
       frames = window[:(len(window) // frame) * frame].reshape(-1, frame)
       energy = np.sum(frames ** 2, axis=1)
-      # Among equally quiet frames prefer the latest, keeping chunks long.
-      quietest = len(energy) - 1 - int(np.argmin(energy[::-1]))
-      end = end - search + quietest * frame + frame // 2
+      end = end - search + _middle_of_longest_quiet_run(energy) * frame + frame // 2
     chunks.append(audio[start:end])
     start = end
   chunks.append(audio[start:])
   return chunks
+
+
+def _middle_of_longest_quiet_run(energy: np.ndarray) -> int:
+  """Index of the middle frame of the longest run of frames within 3 dB of
+  the quietest (the latest such run on a tie, keeping chunks long)."""
+  quiet = energy <= 2.0 * energy.min() + 1e-12
+  best_start, best_length, run_start = 0, 0, None
+  for i, is_quiet in enumerate(np.append(quiet, False)):
+    if is_quiet and run_start is None:
+      run_start = i
+    elif not is_quiet and run_start is not None:
+      if i - run_start >= best_length:
+        best_start, best_length = run_start, i - run_start
+      run_start = None
+  return best_start + best_length // 2
 
 
 def join_transcripts(texts: Sequence[str]) -> str:

@@ -4,15 +4,21 @@ or GPT-2) and the SpeechLLM.
 Each model is reached through the (step_fn, init_cache_fn) pair that
 `search.generate` takes; the pairs are cached per model so repeated calls reuse
 compiled programs. `generate_speech` runs the audio encoder, the projector, the
-prefill and the token loop as one compiled program.
+prefill and the token loop as one compiled program. Under a mesh
+(`jax.set_mesh`, as `speechjax.evaluation.run_loader.mesh_context` sets it)
+the batch is split over the mesh's batch axes and the weights stay where they
+are sharded; the answers come back replicated, readable on every host.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import functools
+import math
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from speechjax.generation.search import (
@@ -104,10 +110,41 @@ def _speech_generate(model, variables, features, feature_mask, input_ids, attent
                        cache_batch_axis=1, **static)
 
 
-_speech_generate_jit = jax.jit(
-    _speech_generate,
-    static_argnames=("model",) + tuple(
-        a for a in STATIC_ARGNAMES if a not in ("step_fn", "init_cache_fn", "cache_batch_axis")))
+_SPEECH_STATIC_ARGNAMES = ("model",) + tuple(
+    a for a in STATIC_ARGNAMES if a not in ("step_fn", "init_cache_fn", "cache_batch_axis"))
+_speech_generate_jit = jax.jit(_speech_generate, static_argnames=_SPEECH_STATIC_ARGNAMES)
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_speech_generate_jit(mesh):
+  # Replicated outputs: every host reads all answers (the tokens are small).
+  return jax.jit(_speech_generate, static_argnames=_SPEECH_STATIC_ARGNAMES,
+                 out_shardings=NamedSharding(mesh, P()))
+
+
+def _batch_rule(rules):
+  batch_axes = dict(rules).get("batch", ("data", "fsdp"))
+  return (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+
+
+def place_batch(arrays: dict, mesh, rules=()) -> dict:
+  """Host arrays (every host holding all rows, as evaluation feeds them) ->
+  jax.Arrays whose rows are split over the mesh's batch axes (the logical
+  'batch' rule of `rules`; ('data', 'fsdp') without one). ValueError unless
+  the batch divides over those axes."""
+  axes = _batch_rule(rules)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  placed = {}
+  for key, value in arrays.items():
+    value = np.asarray(value)
+    if value.shape[0] % shards:
+      sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in axes)
+      raise ValueError(f"speechjax.generation: a batch of {value.shape[0]} rows ({key!r}) does not divide "
+                       f"over the mesh's batch axes ({sizes}: {shards} shards); use a batch size that is "
+                       f"a multiple of {shards} or a mesh with fewer batch shards")
+    sharding = NamedSharding(mesh, P(axes, *([None] * (value.ndim - 1))))
+    placed[key] = jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
+  return placed
 
 SPEECH_BATCH_KEYS = ("features", "feature_mask", "input_ids", "attention_mask")
 
@@ -121,7 +158,9 @@ def generate_speech(model, variables, batch, *, max_new_tokens: int,
   placeholders, attention_mask; other keys are ignored) holding the prompt only,
   padded on either side. variables: {'params': ..., 'lora': ...} (lora
   optional). `settings`: method, num_beams, ..., rng as in `generate`.
-  Encoder, projector, prefill and decoding run as one compiled program.
+  Encoder, projector, prefill and decoding run as one compiled program; under
+  a current mesh of several devices the batch rows are split over its batch
+  axes (`place_batch`), so the batch size must divide over them.
   """
   missing = [k for k in SPEECH_BATCH_KEYS if k not in batch]
   if missing:
@@ -132,6 +171,13 @@ def generate_speech(model, variables, batch, *, max_new_tokens: int,
   check_position_range(model.config.decoder, batch["attention_mask"], max_new_tokens)
   input_ids, attention_mask = pad_to_bucket(batch["input_ids"], batch["attention_mask"],
                                             length_bucket, pad_id)
-  return _speech_generate_jit(model, _as_variables(variables), batch["features"],
-                              batch["feature_mask"], input_ids, attention_mask, options,
-                              **static)
+  inputs = {"features": batch["features"], "feature_mask": batch["feature_mask"],
+            "input_ids": input_ids, "attention_mask": attention_mask}
+  mesh = jax.sharding.get_mesh()
+  generate_jit = _speech_generate_jit
+  if not mesh.empty and mesh.size > 1:
+    import flax.linen as nn  # pylint: disable=import-outside-toplevel
+    inputs = place_batch(inputs, mesh, nn.get_logical_axis_rules())
+    generate_jit = _sharded_speech_generate_jit(mesh)
+  return generate_jit(model, _as_variables(variables), inputs["features"], inputs["feature_mask"],
+                      inputs["input_ids"], inputs["attention_mask"], options, **static)

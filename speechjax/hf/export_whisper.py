@@ -17,6 +17,7 @@ from speechjax.data import features
 from speechjax.hf import whisper as whisper_io
 from speechjax.hf.checkpoint_io import atomic_folder, save_safetensors, save_weights, write_json
 from speechjax.models.encoders.whisper import WhisperEncoderConfig
+from speechjax.tree import flatten
 
 
 def whisper_config_to_hf(cfg: WhisperEncoderConfig) -> dict:
@@ -52,13 +53,15 @@ def feature_extractor_config(cfg: WhisperEncoderConfig, hop_length: int | None =
 
 
 CTC_HEAD_FILE = "ctc_head.safetensors"  # read back by checkpoint_io.load_extra_params(folder, "ctc_head")
+CTC_ADAPTER_FILE = "ctc_adapter.safetensors"  # its adapter (models/ctc_adapter.py), keys 'a/b/kernel'
 
 
 def export_whisper_encoder(folder: str, cfg: WhisperEncoderConfig, params, lora=None, lora_cfg=None,
-                           hop_length: int | None = None, ctc_head=None) -> str:
+                           hop_length: int | None = None, ctc_head=None, ctc_adapter=None) -> str:
   """Writes config.json, preprocessor_config.json (the feature hop) and
   model.safetensors (names 'encoder.*', WhisperModel layout); with `ctc_head`
-  (the CTC stage's {'kernel', 'bias'}), also ctc_head.safetensors, which a
+  (the CTC stage's {'kernel', 'bias'}), also ctc_head.safetensors, and with
+  `ctc_adapter` (its CTCAdapter's params) ctc_adapter.safetensors, which a
   'ctc_compress' projector starts from."""
   from speechjax.models.lora import merge
 
@@ -72,7 +75,9 @@ def export_whisper_encoder(folder: str, cfg: WhisperEncoderConfig, params, lora=
     write_json(os.path.join(tmp, "config.json"), whisper_config_to_hf(cfg))
     write_json(os.path.join(tmp, "preprocessor_config.json"), feature_extractor_config(cfg, hop_length))
     save_weights(tmp, whisper_io.params_to_hf(params, cfg, prefix="encoder."))
-    if ctc_head is not None:
-      head = {k: np.asarray(jax.device_get(v), np.float32) for k, v in nn.unbox(ctc_head).items()}
-      save_safetensors(os.path.join(tmp, CTC_HEAD_FILE), head)
+    for file_name, part in ((CTC_HEAD_FILE, ctc_head), (CTC_ADAPTER_FILE, ctc_adapter)):
+      if part is not None:
+        flat = flatten(nn.unbox(part), sep="/")
+        save_safetensors(os.path.join(tmp, file_name),
+                         {k: np.asarray(jax.device_get(v), np.float32) for k, v in flat.items()})
   return folder

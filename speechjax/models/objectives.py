@@ -40,6 +40,14 @@ class Objective:
   input_field: str | None = None
 
 
+def audio_inputs(batch) -> tuple[jax.Array, jax.Array, bool]:
+  """(audio, mask, from_states): a frozen encoder's stored states when the
+  batch carries them (data/encoder_cache.py), else the encoder's input features."""
+  if "encoder_states" in batch:
+    return batch["encoder_states"], batch["encoder_state_mask"], True
+  return batch["features"], batch["feature_mask"], False
+
+
 def _lm_normalizers(batch):
   return {"tokens": jnp.maximum(jnp.sum(batch["target_mask"]), 1.0)}
 
@@ -69,16 +77,17 @@ def speech_llm_objective(model, lm_weight: float = 1.0, cls_weight: float = 0.0)
     return norms
 
   def loss(variables, batch, rngs, deterministic, norms):
-    args = (batch["features"], batch["feature_mask"], batch["input_ids"], batch["attention_mask"])
+    audio, audio_mask, from_states = audio_inputs(batch)
+    args = (audio, audio_mask, batch["input_ids"], batch["attention_mask"])
     total = jnp.zeros((), jnp.float32)
     stats = {}
     targets, target_mask = batch["targets"], batch["target_mask"]
     if use_head:  # one forward pass gives both outputs
       logits, class_logits = model.apply(variables, *args, deterministic=deterministic, rngs=rngs,
-                                         method="logits_and_classes")
+                                         from_states=from_states, method="logits_and_classes")
     else:  # the LM head only where a label can be (not the audio slots)
       logits, positions = model.apply(variables, *args, deterministic=deterministic, rngs=rngs,
-                                      method="text_logits")
+                                      from_states=from_states, method="text_logits")
       targets = jnp.take_along_axis(targets, positions, axis=1)
       target_mask = jnp.take_along_axis(target_mask, positions, axis=1)
     if lm_weight > 0:
@@ -107,8 +116,9 @@ def ctc_objective(model, blank_id: int = 0) -> Objective:
             "tokens": jnp.maximum(jnp.sum(batch["ctc_label_mask"]), 1.0)}
 
   def loss(variables, batch, rngs, deterministic, norms):
-    logits, frame_mask = model.apply(variables, batch["features"], batch["feature_mask"],
-                                     deterministic=deterministic, rngs=rngs)
+    audio, audio_mask, from_states = audio_inputs(batch)
+    logits, frame_mask = model.apply(variables, audio, audio_mask, deterministic=deterministic, rngs=rngs,
+                                     from_states=from_states)
     per_example = optax.ctc_loss(logits.astype(jnp.float32), 1.0 - frame_mask.astype(jnp.float32),
                                  batch["ctc_labels"], 1.0 - batch["ctc_label_mask"].astype(jnp.float32),
                                  blank_id=blank_id)

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from speechjax.models import attention
 from speechjax.models import layers as L
 from speechjax.models.conv import Conv1d
+from speechjax.models.ctc_adapter import CTCAdapter, CTCAdapterConfig
 from speechjax.models.lora import Dense, LoRAConfig, as_lora_config
 from speechjax.registry import Registry
 
@@ -57,7 +58,10 @@ class ProjectorConfig:
   'conv'. The qformer_* fields size the Q-Former (SALMONN: 2 layers of BERT
   width 768, 1 query per 17-frame window). 'ctc_compress' emits max_tokens
   slots; ctc_vocab_size (the tokenizer's size + 1 blank) and fill_token_id
-  (the pad token) are filled in from the tokenizer when 0 / -1.
+  (the pad token) are filled in from the tokenizer when 0 / -1; its CTC head
+  reads the encoder through a CTCAdapter (models/ctc_adapter.py) of
+  ctc_adapter_layers blocks over ctc_frame_stack stacked frames (0 and 1: none).
+  The 'ctc' model kind builds its head from these same fields.
   """
 
   kind: str = "frame_stack"
@@ -76,6 +80,11 @@ class ProjectorConfig:
   max_tokens: int = 32
   ctc_vocab_size: int = 0
   fill_token_id: int = -1
+  ctc_adapter_layers: int = 0
+  ctc_adapter_dim: int = 256
+  ctc_adapter_heads: int = 4
+  ctc_adapter_ffn_dim: int = 1024
+  ctc_frame_stack: int = 1
   dropout: float = 0.0
   dtype: Any = "float32"
   param_dtype: Any = "float32"
@@ -89,9 +98,17 @@ class ProjectorConfig:
                  "pool_factor", "max_tokens"):
       if getattr(self, name) < 1:
         raise ValueError(f"ProjectorConfig.{name}={getattr(self, name)} must be >= 1")
+    self.ctc_adapter()  # its own checks
     if self.kind == "qformer" and self.qformer_dim % self.qformer_heads:
       raise ValueError(f"ProjectorConfig: qformer_dim={self.qformer_dim} is not divisible by "
                        f"qformer_heads={self.qformer_heads}")
+
+
+  def ctc_adapter(self) -> CTCAdapterConfig:
+    return CTCAdapterConfig(layers=self.ctc_adapter_layers, dim=self.ctc_adapter_dim,
+                            heads=self.ctc_adapter_heads, ffn_dim=self.ctc_adapter_ffn_dim,
+                            frame_stack=self.ctc_frame_stack, dropout=self.dropout, dtype=self.dtype,
+                            param_dtype=self.param_dtype)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -323,6 +340,8 @@ class CTCCompressProjector(nn.Module):
       raise ValueError(f"CTCCompressProjector: ctc_vocab_size={cfg.ctc_vocab_size} must be the "
                        f"LLM vocabulary ({token_table.shape[0]}) + 1 blank, and fill_token_id="
                        f"{cfg.fill_token_id} one of its ids")
+    if cfg.ctc_adapter().enabled:
+      x, mask = CTCAdapter(cfg.ctc_adapter(), name="ctc_adapter")(x, mask, deterministic)
     logits = Dense(cfg.ctc_vocab_size, kernel_axes=("mlp", "vocab"), dtype=jnp.float32,
                    param_dtype=pdtype, name="ctc_head")(x.astype(jnp.float32))
     table = token_table.astype(jnp.float32)
@@ -383,7 +402,7 @@ PROJECTORS.register("qformer", ProjectorKind(
 PROJECTORS.register("pool", ProjectorKind(PoolProjector, lambda n, cfg: _ceil_div(n, cfg.pool_factor)))
 PROJECTORS.register("ctc_compress", ProjectorKind(
     CTCCompressProjector, lambda n, cfg: cfg.max_tokens, lambda cfg: cfg.ctc_vocab_size - 1,
-    _ctc_fields_from_tokenizer, encoder_folder_params=("ctc_head",)))
+    _ctc_fields_from_tokenizer, encoder_folder_params=("ctc_adapter", "ctc_head")))
 
 
 def projector_output_length(n: int, cfg: ProjectorConfig) -> int:

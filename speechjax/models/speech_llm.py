@@ -100,6 +100,11 @@ def num_audio_tokens(num_inputs: int, cfg: SpeechLLMConfig) -> int:
   return projector_output_length(cfg.encoder.output_length(num_inputs), cfg.projector)
 
 
+def num_audio_tokens_from_states(num_states: int, cfg: SpeechLLMConfig) -> int:
+  """Placeholders for a batch of `num_states` stored encoder states (from_states=True)."""
+  return projector_output_length(num_states, cfg.projector)
+
+
 def init_inputs(cfg: SpeechLLMConfig, batch_size: int = 1, num_frames: int = 8,
                 num_text_tokens: int = 2):
   """Small (features, feature_mask, input_ids, attention_mask) for model.init;
@@ -177,26 +182,34 @@ class SpeechLLM(nn.Module):
           dtype=jnp.dtype(dec_cfg.dtype), param_dtype=jnp.dtype(dec_cfg.param_dtype))
 
   def encode_audio(self, features: jax.Array, feature_mask: jax.Array | None = None,
-                   deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-    """features [B,n_mels,F] or waves [B,S] -> (audio embeddings [B,M,H], mask [B,M])."""
-    hidden = self.encoder(features, feature_mask, deterministic)
-    if feature_mask is None:
-      mask = jnp.ones(hidden.shape[:2], jnp.int32)
+                   deterministic: bool = True, from_states: bool = False) -> tuple[jax.Array, jax.Array]:
+    """features [B,n_mels,F] or waves [B,S] -> (audio embeddings [B,M,H], mask [B,M]).
+    from_states: `features` are the encoder's output states [B,N,D] (a frozen
+    encoder's, stored once: data/encoder_cache.py) and `feature_mask` their
+    mask [B,N]; the encoder is skipped."""
+    if from_states:
+      hidden = features
+      mask = (jnp.ones(hidden.shape[:2], jnp.int32) if feature_mask is None
+              else feature_mask.astype(jnp.int32))
     else:
-      mask = self.config.encoder.output_mask(feature_mask).astype(jnp.int32)
+      hidden = self.encoder(features, feature_mask, deterministic)
+      if feature_mask is None:
+        mask = jnp.ones(hidden.shape[:2], jnp.int32)
+      else:
+        mask = self.config.encoder.output_mask(feature_mask).astype(jnp.int32)
     rows = PROJECTORS.get(self.config.projector.kind).token_table_rows(self.config.projector)
     if rows:  # e.g. 'ctc_compress': soft tokens over the LLM's own embeddings
       return self.projector(hidden, mask, deterministic, token_table=self.decoder.embed(jnp.arange(rows)))
     return self.projector(hidden, mask, deterministic)
 
   def embed_inputs(self, features, feature_mask, input_ids, attention_mask=None,
-                   deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+                   deterministic: bool = True, from_states: bool = False) -> tuple[jax.Array, jax.Array]:
     """-> (inputs_embeds [B,T,H], attention_mask [B,T]) with audio in place."""
     if input_ids.ndim != 2 or input_ids.shape[0] != features.shape[0]:
       raise ValueError(f"SpeechLLM: input_ids must be [batch, length] with the features' batch "
                        f"{features.shape[0]}, got {input_ids.shape}")
-    check_placeholders(input_ids, num_audio_tokens(features.shape[-1], self.config))
-    audio, audio_mask = self.encode_audio(features, feature_mask, deterministic)
+    check_placeholders(input_ids, self._num_audio(features, from_states))
+    audio, audio_mask = self.encode_audio(features, feature_mask, deterministic, from_states)
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     elif attention_mask.shape != input_ids.shape:
@@ -208,11 +221,16 @@ class SpeechLLM(nn.Module):
                                           jnp.asarray(attention_mask))
     return nn.with_logical_constraint(embeds, ("batch", "length", "embed")), mask
 
+  def _num_audio(self, features, from_states: bool) -> int:
+    if from_states:
+      return num_audio_tokens_from_states(features.shape[1], self.config)
+    return num_audio_tokens(features.shape[-1], self.config)
+
   def __call__(self, features, feature_mask, input_ids, attention_mask=None, *,
-               deterministic: bool = True, return_hidden: bool = False):
+               deterministic: bool = True, return_hidden: bool = False, from_states: bool = False):
     """-> logits [B,T,V] float32 (and final hidden [B,T,H] with return_hidden)."""
     embeds, mask = self.embed_inputs(features, feature_mask, input_ids, attention_mask,
-                                     deterministic)
+                                     deterministic, from_states)
     out = self.decoder(inputs_embeds=embeds, attention_mask=mask, deterministic=deterministic,
                        return_hidden=return_hidden or self._init_classifier())
     if self._init_classifier():
@@ -221,7 +239,7 @@ class SpeechLLM(nn.Module):
     return out
 
   def text_logits(self, features, feature_mask, input_ids, attention_mask=None, *,
-                  deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+                  deterministic: bool = True, from_states: bool = False) -> tuple[jax.Array, jax.Array]:
     """Logits only where a label can be: -> (logits [B,K,V] float32, positions [B,K]),
     K = T - num_audio + 1 (see text_prediction_positions).
 
@@ -230,11 +248,10 @@ class SpeechLLM(nn.Module):
     sequence: with a 150k vocabulary the head is a large share of the step.
     """
     embeds, mask = self.embed_inputs(features, feature_mask, input_ids, attention_mask,
-                                     deterministic)
+                                     deterministic, from_states)
     hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, deterministic=deterministic,
                           hidden_only=True)
-    positions = text_prediction_positions(input_ids, num_audio_tokens(features.shape[-1],
-                                                                      self.config))
+    positions = text_prediction_positions(input_ids, self._num_audio(features, from_states))
     hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
     return self.decoder.lm_logits(hidden, deterministic).astype(jnp.float32), positions
@@ -256,13 +273,13 @@ class SpeechLLM(nn.Module):
                                    deterministic=deterministic)[1]
 
   def logits_and_classes(self, features, feature_mask, input_ids, attention_mask=None, *,
-                         deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+                         deterministic: bool = True, from_states: bool = False) -> tuple[jax.Array, jax.Array]:
     """Token logits and class logits from one forward pass (for a joint loss).
     Under jit, unused token logits are dead code and cost nothing."""
     if self.config.num_classes <= 0:
       raise ValueError("SpeechLLM.classify needs SpeechLLMConfig.num_classes > 0")
     embeds, mask = self.embed_inputs(features, feature_mask, input_ids, attention_mask,
-                                     deterministic)
+                                     deterministic, from_states)
     logits, hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask,
                                   deterministic=deterministic, return_hidden=True)
     return logits, self.classifier(hidden, mask, deterministic)

@@ -43,7 +43,7 @@ MAY_CHANGE_ON_RESUME = (
     "eval.every_steps", "eval.max_batches", "eval.patience", "eval.task_metrics",
     "eval.max_examples", "eval.tasks", "eval.classify_with", "eval.decode.*",
     "checkpoint.*",  # when and how state is saved, not what is saved
-    "compile_cache_dir",  # where compiled programs are cached
+    "compile_cache_dir", "data.encoder_cache_dir",  # where compiled programs and encoder states are cached
     "resume_policy",
     # The device layout: a checkpoint restores onto any mesh and the step computes
     # the same values (up to float summation order). The rules are not here.

@@ -28,9 +28,12 @@ class Mode:
   summary: str
 
 
-_HEADS = (r"^projector/", r"^classifier/")
+# The heads on a frozen backbone: a speech LLM's projector and class head, a
+# CTC model's head and its adapter (models/ctc_adapter.py).
+_HEADS = (r"^projector/", r"^classifier/", r"^ctc_head/", r"^ctc_adapter/")
 MODES = {
-    "projector": Mode(_HEADS, False, "projector (+ class head); encoder, LLM and LoRA frozen (SLAM-ASR)"),
+    "projector": Mode(_HEADS, False, "projector (+ class head; a CTC model's head and adapter); encoder, "
+                      "LLM and LoRA frozen (SLAM-ASR)"),
     "lora": Mode(_HEADS, True, "LoRA adapters wherever lora.targets put them + projector"),
     "lora_encoder": Mode(_HEADS + (r"^encoder/",), True, "LoRA + projector + the whole audio encoder"),
     "full": Mode((r".*",), True, "every weight (and LoRA adapters, if any)"),

