@@ -120,6 +120,8 @@ def define_flags() -> None:
   flags.DEFINE_string("output", "", "With --input: the .jsonl / .tsv / .srt / .vtt file (or a folder).")
   flags.DEFINE_string("format", "", f"{' | '.join(FORMATS)} (default: --output's suffix)")
   flags.DEFINE_bool("progress", True, "Show a progress bar for --input.")
+  flags.DEFINE_float("split_pause_seconds", 0.0, "Also cut the audio at every pause at least this long "
+                     "(0 = only past the encoder's window); for runs trained on single utterances.")
   define_decode_flags()
   define_mesh_flag()
   flags.mark_flags_as_required(["workdir"])
@@ -159,9 +161,13 @@ class Transcriber:
   """Loads a run once. `__call__(paths, task)` -> [(path, text or None, error or None)];
   `decode_waves` decodes 16 kHz waves, each with its own task, into segments."""
 
-  def __init__(self, workdir: str, checkpoint: str = "best", decode=None, mesh_shape=None):
+  def __init__(self, workdir: str, checkpoint: str = "best", decode=None, mesh_shape=None,
+               split_pause_seconds: float = 0.0):
     """mesh_shape: one size per mesh axis (-1 = the rest) to load and decode
-    on instead of the run's `mesh.shape`."""
+    on instead of the run's `mesh.shape`. split_pause_seconds > 0: audio is
+    also cut at every pause that long (one segment per utterance, for runs
+    trained on single utterances), not only past the window."""
+    self.split_pause_seconds = float(split_pause_seconds)
     from speechjax.data import batching, tasks
     from speechjax.evaluation import run_loader, scoring
 
@@ -222,7 +228,8 @@ class Transcriber:
     pieces, owners = [], []
     for index, wave in enumerate(waves):
       start = 0
-      for piece in generation.chunk_audio(np.asarray(wave, np.float32), rate, self.max_chunk_seconds):
+      for piece in generation.chunk_audio(np.asarray(wave, np.float32), rate, self.max_chunk_seconds,
+                                          min_pause_seconds=self.split_pause_seconds):
         pieces.append((piece, start / rate, (start + piece.size) / rate))
         owners.append(index)
         start += piece.size
@@ -409,7 +416,8 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   check_mesh_flag(FLAGS.workdir, mesh_shape)
-  transcriber = Transcriber(FLAGS.workdir, FLAGS.checkpoint, decode=overrides, mesh_shape=mesh_shape)
+  transcriber = Transcriber(FLAGS.workdir, FLAGS.checkpoint, decode=overrides, mesh_shape=mesh_shape,
+                            split_pause_seconds=FLAGS.split_pause_seconds)
   if FLAGS.input:
     try:
       counts = transcribe_folder(transcriber, FLAGS.input, FLAGS.output, FLAGS.format, FLAGS.task,

@@ -79,6 +79,7 @@ SLOW_TESTS = (
     "test_eval_mesh.py::test_transcriber_on_an_fsdp_mesh_matches_one_device",
     "test_eval_mesh.py::test_a_mesh_that_does_not_fit_is_refused_naming_the_flag",
     "test_readme.py::test_help_blocks_parse",
+    "test_classification_head.py::test_head_trains_and_evaluates_with_per_class_figures_and_a_confusion_png",
 )
 
 

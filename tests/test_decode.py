@@ -246,6 +246,12 @@ def test_chunk_audio():
   two = np.concatenate([np.ones(250), np.zeros(60), np.ones(100)]).astype(np.float32)
   first, second = generation.chunk_audio(two, sr, chunk_seconds=3.2, search_seconds=1.5)
   assert 275 <= len(first) <= 285 and np.all(second[:25] == 0)
+  # Split at every pause of at least 0.3 s (one chunk per utterance), not at shorter ones.
+  speech = np.concatenate([np.zeros(20), np.ones(150), np.zeros(40), np.ones(100), np.zeros(10),
+                           np.ones(80), np.zeros(20)]).astype(np.float32)
+  pieces = generation.chunk_audio(speech, sr, chunk_seconds=30, min_pause_seconds=0.3)
+  np.testing.assert_array_equal(np.concatenate(pieces), speech)
+  assert [len(p) for p in pieces] == [190, 230]  # cut mid-pause; the 0.1 s gap and end silences stay
   exact = generation.chunk_audio(audio, sr, chunk_seconds=30, search_seconds=0)
   assert [len(c) for c in exact] == [3000, 3000, 1500]
   assert len(generation.chunk_audio(audio[:3000], sr)) == 1

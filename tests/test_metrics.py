@@ -118,3 +118,53 @@ def test_bad_input():
     scoring.compute_metrics("asr", [], [])
   with pytest.raises(KeyError, match="unknown task 'summarize'; registered: asr, translate"):
     scoring.compute_metrics("summarize", ["a"], ["a"])
+
+
+def test_per_class_metrics_and_confusion_matrix_on_hand_made_predictions():
+  refs = ["on", "on", "on", "off", "off", "stop"]
+  preds = ["on", "off", "on", "off", "Jump", "on"]
+  out = metrics.per_class_metrics(preds, refs, labels=["off", "on", "stop", "up"])
+  assert out["labels"] == ["off", "on", "stop", "up", metrics.OTHER_LABEL]
+  # rows = reference off, on, stop, up; columns = predicted off, on, stop, up, <other>
+  assert out["confusion"] == [[1, 0, 0, 0, 1],
+                              [1, 2, 0, 0, 0],
+                              [0, 1, 0, 0, 0],
+                              [0, 0, 0, 0, 0]]
+  assert out["per_class"]["off"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+  on = out["per_class"]["on"]
+  assert (on["precision"], on["recall"], on["support"]) == (2 / 3, 2 / 3, 3)
+  assert on["f1"] == pytest.approx(2 / 3)
+  assert out["per_class"]["stop"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+  assert out["per_class"]["up"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+  # The per-class figures agree with the macro ones over the same classes.
+  macro = metrics.classification_metrics(preds, refs, labels=["off", "on", "stop", "up"])
+  assert macro["precision"] == pytest.approx(sum(r["precision"] for r in out["per_class"].values()) / 4)
+  assert macro["recall"] == pytest.approx(sum(r["recall"] for r in out["per_class"].values()) / 4)
+  assert macro["macro_f1"] == pytest.approx(sum(r["f1"] for r in out["per_class"].values()) / 4)
+  # Without labels: the reference classes, and no '<other>' column when every prediction is one.
+  plain = metrics.per_class_metrics(["b", "a"], ["a", "a"])
+  assert plain["labels"] == ["a", metrics.OTHER_LABEL] and plain["confusion"] == [[1, 1]]
+  assert plain["per_class"] == {"a": {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2}}
+  assert metrics.per_class_metrics(["a", "a"], ["a", "a"])["confusion"] == [[2]]
+  with pytest.raises(ValueError, match=r"reference label\(s\) \['z'\] not among the labels"):
+    metrics.per_class_metrics(["a"], ["z"], labels=["a"])
+
+
+def test_summary_and_report_carry_the_per_class_table_and_the_figure(tmp_path):
+  preds, refs = ["on", "off", "off"], ["on", "on", "off"]
+  classes = metrics.per_class_metrics(preds, refs)
+  result = scoring.TaskResult("classify", scoring.compute_metrics("classify", preds, refs),
+                              [{"prediction": p, "reference": r} for p, r in zip(preds, refs)], 0,
+                              classes=classes)
+  summary = scoring.summarize([result])
+  assert summary["accuracy"] == summary["classify/accuracy"] == pytest.approx(2 / 3)
+  assert summary["classify/confusion"] == {"labels": ["off", "on"], "matrix": [[1, 0], [1, 1]]}
+  assert summary["classify/per_class"]["on"] == {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2}
+  report = scoring.report_markdown(summary, "test")
+  assert "| label | precision | recall | F1 | support |" in report
+  assert "| off | 50.00 | 100.00 | 66.67 | 1 |" in report
+  assert "| on | 100.00 | 50.00 | 66.67 | 2 |" in report
+  (path,) = scoring.write_confusion_figures(str(tmp_path), "test", summary)
+  assert path == str(tmp_path / "test.confusion.png")
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -63,3 +63,7 @@ def test_long_recording_at_44k_is_chunked_and_transcribed(tmp_path, tmp_path_fac
   assert all(s.end - s.start <= transcriber.max_chunk_seconds + 1e-6 for s in segments)
   assert segments[0].start == 0 and abs(segments[-1].end - seconds) < 0.05
   assert all(a.end == b.start for a, b in zip(segments, segments[1:]))
+  # Cut at its pauses instead: one segment per sentence.
+  by_pause = Transcriber(trained_tiny_run(tmp_path_factory, tiny_corpus), split_pause_seconds=0.3)
+  (_, sentences, error), = by_pause.transcribe_files([path])
+  assert error is None and len(sentences) == len(texts)

@@ -20,12 +20,14 @@ Conventions (these are what `evaluate` writes to W/eval/<name>.json):
 * Classification: labels are compared as stripped, lowercased strings.
   accuracy is a fraction; precision, recall and macro_f1 are macro averages
   over the classes that occur in the references (a prediction outside that
-  set is simply wrong), with zero_division=0.
+  set is simply wrong), with zero_division=0. `per_class_metrics` gives the
+  per-class precision / recall / F1 / support and the confusion matrix.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jiwer
 import sacrebleu
@@ -33,6 +35,7 @@ import sacrebleu
 from speechjax.evaluation import normalizer as normalizer_lib
 
 DEFAULT_NORMALIZER = "english"  # what WER / CER are computed after, unless a caller says otherwise
+OTHER_LABEL = "<other>"  # the confusion-matrix column of predictions outside the label set
 
 
 def _check_pairs(predictions: Sequence, references: Sequence, what: str):
@@ -110,6 +113,10 @@ def _label(x) -> str:
   return str(x).strip().lower()
 
 
+def _label_set(y_true, labels) -> list[str]:
+  return sorted({_label(c) for c in labels} if labels is not None else set(y_true))
+
+
 def classification_metrics(predictions: Sequence, references: Sequence, *,
                            labels: Sequence | None = None) -> dict[str, float]:
   """accuracy, macro precision / recall / F1 over `labels` (default: the reference classes)."""
@@ -120,7 +127,7 @@ def classification_metrics(predictions: Sequence, references: Sequence, *,
   _check_pairs(predictions, references, "classification_metrics")
   y_pred = [_label(p) for p in predictions]
   y_true = [_label(r) for r in references]
-  classes = sorted({_label(c) for c in labels} if labels is not None else set(y_true))
+  classes = _label_set(y_true, labels)
   precision, recall, f1, _ = sk_metrics.precision_recall_fscore_support(
       y_true, y_pred, labels=classes, average="macro", zero_division=0)
   return {
@@ -129,6 +136,44 @@ def classification_metrics(predictions: Sequence, references: Sequence, *,
       "precision": float(precision),
       "recall": float(recall),
   }
+
+
+def per_class_metrics(predictions: Sequence, references: Sequence, *,
+                      labels: Sequence | None = None) -> dict[str, Any]:
+  """Per-class figures and the confusion matrix, labels compared as in
+  `classification_metrics`.
+
+  Returns {'labels': [class, ...] (sorted; `labels` or the reference classes,
+  plus one '<other>' column when some prediction is none of them),
+  'per_class': {class: {'precision', 'recall', 'f1', 'support'}} for the
+  classes (not '<other>'), 'confusion': rows = reference class, columns =
+  predicted class (same order as 'labels'), integer counts}. Precision of a
+  class never predicted is 0 (zero_division=0), as in the macro figures.
+  """
+  _check_pairs(predictions, references, "per_class_metrics")
+  y_pred = [_label(p) for p in predictions]
+  y_true = [_label(r) for r in references]
+  classes = _label_set(y_true, labels)
+  unknown_refs = sorted(set(y_true) - set(classes))
+  if unknown_refs:
+    raise ValueError(f"speechjax.evaluation.metrics.per_class_metrics: reference label(s) {unknown_refs} "
+                     f"not among the labels {classes}")
+  columns = list(classes) + ([OTHER_LABEL] if set(y_pred) - set(classes) else [])
+  index = {c: i for i, c in enumerate(columns)}
+  confusion = [[0] * len(columns) for _ in classes]
+  for truth, guess in zip(y_true, y_pred):
+    confusion[index[truth]][index.get(guess, len(columns) - 1)] += 1
+  per_class = {}
+  for i, c in enumerate(classes):
+    hits = confusion[i][i]
+    predicted = sum(row[i] for row in confusion)
+    support = sum(confusion[i])
+    precision = hits / predicted if predicted else 0.0
+    recall = hits / support if support else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    per_class[c] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
+                    "support": int(support)}
+  return {"labels": columns, "per_class": per_class, "confusion": confusion}
 
 
 # Per-task metrics, (predictions, references, **options) -> {name: float}; the

@@ -64,7 +64,12 @@ def decode_batch(bundle, variables, batch: dict, decode_cfg) -> list[str]:
 def classify_batch(bundle, variables, batch: dict, label_names) -> list[str]:
   logits = bundle.module.apply(variables, batch["features"], batch["feature_mask"], batch["input_ids"],
                                batch["attention_mask"], method="classify")
-  return [label_names[int(i)] for i in np.argmax(jax.device_get(logits), -1)]
+  logits = jax.device_get(logits)
+  if logits.shape[-1] != len(label_names):
+    raise ValueError(f"the classification head has {logits.shape[-1]} classes (model.num_classes) but the "
+                     f"training data names {len(label_names)} labels ({', '.join(label_names)}): set "
+                     f"--config.model.num_classes={len(label_names)}")
+  return [label_names[int(i)] for i in np.argmax(logits, -1)]
 
 
 def _every_example():
@@ -83,6 +88,8 @@ class TaskResult:
   num_skipped: int
   num_chunked: int = 0  # examples longer than the largest audio bucket, decoded in chunks
   normalizer: str = metrics_lib.DEFAULT_NORMALIZER
+  # classification tasks: `metrics_lib.per_class_metrics` (per-class figures, confusion matrix)
+  classes: dict[str, Any] | None = None
 
 
 class _Rows:
@@ -201,7 +208,11 @@ def evaluate_task(bundle, variables, source, info, data_cfg, task: str, decode_c
   options = {"normalizer": normalizer} if "normalizer" in metric_options(task) else {}
   scores = compute_metrics(task, [p["prediction"] for p in predictions],
                            [p["reference"] for p in predictions], **options)
-  return TaskResult(task, scores, predictions, num_skipped, int(long_mask.sum()), normalizer)
+  classes = None
+  if tasks_lib.get_task(task).class_head:
+    classes = metrics_lib.per_class_metrics([p["prediction"] for p in predictions],
+                                            [p["reference"] for p in predictions], labels=labels or None)
+  return TaskResult(task, scores, predictions, num_skipped, int(long_mask.sum()), normalizer, classes)
 
 
 def metric_options(task: str) -> tuple[str, ...]:
@@ -223,7 +234,10 @@ def evaluate_split(config, bundle, variables, data, task: str, *, max_examples: 
 
 def summarize(results: list[TaskResult]) -> dict[str, Any]:
   """One flat dict: headline metrics unprefixed ('wer', 'bleu', 'accuracy'),
-  every metric also as '<task>/<name>', plus example counts."""
+  every metric also as '<task>/<name>', plus example counts. A classification
+  task adds '<task>/per_class' ({label: {precision, recall, f1, support}}) and
+  '<task>/confusion' ({'labels': [...], 'matrix': rows = reference, columns =
+  predicted}); they are the only values that are not numbers or strings."""
   out: dict[str, Any] = {}
   for r in results:
     for name, value in r.metrics.items():
@@ -238,6 +252,9 @@ def summarize(results: list[TaskResult]) -> dict[str, Any]:
     if "bleu" in r.metrics or "chrf" in r.metrics:
       for metric, signature in metrics_lib.sacrebleu_signatures().items():
         out[f"{r.task}/{metric}_signature"] = signature
+    if r.classes is not None:
+      out[f"{r.task}/per_class"] = r.classes["per_class"]
+      out[f"{r.task}/confusion"] = {"labels": r.classes["labels"], "matrix": r.classes["confusion"]}
   out["num_examples"] = max((len(r.predictions) for r in results), default=0)
   out["num_predictions"] = sum(len(r.predictions) for r in results)
   out["num_skipped"] = sum(r.num_skipped for r in results)
@@ -249,7 +266,8 @@ def report_markdown(summary: dict[str, Any], name: str) -> str:
   """A researcher's report of one evaluation (`summarize`'s dict, as in
   W/eval/<name>.json): per task the example counts, WER / CER with the
   normalizer they were computed after and the edit counts, BLEU / chrF with
-  sacrebleu's signatures, accuracy / macro-F1."""
+  sacrebleu's signatures, accuracy / macro-F1 with a per-class precision /
+  recall / F1 / support table."""
   lines = [f"# Evaluation: {name}", ""]
   facts = [f"split `{summary['split']}`" if "split" in summary else "",
            f"checkpoint step {summary['checkpoint_step']}" if "checkpoint_step" in summary else "",
@@ -274,8 +292,38 @@ def report_markdown(summary: dict[str, Any], name: str) -> str:
     for metric, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
       if get(metric) is not None:
         lines.append(f"- {label} {100 * get(metric):.2f} %")
+    if get("per_class"):
+      lines += ["", *per_class_table(get("per_class"))]
     lines.append("")
   return "\n".join(lines)
+
+
+def per_class_table(per_class: dict[str, dict[str, float]]) -> list[str]:
+  """Markdown table lines: one row per class, precision / recall / F1 in %."""
+  lines = ["| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+  for label, row in per_class.items():
+    lines.append(f"| {label} | {100 * row['precision']:.2f} | {100 * row['recall']:.2f} | "
+                 f"{100 * row['f1']:.2f} | {int(row['support'])} |")
+  return lines
+
+
+def write_confusion_figures(out_dir: str, name: str, summary: dict[str, Any]) -> list[str]:
+  """For each classification task in `summary`, its confusion matrix drawn to
+  OUT_DIR/<name>.confusion.png (the first such task) or
+  OUT_DIR/<name>.<task>.confusion.png (any further one); returns the paths."""
+  import os
+
+  from speechjax.evaluation import confusion
+
+  paths = []
+  for task in summary.get("tasks", []):
+    matrix = summary.get(f"{task}/confusion")
+    if not matrix:
+      continue
+    file_name = f"{name}.confusion.png" if not paths else f"{name}.{task}.confusion.png"
+    paths.append(confusion.write_confusion_png(os.path.join(out_dir, file_name), matrix["labels"],
+                                               matrix["matrix"], title=f"{name}: {task}"))
+  return paths
 
 
 def write_report(out_dir: str, name: str, summary: dict[str, Any]) -> str:

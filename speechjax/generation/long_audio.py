@@ -7,10 +7,38 @@ from collections.abc import Sequence
 
 import numpy as np
 
+PAUSE_DB = -40.0  # a 20 ms frame this far below the loudest one counts as a pause
+
+
+def split_at_pauses(audio: np.ndarray, sample_rate: int, min_pause_seconds: float) -> list[np.ndarray]:
+  """Cuts in the middle of every pause of at least `min_pause_seconds` (20 ms
+  frames PAUSE_DB below the loudest); silence at either end stays attached.
+  The pieces cover the audio without overlap or gap."""
+  frame = max(1, int(0.02 * sample_rate))
+  count = len(audio) // frame
+  if count < 3 or min_pause_seconds <= 0:
+    return [audio]
+  energy = np.sum(audio[:count * frame].astype(np.float64).reshape(count, frame) ** 2, axis=1)
+  quiet = energy <= energy.max() * 10 ** (PAUSE_DB / 10)
+  shortest = max(1, int(round(min_pause_seconds / 0.02)))
+  cuts, run_start = [], None
+  for i, is_quiet in enumerate(np.append(quiet, False)):
+    if is_quiet and run_start is None:
+      run_start = i
+    elif not is_quiet and run_start is not None:
+      if i - run_start >= shortest and run_start > 0 and i < count:  # inner pauses only
+        cuts.append((run_start + i) // 2 * frame)
+      run_start = None
+  return [audio[a:b] for a, b in zip([0] + cuts, cuts + [len(audio)])]
+
 
 def chunk_audio(audio, sample_rate: int, chunk_seconds: float = 30.0,
-                search_seconds: float = 2.0) -> list[np.ndarray]:
+                search_seconds: float = 2.0, min_pause_seconds: float = 0.0) -> list[np.ndarray]:
   """Splits mono audio into consecutive chunks of at most `chunk_seconds`.
+
+  With `min_pause_seconds` > 0 it first cuts at every pause that long
+  (split_at_pauses): one chunk per utterance, for models trained on single
+  utterances (e.g. spoken commands); longer pieces are then cut as below.
 
   Each cut is placed in the middle of the longest quiet stretch (20 ms
   frames within 3 dB of the quietest one) in the last `search_seconds` of the
@@ -22,6 +50,9 @@ def chunk_audio(audio, sample_rate: int, chunk_seconds: float = 30.0,
   if audio.ndim != 1:
     raise ValueError(f"speechjax.generation.chunk_audio: expected mono audio [samples], "
                      f"got shape {audio.shape}")
+  if min_pause_seconds > 0:
+    return [chunk for piece in split_at_pauses(audio, sample_rate, min_pause_seconds)
+            for chunk in chunk_audio(piece, sample_rate, chunk_seconds, search_seconds)]
   limit = int(chunk_seconds * sample_rate)
   if limit < 1:
     raise ValueError(f"speechjax.generation.chunk_audio: chunk_seconds={chunk_seconds} at "

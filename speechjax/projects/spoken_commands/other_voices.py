@@ -15,7 +15,7 @@ Writes <workdir>/data/wavs/test_other/*.wav and <workdir>/data/test_other.jsonl
 (rows as test.jsonl, `speaker` = 'engine:voice'), then scores the run on it
 (<workdir>/eval/test_other.json) unless --score=false, and transcribes one
 long 44.1 kHz FLAC of ten of those sentences in a row (data/long_other.flac,
-chunked at its pauses). Re-running reuses the wavs already written.
+cut at its pauses: `speechjax transcribe --split_pause_seconds=0.3`). Re-running reuses the wavs already written.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def transcribe_long(workdir: str, voices: list[Voice], num_sentences: int = 10) 
   rows = [json.loads(line) for line in open(os.path.join(data_dir, "test.jsonl"))][:num_sentences]
   path = os.path.join(data_dir, "long_other.flac")
   seconds = render_long(voices[0], [r["text"] for r in rows], path)
-  (_, text, error), = Transcriber(workdir)([path])
+  # One command per pause, as the demo's model was trained (single commands).
+  (_, text, error), = Transcriber(workdir, split_pause_seconds=0.3)([path])
   return path, seconds, text if error is None else f"ERROR {error}"
 
 
