@@ -85,6 +85,9 @@ class ProjectorConfig:
   ctc_adapter_heads: int = 4
   ctc_adapter_ffn_dim: int = 1024
   ctc_frame_stack: int = 1
+  ctc_time_masks: int = 0
+  ctc_time_mask_frames: int = 5
+  ctc_state_dropout: float = 0.0
   dropout: float = 0.0
   dtype: Any = "float32"
   param_dtype: Any = "float32"
@@ -107,7 +110,9 @@ class ProjectorConfig:
   def ctc_adapter(self) -> CTCAdapterConfig:
     return CTCAdapterConfig(layers=self.ctc_adapter_layers, dim=self.ctc_adapter_dim,
                             heads=self.ctc_adapter_heads, ffn_dim=self.ctc_adapter_ffn_dim,
-                            frame_stack=self.ctc_frame_stack, dropout=self.dropout, dtype=self.dtype,
+                            frame_stack=self.ctc_frame_stack, dropout=self.dropout,
+                            time_masks=self.ctc_time_masks, time_mask_frames=self.ctc_time_mask_frames,
+                            state_dropout=self.ctc_state_dropout, dtype=self.dtype,
                             param_dtype=self.param_dtype)
 
 
