@@ -19,31 +19,60 @@ Hardware: a TPU v4-32 slice (launch/tpu_vm.sh) or 8x A100-80GB
 all devices.
 
 Expected results: the SLAM-LLM repository reports test-clean / test-other WER
-1.84 / 3.39 with HuBERT-XL (fine-tuned) + Vicuna-7B and 2.28 / 4.78 with
-WavLM-large; with a Whisper encoder expect a similar range. Not reproduced
-here (no GPU/TPU or LibriSpeech on the development machine).
+1.84 / 3.39 with HuBERT-XL (fine-tuned on LibriSpeech 960 h) + Vicuna-7B and
+2.28 / 4.78 with WavLM-large + Vicuna-7B (the 'hubert_xl' and 'wavlm_large'
+variants below); with a Whisper encoder expect a similar range. Not
+reproduced here (no GPU/TPU or LibriSpeech on the development machine).
 
-Variants (arg): 'qwen' (default: Qwen2.5-7B), 'vicuna' (Vicuna-7B v1.5).
+Variants (arg = [encoder][,llm]):
+  encoder  'whisper' (default: Whisper large-v3, 128 mel bins),
+           'hubert_xl' (facebook/hubert-xlarge-ls960-ft) or
+           'wavlm_large' (microsoft/wavlm-large): waveform encoders reading
+           16 kHz samples, 20 ms frames like Whisper's, so k=5 gives the same
+           10 Hz LLM rate.
+  llm      'qwen' (Qwen2.5-7B, the default with Whisper) or 'vicuna'
+           (Vicuna-7B v1.5, the paper's LLM and the default with HuBERT and
+           WavLM).
+e.g. `--config=configs/slam_asr.py:hubert_xl`, `configs/slam_asr.py:whisper,vicuna`.
 """
 
 from __future__ import annotations
 
 from speechjax.config_base import base_config, decoder_section, encoder_section
 from speechjax.models.lora import DEFAULT_TARGETS
-from speechjax.models.sizes import llm_size, whisper_size
+from speechjax.models.sizes import llm_size, wave_encoder_size, whisper_size
+
+# encoder variant -> (released size, hub id, the paper's LLM for it)
+ENCODERS = {
+    "whisper": ("large-v3", "openai/whisper-large-v3", "qwen"),
+    "hubert_xl": ("hubert-xlarge", "facebook/hubert-xlarge-ls960-ft", "vicuna"),
+    "wavlm_large": ("wavlm-large", "microsoft/wavlm-large", "vicuna"),
+}
+LLMS = ("qwen", "vicuna")
+
+
+def _parse(arg: str | None) -> tuple[str, str]:
+  parts = [p for p in (arg or "").split(",") if p]
+  encoders = [p for p in parts if p in ENCODERS]
+  llms = [p for p in parts if p in LLMS]
+  if len(encoders) > 1 or len(llms) > 1 or len(encoders) + len(llms) != len(parts):
+    raise ValueError(f"configs/slam_asr.py arg {arg!r}: expected [encoder][,llm] with encoder one of "
+                     f"{sorted(ENCODERS)} and llm one of {list(LLMS)}")
+  encoder = encoders[0] if encoders else "whisper"
+  return encoder, llms[0] if llms else ENCODERS[encoder][2]
 
 
 def get_config(arg: str | None = None):
-  llm = arg or "qwen"
-  if llm not in ("qwen", "vicuna"):
-    raise ValueError(f"configs/slam_asr.py arg {arg!r}: expected 'qwen' or 'vicuna'")
+  encoder, llm = _parse(arg)
+  size, encoder_id, _ = ENCODERS[encoder]
   c = base_config()
   c.model.kind = "speech_llm"
   c.model.dtype = "bfloat16"
   c.model.frozen_dtype = "bfloat16"
-  c.model.encoder = encoder_section(**whisper_size("large-v3"), scan_layers=True, remat_policy="full")
-  c.model.encoder_pretrained = "openai/whisper-large-v3"
-  # SLAM-ASR: stack k=5 frames, Linear -> ReLU -> Linear (hidden 2048).
+  encoder_arch = whisper_size(size) if encoder == "whisper" else wave_encoder_size(size)
+  c.model.encoder = encoder_section(**encoder_arch, scan_layers=True, remat_policy="full")
+  c.model.encoder_pretrained = encoder_id
+  # SLAM-ASR: stack k=5 frames (20 ms each -> 100 ms), Linear -> ReLU -> Linear (hidden 2048).
   c.model.projector.update(kind="frame_stack", stack_factor=5, hidden_dim=2048)
   arch = llm_size("qwen2.5-7b" if llm == "qwen" else "vicuna-7b")
   c.model.decoder = decoder_section(**arch, scan_layers=True, remat_policy="full")
@@ -56,7 +85,7 @@ def get_config(arg: str | None = None):
   c.data.train_split = "train_clean_100+train_clean_360+train_other_500"
   c.data.eval_split = "dev_other"
   c.data.test_split = "test_clean"
-  c.data.n_mels = 128
+  c.data.n_mels = 128  # Whisper large-v3's mel bins; the waveform encoders read samples
   c.data.tasks = ("asr",)
   c.data.task_weights = (1.0,)
   c.data.template = "chatml" if llm == "qwen" else "plain"

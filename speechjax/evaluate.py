@@ -6,6 +6,8 @@ r"""Scores a trained run on a split or a manifest; never trains.
 
 writes W/eval/<name>.json (wer, cer, bleu, accuracy, ..., num_examples,
 num_skipped) and W/eval/<name>.predictions.jsonl (one line per example).
+A CTC encoder run (model.kind='ctc', e.g. the demo's ctc stage) is scored on
+its greedy CTC transcripts (task 'asr': WER, CER).
 The run is loaded onto the mesh it trained on (its `mesh.shape`), or onto
 `--mesh`; each batch is split over the mesh's batch axes.
 """
@@ -71,17 +73,19 @@ def evaluate_run(workdir: str, split: str = "test", manifest: str = "", name: st
     tasks_lib.get_task(task)
   config, bundle, variables, step = run_loader.load_trained(workdir, checkpoint, mesh_shape=mesh_shape)
   transcribe.apply_decode_overrides(config, decode)
-  if bundle.kind != "speech_llm":
-    raise ValueError(f"{workdir} trained a {bundle.kind!r} model; evaluate scores speech LLMs")
+  if bundle.kind not in ("speech_llm", "ctc"):
+    raise ValueError(f"{workdir} trained a {bundle.kind!r} model; evaluate scores speech LLMs and CTC "
+                     "encoders")
   run_loader.check_eval_batch(config)
   train_source, train_info = sources.open_source(config.data, config.data.train_split)
   del train_source
   target = manifest or split
-  eval_tasks = tuple(tasks) or tuple(config.data.tasks)
+  # A CTC encoder (the 'ctc' kind) transcribes, greedily: its task is 'asr'.
+  eval_tasks = tuple(tasks) or (("asr",) if bundle.kind == "ctc" else tuple(config.data.tasks))
   # A manifest's lines must have the fields of the tasks scored here, not of those trained.
   read_cfg = ml_collections.ConfigDict({**config.data.to_dict(), "tasks": eval_tasks})
   source, info = sources.open_source(read_cfg, target, train_info.label_names)
-  variables = scoring.inference_variables(variables, bundle.model_config.lora)
+  variables = scoring.inference_variables(variables, getattr(bundle.model_config, "lora", None))
   with run_loader.mesh_context(config):
     results = [scoring.evaluate_task(bundle, variables, source, info, config.data, task, config.eval.decode,
                                      max_examples=max_examples, classify_with=config.eval.classify_with,

@@ -176,6 +176,23 @@ def test_reduced_slam_asr_fits_a_v5e_16_slice():
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install libtpu)")
+@pytest.mark.parametrize("variant", ["hubert_xl", "wavlm_large"])
+def test_reduced_slam_asr_wave_encoder_variants_fit_a_v5e_16_slice(variant):
+  # HuBERT-XL / WavLM-large widths + Vicuna-7B, one layer each, on 5 s of samples (the
+  # 512-channel convolutions over raw samples dominate the compile time).
+  config = load_config("slam_asr.py", variant, **{
+      "model.encoder.num_layers": 1, "model.decoder.num_layers": 1, "model.encoder.scan_layers": False,
+      "model.decoder.scan_layers": False, "data.audio_buckets_seconds": (5.0,), "data.max_audio_seconds": 5.0,
+      "data.token_buckets": (256,), "data.batch_size": 16})
+  assert config.model.decoder.hidden_size == 4096 and config.model.encoder.conv_dim == (512,) * 7
+  report = compile_report.run(config, topology="v5e-16")
+  assert report["num_chips"] == 16 and report["fits"] and 0 < report["per_chip_bytes"]["total"] < 16 * 2**30
+  # 80000 samples -> 249 frames of 20 ms after the 7 convolutions (320x) -> 50 tokens after
+  # stacking 5 (the last stack padded).
+  assert report["geometry"]["encoder_tokens"] == 249 and report["geometry"]["audio_tokens"] == 50
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install libtpu)")
 def test_two_slices_put_the_data_axis_across_them():
   report = compile_report.run(load_config("tiny.py", **{"data.batch_size": 32}), topology="v5e-8", num_slices=2,
                               count_flops=False)

@@ -102,6 +102,23 @@ def test_ctc_head_trains_on_stored_states_and_the_encoder_stays_put(tiny_corpus,
   assert any(p.startswith("ctc_adapter/") for p in moved) and "ctc_head/kernel" in moved
   np.testing.assert_array_equal(after["encoder/conv1/kernel"], params["conv1"]["kernel"])
 
+  # evaluate scores the CTC run on its greedy transcripts, from audio (the
+  # real encoder, not the stored states), against the manifest's text: the
+  # same WER / CER as the training loop's dev metric (CTC labels as reference).
+  from speechjax.evaluate import evaluate_run
+  from speechjax.evaluation import scoring
+  summary = evaluate_run(str(tmp_path / "run"), split="dev", checkpoint="last", progress=False)
+  dev = scoring.ctc_metrics(trainer.bundle, trainer.variables(), trainer.data.dev_batches(0))
+  assert summary["tasks"] == ["asr"] and summary["num_examples"] == 16
+  assert summary["wer"] == pytest.approx(dev["wer"]) and summary["cer"] == pytest.approx(dev["cer"])
+  rows = [json.loads(line) for line in open(tmp_path / "run" / "eval" / "dev.predictions.jsonl")]
+  dev_source, _ = sources.open_source(config.data, "dev")
+  from speechjax.data.tasks import as_text
+  assert sorted(r["reference"] for r in rows) == sorted(as_text(dev_source[i]["text"]) for i in range(16))
+  assert all(r["task"] == "asr" and r["id"] for r in rows)
+  with pytest.raises(ValueError, match="'ctc' run transcribes only: task 'translate'"):
+    evaluate_run(str(tmp_path / "run"), split="dev", tasks=("translate",), checkpoint="last", progress=False)
+
   # A second run with the same encoder and data reuses the stored states.
   stamp = os.path.getmtime(metas[0])
   config2 = _config(tiny_corpus, encoder_folder)

@@ -144,7 +144,7 @@ def test_builders_make_the_splits_the_recipes_name(corpora):
       "speech_intents": {"train": 12, "dev": 4, "test": 4},
   }
   for recipe in RECIPES:
-    config = load_recipe(recipe)
+    config = load_recipe(*recipe.split(":", 1))
     with config.unlocked():
       config.data.data_dir = data_dir
     named = dry_run.check_data(config.data)
@@ -158,14 +158,26 @@ def load_recipe(name: str, arg: str | None = None):
   return module.get_config(arg)
 
 
-def toy_overrides(data_dir: str, tokenizer: str, vocab_size: int) -> dict:
+# Toy widths of a waveform encoder (HuBERT / WavLM / wav2vec2): two conv layers
+# instead of seven, with the same 320x downsampling (20 ms frames), so the
+# recipe's token buckets are checked against the real number of audio slots.
+TOY_WAVE_ENCODER = {
+    "model.encoder.hidden_size": 32, "model.encoder.intermediate_size": 64,
+    "model.encoder.conv_dim": (16, 16), "model.encoder.conv_kernel": (10, 64), "model.encoder.conv_stride": (5, 64),
+    "model.encoder.num_conv_pos_embeddings": 16, "model.encoder.num_conv_pos_embedding_groups": 2,
+}
+
+
+def toy_overrides(data_dir: str, tokenizer: str, vocab_size: int, encoder_type: str = "whisper") -> dict:
   """What a user debugging a recipe gives on the command line: toy widths, no
   pretrained folders, a small tokenizer, a few steps; the data settings stay."""
+  encoder = ({"model.encoder.d_model": 32, "model.encoder.ffn_dim": 64} if encoder_type == "whisper"
+             else TOY_WAVE_ENCODER)
   return {
       "model.dtype": "float32", "model.frozen_dtype": "float32",
       "model.encoder_pretrained": "", "model.decoder_pretrained": "", "model.tokenizer": tokenizer,
-      "model.encoder.d_model": 32, "model.encoder.num_layers": 1, "model.encoder.num_heads": 2,
-      "model.encoder.ffn_dim": 64, "model.encoder.scan_layers": False, "model.encoder.remat_policy": "none",
+      **encoder, "model.encoder.num_layers": 1, "model.encoder.num_heads": 2,
+      "model.encoder.scan_layers": False, "model.encoder.remat_policy": "none",
       "model.decoder.hidden_size": 32, "model.decoder.intermediate_size": 64, "model.decoder.num_layers": 1,
       "model.decoder.num_heads": 2, "model.decoder.num_kv_heads": 1, "model.decoder.vocab_size": vocab_size,
       "model.decoder.scan_layers": False, "model.decoder.remat_policy": "none",
@@ -186,19 +198,24 @@ def toy_overrides(data_dir: str, tokenizer: str, vocab_size: int) -> dict:
 
 
 def toy_recipe(name: str, corpora, **extra):
+  """`name` is a recipe file's stem, optionally with its argument: 'slam_asr:hubert_xl'."""
   from transformers import AutoTokenizer
 
   data_dir, tokenizer, _, _ = corpora
-  config = load_recipe(name)
+  config = load_recipe(*name.split(":", 1))
   config.lock()  # as config_flags does: a misspelt override is refused
   vocab = len(AutoTokenizer.from_pretrained(tokenizer))
-  config.update_from_flattened_dict({**toy_overrides(data_dir, tokenizer, vocab), **extra})
+  config.update_from_flattened_dict({**toy_overrides(data_dir, tokenizer, vocab, config.model.encoder.model_type),
+                                     **extra})
   return config
 
 
 # recipe -> (extra overrides, transcribe task, headline metrics of its evaluation)
 RECIPES = {
     "slam_asr": ({}, "asr", ("wer", "cer")),
+    # SLAM-ASR's HuBERT-XL and WavLM-large rows: waveform encoders, fed samples.
+    "slam_asr:hubert_xl": ({}, "asr", ("wer", "cer")),
+    "slam_asr:wavlm_large": ({}, "asr", ("wer", "cer")),
     "salmonn": ({}, "asr", ("wer", "bleu")),
     "qwen2_audio": ({}, "asr", ("wer",)),
     "speech_translation": ({}, "translate", ("bleu", "chrf", "wer")),
@@ -218,7 +235,7 @@ def test_recipe_trains_evaluates_and_transcribes(recipe, corpora, tmp_path):
 
   extra, task, headline = RECIPES[recipe]
   config = toy_recipe(recipe, corpora, **extra)
-  workdir = str(tmp_path / recipe)
+  workdir = str(tmp_path / recipe.replace(":", "_"))
   train.build_trainer(config, workdir).run()
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     train_rows = [r for r in map(json.loads, f) if r["split"] == "train"]
@@ -233,8 +250,12 @@ def test_recipe_trains_evaluates_and_transcribes(recipe, corpora, tmp_path):
   report = os.path.join(workdir, "eval", f"{config.data.test_split}.report.md")
   assert os.path.exists(report) and "## " + config.data.tasks[0] in open(report).read()
 
-  (path, text, error), = Transcriber(workdir)([corpora[2]], task)
+  transcriber = Transcriber(workdir)
+  (path, text, error), = transcriber([corpora[2]], task)
   assert error is None and isinstance(text, str) and path == corpora[2]
+  if recipe.startswith("slam_asr:"):  # the encoder the variant names, fed 16 kHz samples
+    assert config.model.encoder.model_type == recipe.split(":")[1].split("_")[0]
+    assert transcriber.audio_input.kind == "wave"
   if recipe == "slam_asr":  # `evaluate --dry_run` on the other test split
     from speechjax import dry_run
     checked = dry_run.dry_run(dry_run.evaluation_config(workdir, "test_other"))

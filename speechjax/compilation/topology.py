@@ -106,6 +106,10 @@ def topology_devices(chip: ChipSpec, shape: tuple[int, ...], num_slices: int = 1
   """Compile-only devices of `num_slices` slices of that shape, one per chip."""
   if not libtpu_available():
     raise RuntimeError(INSTALL_HINT)
+  # Compile-only devices touch no chip, so several processes may hold libtpu
+  # at once (without this, a second one fails on libtpu's lockfile). Read
+  # when libtpu loads: set before the first JAX backend call to count.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 
   # Hosts of 2x2 chips (v5e/v6e training VMs, every v4/v5p VM); the bound only

@@ -11,7 +11,7 @@ record in the task registry (`speechjax.data.tasks`).
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 import dataclasses
 from typing import Any
 
@@ -59,6 +59,20 @@ def decode_batch(bundle, variables, batch: dict, decode_cfg) -> list[str]:
     ids = [int(t) for t in row[:int(n)] if int(t) != eos]
     texts.append(tok.decode(ids, skip_special_tokens=True).strip())
   return texts
+
+
+def ctc_transcriber(bundle) -> Callable[[Any, dict], list[str]]:
+  """A 'ctc' run's transcriber: (variables, batch) -> greedy CTC transcripts,
+  one per row (the model compiled once per batch shape)."""
+  from speechjax.models import ctc
+
+  apply = jax.jit(lambda v, f, m: bundle.module.apply(v, f, m))
+
+  def transcribe(variables, batch: dict) -> list[str]:
+    logits, mask = apply(variables, batch["features"], batch["feature_mask"])
+    return ctc.greedy_decode(logits, mask, bundle.model_config, bundle.tokenizer)
+
+  return transcribe
 
 
 def classify_batch(bundle, variables, batch: dict, label_names) -> list[str]:
@@ -161,15 +175,22 @@ def evaluate_task(bundle, variables, source, info, data_cfg, task: str, decode_c
               "max_audio_seconds": None}
   labels = tuple(label_names or info.label_names)
   use_head = tasks_lib.get_task(task).class_head and classify_with == "head"
+  # A 'ctc' run (an encoder with its CTC head) transcribes without a prompt.
+  if bundle.kind == "ctc" and task != "asr":
+    raise ValueError(f"a 'ctc' run transcribes only: task {task!r} needs a speech LLM (tasks: 'asr')")
+  ctc_transcribe = ctc_transcriber(bundle) if bundle.kind == "ctc" else None
+  num_audio_tokens = bundle.num_audio_tokens or (lambda frames: 0)
   bar = tqdm.tqdm(total=len(eligible), desc=f"eval {task}", disable=not progress, leave=False)
 
   def decode_all(rows, rows_info, on_batch) -> list[tuple[str, dict[str, Any]]]:
-    iterator = pipeline.make_eval_iterator(rows, rows_info, bundle.tokenizer, bundle.num_audio_tokens,
+    iterator = pipeline.make_eval_iterator(rows, rows_info, bundle.tokenizer, num_audio_tokens,
                                            read_cfg, task=task, generate=not use_head, with_metadata=True,
                                            shard_options=_every_example(), audio_input=bundle.audio_input)
     out = []
     for batch, meta in iterator:
-      if use_head:
+      if ctc_transcribe is not None:
+        texts = ctc_transcribe(variables, batch)
+      elif use_head:
         texts = classify_batch(bundle, variables, batch, labels)
       else:
         texts = decode_batch(bundle, variables, batch, decode_cfg)
@@ -361,11 +382,10 @@ def ctc_metrics(bundle, variables, batches: Iterable[dict], max_examples: int = 
   from speechjax.models import ctc
 
   cfg, tokenizer = bundle.model_config, bundle.tokenizer
-  apply = jax.jit(lambda v, f, m: bundle.module.apply(v, f, m))
+  transcribe = ctc_transcriber(bundle)
   preds, refs = [], []
   for batch in batches:
-    logits, mask = apply(variables, batch["features"], batch["feature_mask"])
-    texts = ctc.greedy_decode(logits, mask, cfg, tokenizer)
+    texts = transcribe(variables, batch)
     for row in np.flatnonzero(batch["example_mask"] > 0):
       ids = batch["ctc_labels"][row][batch["ctc_label_mask"][row] > 0]
       refs.append(ctc.labels_to_text(ids, cfg, tokenizer))

@@ -3,6 +3,7 @@ model's shape before (or without) reading its config.json.
 
     decoder_section(**LLM_SIZES["qwen2.5-7b"], scan_layers=True)
     encoder_section(**whisper_size("large-v3"))
+    encoder_section(**wave_encoder_size("hubert-xlarge"))
 
 Fields are those of the family's config dataclass; loading the pretrained
 folder replaces them with the checkpoint's own, so these matter for compile
@@ -46,6 +47,34 @@ def whisper_size(name: str) -> dict:
   d, layers, heads, ffn, mels = WHISPER_SIZES[name]
   return dict(model_type="whisper", num_mel_bins=mels, d_model=d, num_layers=layers,
               num_heads=heads, ffn_dim=ffn)
+
+
+# Waveform encoders (HuBERT / WavLM / wav2vec2; models/encoders/wav2vec2.py):
+# the large and X-large checkpoints share the 7-layer conv front end (512
+# channels, 320x downsampling: 20 ms frames) and are pre-LN with a
+# layer-normed front end; HuBERT's convolutions carry a bias, WavLM's do not.
+_WAVE_FRONT_END = dict(feat_extract_norm="layer", do_stable_layer_norm=True)
+WAVE_ENCODER_SIZES = {
+    # facebook/hubert-large-ll60k, facebook/hubert-large-ls960-ft
+    "hubert-large": dict(model_type="hubert", hidden_size=1024, num_layers=24, num_heads=16,
+                         intermediate_size=4096, conv_bias=True, **_WAVE_FRONT_END),
+    # facebook/hubert-xlarge-ll60k, facebook/hubert-xlarge-ls960-ft
+    "hubert-xlarge": dict(model_type="hubert", hidden_size=1280, num_layers=48, num_heads=16,
+                          intermediate_size=5120, conv_bias=True, **_WAVE_FRONT_END),
+    # microsoft/wavlm-large
+    "wavlm-large": dict(model_type="wavlm", hidden_size=1024, num_layers=24, num_heads=16,
+                        intermediate_size=4096, conv_bias=False, **_WAVE_FRONT_END),
+    # facebook/wav2vec2-large-lv60, facebook/wav2vec2-large-960h-lv60-self
+    "wav2vec2-large-lv60": dict(model_type="wav2vec2", hidden_size=1024, num_layers=24, num_heads=16,
+                                intermediate_size=4096, conv_bias=True, **_WAVE_FRONT_END),
+}
+
+
+def wave_encoder_size(name: str) -> dict:
+  """Wav2Vec2Config / HubertConfig / WavLMConfig fields of a released size."""
+  if name not in WAVE_ENCODER_SIZES:
+    raise ValueError(f"unknown waveform encoder size {name!r}; expected one of {sorted(WAVE_ENCODER_SIZES)}")
+  return dict(WAVE_ENCODER_SIZES[name])
 
 
 def llm_size(name: str) -> dict:
