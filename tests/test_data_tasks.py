@@ -99,12 +99,13 @@ def test_unknown_template_and_task_raise(tok):
 
 
 def test_builtin_tasks_are_registered_records():
-  assert tasks.task_names()[:4] == ("asr", "translate", "classify", "instruct")
+  assert tasks.task_names()[:5] == ("asr", "translate", "classify", "instruct", "spoken_qa")
   assert tasks.TASKS == tasks.task_names()
   assert dict(tasks.TASK_FIELDS) == {
       "asr": ("text",), "translate": ("translation",), "classify": ("label",),
-      "instruct": ("prompt", "target")}
-  assert set(tasks.INSTRUCTIONS) == {"asr", "translate", "classify"}  # instruct asks with its prompt
+      "instruct": ("prompt", "target"), "spoken_qa": ("question", "answer")}
+  # instruct asks with its prompt, spoken_qa with its question
+  assert set(tasks.INSTRUCTIONS) == {"asr", "translate", "classify"}
   assert tasks.INSTRUCTIONS["asr"][0] == "<audio>\nTranscribe the audio."
   asr, instruct = tasks.get_task("asr"), tasks.get_task("instruct")
   assert (asr.answer, asr.headline, asr.instruction_field) == ("text", ("wer", "cer"), None)

@@ -190,6 +190,12 @@ register_task(Task("classify", fields=("label",), answer="label", class_head=Tru
 register_task(Task("instruct", fields=("prompt", "target"), answer="target",
                    instruction_field="prompt", metric=metrics.free_form_metrics,
                    headline=("wer", "bleu")))
+# Spoken QA: audio + a text question -> a short answer. The question is the
+# user's text after the audio ("<audio>\n{question}"), read from the manifest
+# like instruct's prompt; transcribe and serve take it as --instruction.
+register_task(Task("spoken_qa", fields=("question", "answer"), answer="answer",
+                   instruction_field="question", metric=metrics.qa_metrics,
+                   headline=("exact_match", "f1")))
 
 
 def __getattr__(name: str):

@@ -22,11 +22,17 @@ Conventions (these are what `evaluate` writes to W/eval/<name>.json):
   over the classes that occur in the references (a prediction outside that
   set is simply wrong), with zero_division=0. `per_class_metrics` gives the
   per-class precision / recall / F1 / support and the confusion matrix.
+* Short answers (spoken QA): exact_match and token f1 as SQuAD's scorer
+  computes them (lowercased, punctuation and articles removed), fractions
+  averaged over the examples.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
+import re
+import string
 from typing import Any
 
 import jiwer
@@ -194,6 +200,35 @@ def transcript_metrics(predictions: Sequence[str], references: Sequence[str], *,
 def translation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
   """Speech translation: bleu, chrf (sacrebleu, 0-100, raw text)."""
   return {"bleu": bleu(predictions, references), "chrf": chrf(predictions, references)}
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def qa_words(text: str) -> list[str]:
+  """An answer as SQuAD's scorer compares it: lowercased, without punctuation
+  and the articles a / an / the, split on whitespace."""
+  return _ARTICLES.sub(" ", str(text).lower().translate(_PUNCTUATION)).split()
+
+
+def qa_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+  """Short answers (spoken QA): exact_match and f1, fractions averaged over the
+  examples, each answer normalized by `qa_words`. f1 is the harmonic mean of
+  the precision and recall of the words the two share (as a multiset); when
+  either side has no words, f1 is 1 if both have none, else 0."""
+  _check_pairs(predictions, references, "qa_metrics")
+  exact, f1 = [], []
+  for prediction, reference in zip(predictions, references):
+    pred, ref = qa_words(prediction), qa_words(reference)
+    exact.append(float(pred == ref))
+    if not pred or not ref:
+      f1.append(float(pred == ref))
+      continue
+    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+    precision, recall = common / len(pred), common / len(ref)
+    f1.append(2 * precision * recall / (precision + recall) if common else 0.0)
+  return {"exact_match": sum(exact) / len(exact), "f1": sum(f1) / len(f1)}
 
 
 def free_form_metrics(predictions: Sequence[str], references: Sequence[str], *,

@@ -310,6 +310,10 @@ def report_markdown(summary: dict[str, Any], name: str) -> str:
     for metric, label in (("bleu", "BLEU"), ("chrf", "chrF")):
       if get(metric) is not None:
         lines.append(f"- {label} {get(metric):.2f} (sacrebleu `{get(metric + '_signature')}`, raw text)")
+    for metric, label in (("exact_match", "exact match"), ("f1", "token F1")):
+      if get(metric) is not None:
+        lines.append(f"- {label} {100 * get(metric):.2f} % (answers lowercased, without punctuation and "
+                     "articles)")
     for metric, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
       if get(metric) is not None:
         lines.append(f"- {label} {100 * get(metric):.2f} %")
