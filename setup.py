@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.60",
     "jiwer>=3.0",
     "sacrebleu>=2.4",
+    "rouge-score>=0.1.2",  # ROUGE of the summarize task (Google's implementation)
     "whisper-normalizer>=0.1.15",  # ships Whisper's english.json spelling table
     "scikit-learn>=1.3",
     "tensorboardX>=2.6",

@@ -92,20 +92,20 @@ def test_task_sampling_respects_fields_and_weights():
 def test_unknown_template_and_task_raise(tok):
   with pytest.raises(ValueError, match="chat template"):
     tasks.PromptBuilder(tok, "vicuna")
-  with pytest.raises(KeyError, match="unknown task 'summarize'; registered: asr, translate, classify"):
-    tasks.supports(EXAMPLE, "summarize")
+  with pytest.raises(KeyError, match="unknown task 'dialogue_act'; registered: asr, translate, classify"):
+    tasks.supports(EXAMPLE, "dialogue_act")
   with pytest.raises(KeyError, match="unknown task"):
-    tasks.PromptBuilder(tok).prompt_ids(EXAMPLE, "summarize", 4)
+    tasks.PromptBuilder(tok).prompt_ids(EXAMPLE, "dialogue_act", 4)
 
 
 def test_builtin_tasks_are_registered_records():
-  assert tasks.task_names()[:5] == ("asr", "translate", "classify", "instruct", "spoken_qa")
+  assert tasks.task_names()[:6] == ("asr", "translate", "classify", "instruct", "summarize", "spoken_qa")
   assert tasks.TASKS == tasks.task_names()
   assert dict(tasks.TASK_FIELDS) == {
       "asr": ("text",), "translate": ("translation",), "classify": ("label",),
-      "instruct": ("prompt", "target"), "spoken_qa": ("question", "answer")}
+      "instruct": ("prompt", "target"), "summarize": ("summary",), "spoken_qa": ("question", "answer")}
   # instruct asks with its prompt, spoken_qa with its question
-  assert set(tasks.INSTRUCTIONS) == {"asr", "translate", "classify"}
+  assert set(tasks.INSTRUCTIONS) == {"asr", "translate", "classify", "summarize"}
   assert tasks.INSTRUCTIONS["asr"][0] == "<audio>\nTranscribe the audio."
   asr, instruct = tasks.get_task("asr"), tasks.get_task("instruct")
   assert (asr.answer, asr.headline, asr.instruction_field) == ("text", ("wer", "cer"), None)

@@ -116,8 +116,8 @@ def test_bad_input():
     scoring.compute_metrics("asr", ["a", "b"], ["a"])
   with pytest.raises(ValueError, match="no examples"):
     scoring.compute_metrics("asr", [], [])
-  with pytest.raises(KeyError, match="unknown task 'summarize'; registered: asr, translate"):
-    scoring.compute_metrics("summarize", ["a"], ["a"])
+  with pytest.raises(KeyError, match="unknown task 'dialogue_act'; registered: asr, translate"):
+    scoring.compute_metrics("dialogue_act", ["a"], ["a"])
 
 
 def test_per_class_metrics_and_confusion_matrix_on_hand_made_predictions():

@@ -190,6 +190,13 @@ register_task(Task("classify", fields=("label",), answer="label", class_head=Tru
 register_task(Task("instruct", fields=("prompt", "target"), answer="target",
                    instruction_field="prompt", metric=metrics.free_form_metrics,
                    headline=("wer", "bleu")))
+register_task(Task("summarize", fields=("summary",), answer="summary", metric=metrics.summary_metrics,
+                   headline=("rougeL",), instructions=(
+    f"{AUDIO_PLACEHOLDER}\nSummarize what the speaker says in one sentence.",
+    f"Give a short summary of this recording: {AUDIO_PLACEHOLDER}",
+    f"{AUDIO_PLACEHOLDER}\nWhat is the gist of this speech? Answer briefly.",
+    f"Listen to {AUDIO_PLACEHOLDER} and sum it up in a few words.",
+)))
 # Spoken QA: audio + a text question -> a short answer. The question is the
 # user's text after the audio ("<audio>\n{question}"), read from the manifest
 # like instruct's prompt; transcribe and serve take it as --instruction.

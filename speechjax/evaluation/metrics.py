@@ -22,6 +22,8 @@ Conventions (these are what `evaluate` writes to W/eval/<name>.json):
   over the classes that occur in the references (a prediction outside that
   set is simply wrong), with zero_division=0. `per_class_metrics` gives the
   per-class precision / recall / F1 / support and the confusion matrix.
+* Summaries: ROUGE-1 / ROUGE-2 / ROUGE-L F-measures (rouge-score, Porter
+  stemming) on a 0-100 scale, averaged over the examples.
 * Short answers (spoken QA): exact_match and token f1 as SQuAD's scorer
   computes them (lowercased, punctuation and articles removed), fractions
   averaged over the examples.
@@ -229,6 +231,25 @@ def qa_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[st
     precision, recall = common / len(pred), common / len(ref)
     f1.append(2 * precision * recall / (precision + recall) if common else 0.0)
   return {"exact_match": sum(exact) / len(exact), "f1": sum(f1) / len(f1)}
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def summary_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+  """Summaries: rouge1, rouge2 and rougeL F-measures on a 0-100 scale,
+  averaged over the examples (Google's rouge-score: lowercased, alphanumeric
+  tokens, Porter stemming), as summarization papers report them."""
+  from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
+
+  _check_pairs(predictions, references, "summary_metrics")
+  scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+  totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+  for prediction, reference in zip(predictions, references):
+    scores = scorer.score(str(reference), str(prediction))  # (target, prediction)
+    for name in ROUGE_TYPES:
+      totals[name] += scores[name].fmeasure
+  return {name: 100.0 * total / len(references) for name, total in totals.items()}
 
 
 def free_form_metrics(predictions: Sequence[str], references: Sequence[str], *,

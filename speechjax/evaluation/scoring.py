@@ -310,6 +310,9 @@ def report_markdown(summary: dict[str, Any], name: str) -> str:
     for metric, label in (("bleu", "BLEU"), ("chrf", "chrF")):
       if get(metric) is not None:
         lines.append(f"- {label} {get(metric):.2f} (sacrebleu `{get(metric + '_signature')}`, raw text)")
+    rouge = [f"{name} {get(name):.2f}" for name in ("rouge1", "rouge2", "rougeL") if get(name) is not None]
+    if rouge:
+      lines.append(f"- {', '.join(rouge)} (F-measure, 0-100, rouge-score with Porter stemming)")
     for metric, label in (("exact_match", "exact match"), ("f1", "token F1")):
       if get(metric) is not None:
         lines.append(f"- {label} {100 * get(metric):.2f} % (answers lowercased, without punctuation and "

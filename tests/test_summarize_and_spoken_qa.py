@@ -1,7 +1,8 @@
-"""The spoken_qa task: audio + a text question -> a short answer, scored with
-SQuAD-style exact match and token F1. Its fields go through the manifest
-builder, its prompt carries the question after the audio, and a tiny speech
-LLM trains on it, decodes it and is scored with its metric by evaluate."""
+"""The summarize task (audio -> a short summary, ROUGE) and the spoken_qa task
+(audio + a text question -> a short answer, SQuAD-style exact match and token
+F1). Their fields go through the manifest builder, their prompts are built as
+documented, and a tiny speech LLM trains on both, decodes them and is scored
+with their metrics by evaluate."""
 
 from __future__ import annotations
 
@@ -35,6 +36,35 @@ def test_exact_match_and_token_f1_on_hand_made_answers():
   assert scoring.compute_metrics("spoken_qa", predictions, references) == out
 
 
+def test_rouge_on_hand_made_summaries():
+  out = metrics.summary_metrics(["the cat sat on the mat", "dogs running"], ["the cat was on the mat", "dog runs"])
+  # 1: 5 of 6 unigrams shared, 3 of 5 bigrams, longest common subsequence 5 words;
+  # 2: Porter stemming makes 'dogs running' and 'dog runs' the same two words.
+  assert out["rouge1"] == pytest.approx(100 * (5 / 6 + 1) / 2)
+  assert out["rouge2"] == pytest.approx(100 * (3 / 5 + 1) / 2)
+  assert out["rougeL"] == pytest.approx(100 * (5 / 6 + 1) / 2)
+  assert metrics.summary_metrics(["x y"], ["a b"]) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+  with pytest.raises(ValueError, match="summary_metrics: 2 predictions but 1 references"):
+    metrics.summary_metrics(["a", "b"], ["a"])
+  assert scoring.compute_metrics("summarize", ["dogs running"], ["dog runs"])["rougeL"] == pytest.approx(100)
+
+
+def test_summarize_prompts_with_its_instructions(tiny_corpus):
+  import transformers
+
+  spec = tasks.get_task("summarize")
+  assert spec.fields == ("summary",) and spec.headline == ("rougeL",) and len(spec.instructions) == 4
+  tok = transformers.PreTrainedTokenizerFast.from_pretrained(tiny_corpus[1])
+  prompts = tasks.PromptBuilder(tok)
+  example = {"summary": "kitchen lights on", "text": "turn on the kitchen lights"}
+  assert tasks.supported_tasks(example) == ["asr", "summarize"]
+  assert prompts.num_instructions("summarize") == 4
+  assert prompts.instruction(example, "summarize", 1) == "Give a short summary of this recording: <audio>"
+  item = prompts.training_example(example, "summarize", num_audio_tokens=2, instruction_index=1)
+  answer = item["targets"][item["target_mask"] > 0]
+  assert tok.decode(answer[:-1]).strip() == "kitchen lights on"
+
+
 def test_the_question_follows_the_audio_and_the_answer_is_the_target(tiny_corpus):
   import transformers
 
@@ -52,8 +82,9 @@ def test_the_question_follows_the_audio_and_the_answer_is_the_target(tiny_corpus
   assert list(item["input_ids"]).count(tasks.AUDIO_PLACEHOLDER_ID) == 3
 
 
-def _last_word_manifests(corpus_root: str, out_dir: str) -> dict[str, str]:
-  """Each tiny-corpus utterance asked for its last word: train and test manifests."""
+def _manifests(corpus_root: str, out_dir: str) -> dict[str, str]:
+  """Each tiny-corpus utterance asked for its last word and summarized as its
+  first two words: train and test manifests."""
   paths = {}
   for split in ("train", "test"):
     with open(os.path.join(corpus_root, f"{split}.jsonl"), encoding="utf-8") as f:
@@ -62,27 +93,28 @@ def _last_word_manifests(corpus_root: str, out_dir: str) -> dict[str, str]:
     with open(path, "w", encoding="utf-8") as f:
       for row in rows:
         f.write(json.dumps({"id": row["id"], "audio": os.path.join(corpus_root, row["audio"]),
-                            "question": "what is the last word", "answer": row["text"].split()[-1]}) + "\n")
+                            "question": "what is the last word", "answer": row["text"].split()[-1],
+                            "summary": " ".join(row["text"].split()[:2])}) + "\n")
     paths[split] = path
   return paths
 
 
 @pytest.mark.slow
-def test_a_speech_llm_trains_decodes_and_is_scored_on_spoken_qa(tiny_corpus, tmp_path):
+def test_a_speech_llm_trains_decodes_and_is_scored_on_summaries_and_questions(tiny_corpus, tmp_path):
   from speechjax.data.builders import manifest
   from speechjax.evaluate import evaluate_run
   from speechjax.train import build_trainer
 
   _, tok_dir, corpus_root = tiny_corpus
-  manifests = _last_word_manifests(corpus_root, str(tmp_path))
-  manifest.build_manifest_dataset(manifests, str(tmp_path / "tfds"), "last_word", tasks=("spoken_qa",),
-                                  num_workers=1)
+  manifests = _manifests(corpus_root, str(tmp_path))
+  manifest.build_manifest_dataset(manifests, str(tmp_path / "tfds"), "last_word",
+                                  tasks=("spoken_qa", "summarize"), num_workers=1)
   sys.path.insert(0, os.path.join(ROOT, "configs"))
   import tiny  # pylint: disable=import-outside-toplevel
 
   config = tiny.get_config()
   config.data.update(data_dir=str(tmp_path / "tfds"), name="last_word", eval_split="test", test_split="test",
-                     tasks=("spoken_qa",), task_weights=(1.0,))
+                     tasks=("spoken_qa", "summarize"), task_weights=(1.0, 1.0))
   config.model.tokenizer = tok_dir
   config.train.num_steps = 6
   config.checkpoint.update(every_steps=6, async_save=False)
@@ -97,18 +129,25 @@ def test_a_speech_llm_trains_decodes_and_is_scored_on_spoken_qa(tiny_corpus, tmp
   assert len(losses) == 6 and all(np.isfinite(losses))
 
   summary = evaluate_run(workdir, split="test", progress=False)
-  assert summary["tasks"] == ["spoken_qa"] and summary["spoken_qa/num_examples"] == 16
+  assert summary["tasks"] == ["spoken_qa", "summarize"]
+  assert summary["spoken_qa/num_examples"] == summary["summarize/num_examples"] == 16
   with open(os.path.join(workdir, "eval", "test.predictions.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   with open(manifests["test"], encoding="utf-8") as f:
-    answers = {r["id"]: r["answer"] for r in map(json.loads, f)}
-  assert {r["id"]: r["reference"] for r in rows} == answers
-  # The summary's figures are the metric of the written predictions.
-  rescored = metrics.qa_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    expected = {r["id"]: r for r in map(json.loads, f)}
+  qa = [r for r in rows if r["task"] == "spoken_qa"]
+  summaries = [r for r in rows if r["task"] == "summarize"]
+  assert {r["id"]: r["reference"] for r in qa} == {k: r["answer"] for k, r in expected.items()}
+  assert {r["id"]: r["reference"] for r in summaries} == {k: r["summary"] for k, r in expected.items()}
+  # The summary's figures are the metrics of the written predictions.
+  rescored = metrics.qa_metrics([r["prediction"] for r in qa], [r["reference"] for r in qa])
   assert summary["exact_match"] == rescored["exact_match"] and summary["f1"] == rescored["f1"]
+  rouge = metrics.summary_metrics([r["prediction"] for r in summaries], [r["reference"] for r in summaries])
+  assert summary["rougeL"] == rouge["rougeL"] and summary["summarize/rouge1"] == rouge["rouge1"]
   with open(os.path.join(workdir, "eval", "test.report.md")) as f:
     report = f.read()
   assert "## spoken_qa" in report and f"exact match {100 * rescored['exact_match']:.2f} %" in report
+  assert "## summarize" in report and f"rougeL {rouge['rougeL']:.2f}" in report
 
 
 def test_transcribe_takes_the_question_as_its_instruction():
