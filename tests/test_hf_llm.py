@@ -229,10 +229,10 @@ def test_hub_id_fails_fast_offline(monkeypatch, tmp_path):
 def test_missing_folder_and_unknown_type(tmp_path):
   with pytest.raises(FileNotFoundError, match="no such model folder"):
     hf.load_pretrained(str(tmp_path / "nope"))
-  folder = tmp_path / "bert"
+  folder = tmp_path / "t5"
   folder.mkdir()
-  (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
-  with pytest.raises(ValueError, match="unsupported model_type 'bert'"):
+  (folder / "config.json").write_text(json.dumps({"model_type": "t5"}))
+  with pytest.raises(ValueError, match="unsupported model_type 't5'"):
     hf.load_pretrained(str(folder))
 
 

@@ -56,6 +56,10 @@ FAMILIES.register("qwen2", _LLAMA)
 FAMILIES.register("qwen3", _LLAMA)
 FAMILIES.register("gpt2", ModelFamily("speechjax.models.gpt2:GPT2Config", "speechjax.models.gpt2:GPT2",
                                       "speechjax.hf.gpt2"))
+_BERT = ModelFamily("speechjax.models.bert:BertConfig", "speechjax.models.bert:Bert", "speechjax.hf.bert",
+                    role="text_encoder")
+FAMILIES.register("bert", _BERT)  # BERT, MiniLM and other model_type 'bert' checkpoints
+FAMILIES.register("roberta", _BERT)
 
 
 def get_family(model_type: str) -> ModelFamily:
