@@ -48,9 +48,13 @@ demo-quick: $(VENV)/.installed-demo
 # After `make demo`: the same test sentences spoken by synthesizers the demo
 # never trains on (Debian's flite and festival, installed here when missing;
 # skipped with a message where they cannot be), scored with the demo's model.
-.PHONY: demo-other-voices demo-baseline
+.PHONY: demo-other-voices demo-baseline demo-cascade
 demo-other-voices: $(VENV)/.installed-demo voices
 	$(PY) -m speechjax.projects.spoken_commands.other_voices --workdir=$(DEMO_DIR)
+
+# The intent cascade: the speech LLM's transcripts -> a BERT trained on the training transcripts.
+demo-cascade: $(VENV)/.installed-demo
+	$(PY) -m speechjax.projects.spoken_commands.cascade --workdir=$(DEMO_DIR)
 
 # Whisper tiny.en alone (PyTorch transformers, greedy) on the same sets: the baseline row.
 demo-baseline: $(VENV)/.installed-test

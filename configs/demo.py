@@ -27,6 +27,10 @@ Stages (arg = stage[,quick]):
           (the ctc stage's adapter and head find the token slots; soft tokens
           in SLOT_TOKENS slots) + the frozen LM with LoRA, trained on ASR,
           translation and intent classification.
+  intent  the cascade baseline's classifier (not part of `make demo`: run by
+          `make demo-cascade`): a 2-layer BERT (d=128) trained from scratch on
+          the training transcripts and their 13 intents; it then labels the
+          speech LLM's own transcripts (speech -> text -> intent).
 
 Corpus: 6000 / 200 / 300 train / dev / test utterances (flags of
 speechjax.projects.spoken_commands, whose README describes the stages).
@@ -40,10 +44,10 @@ Results; docs/demo_recipe.md).
 
 from __future__ import annotations
 
-from speechjax.config_base import base_config, decoder_section
+from speechjax.config_base import base_config, decoder_section, text_encoder_section
 from speechjax.models.lora import ATTENTION_TARGETS
 
-STAGES = ("lm", "ctc", "speech")
+STAGES = ("lm", "ctc", "speech", "intent")
 # The LLM's audio slot: up to this many CTC-compressed tokens, then pad. The
 # longest train transcript is 24 tokens; 4 more leave room for insertions.
 SLOT_TOKENS = 28
@@ -175,6 +179,19 @@ def get_config(arg: str | None = None):
     c.optim.update(lr=2e-3, warmup_steps=60)
     c.eval.every_steps = c.train.num_steps
     c.eval.metric, c.eval.mode = "cer", "min"
+  elif stage == "intent":
+    c.model.kind = "text_classifier"
+    c.data.cache_encoder_states = c.data.augment.speed = False  # text only
+    c.model.decoder = text_encoder_section(
+        "bert", vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256,
+        max_position_embeddings=64, pad_token_id=0, residual_dropout=0.1)
+    c.model.num_classes = 13  # the corpus' intents
+    c.data.token_buckets = (32,)  # the longest transcript is 24 tokens, + [CLS] and [SEP]
+    c.train.mode = "full"
+    c.train.num_steps = 300
+    c.optim.update(lr=1e-3, warmup_steps=20)
+    c.eval.every_steps = c.train.num_steps
+    c.eval.metric, c.eval.mode = "head_accuracy", "max"
   else:
     c.model.kind = "speech_llm"
     c.model.encoder_pretrained = "runs/demo/encoder"

@@ -56,6 +56,18 @@ def decoder_section(model_type: str = "llama", **overrides):
   return _dataclass_section(family.config_cls(), model_type=model_type, **overrides)
 
 
+def text_encoder_section(model_type: str = "bert", **overrides):
+  """The fields of a registered text encoder's config ('bert', 'roberta'):
+  what model.decoder holds for model.kind='text_classifier' (the run's text model)."""
+  from speechjax.models.families import get_family
+  family = get_family(model_type)
+  if family.role != "text_encoder":
+    raise ValueError(f"text_encoder_section({model_type!r}): that model_type is a {family.role}")
+  # num_labels comes from model.num_classes; lora from the lora section.
+  return _dataclass_section(family.config_cls(), exclude=("lora", "num_labels"), model_type=model_type,
+                            **overrides)
+
+
 def base_config() -> ml_collections.ConfigDict:
   from speechjax.data.config import default_data_config
 

@@ -203,7 +203,9 @@ def build(config) -> ModelBundle:
     return _build_lm(config, lora)
   if kind == "ctc":
     return _build_ctc(config, lora)
-  raise ValueError(f"model.kind={kind!r}; valid: speech_llm, lm, ctc")
+  if kind == "text_classifier":
+    return _build_text_classifier(config, lora)
+  raise ValueError(f"model.kind={kind!r}; valid: speech_llm, lm, ctc, text_classifier")
 
 
 def _build_speech_llm(config, lora) -> ModelBundle:
@@ -262,6 +264,38 @@ def _build_lm(config, lora) -> ModelBundle:
 
   return ModelBundle("lm", module, dec_cfg, init_fn, pretrained, objectives.causal_lm_objective(module),
                      load_tokenizer(config), None, dec_cfg.num_layers)
+
+
+def _build_text_classifier(config, lora) -> ModelBundle:
+  """A BERT-style text encoder with a classification head (models/bert.py),
+  described by the model.decoder section (decoder_section('bert', ...)) or read
+  from model.decoder_pretrained; model.num_classes logits."""
+  from speechjax.hf import model_config_from_hf
+  from speechjax.models.families import get_family, make_module
+
+  section, num_labels = config.model.decoder, int(config.model.num_classes)
+  if num_labels <= 0:
+    raise ValueError("model.kind='text_classifier' needs model.num_classes > 0 (one logit per label)")
+  if config.model.decoder_pretrained:
+    cfg = model_config_from_hf(config.model.decoder_pretrained, lora=lora, param_dtype="float32",
+                               dtype=config.model.dtype, num_labels=num_labels)
+  else:
+    family = get_family(section.get("model_type", ""))
+    if family.role != "text_encoder":
+      raise ValueError(f"model.kind='text_classifier' needs a text encoder in model.decoder "
+                       f"(decoder_section('bert', ...)); model.decoder.model_type="
+                       f"{section.get('model_type')!r} is a {family.role}")
+    cfg = dataclass_from_config(family.config_cls(), {**section.to_dict(), "dtype": config.model.dtype,
+                                                      "num_labels": num_labels}, lora=lora)
+  module = make_module(cfg)
+
+  def init_fn(rng):
+    return module.init({"params": rng, "dropout": rng}, jnp.ones((1, 4), jnp.int32))
+
+  pretrained = ((PretrainedPart("", config.model.decoder_pretrained, False),)
+                if config.model.decoder_pretrained else ())
+  return ModelBundle("text_classifier", module, cfg, init_fn, pretrained,
+                     objectives.text_classifier_objective(module), load_tokenizer(config), None, cfg.num_layers)
 
 
 def _build_ctc(config, lora) -> ModelBundle:

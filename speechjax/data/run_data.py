@@ -8,7 +8,7 @@
 `speechjax.model_builder.ModelBundle` has them; the data layer never imports
 the model code):
 
-    kind              'speech_llm', 'lm' or 'ctc'
+    kind              'speech_llm', 'lm', 'ctc' or 'text_classifier'
     tokenizer         the LLM's tokenizer (None for a character-CTC run)
     num_audio_tokens  encoder input frames -> audio slots in the prompt
     audio_input       what the encoder reads (kind 'mel' or 'wave', ...; None: log-mel
@@ -16,7 +16,8 @@ the model code):
 
 Speech kinds (speech_llm, ctc) read the configured dataset through the Grain
 pipeline; the text LM kind reads its answers wrapped in the same prompts
-(speechjax.data.text_lm).
+(speechjax.data.text_lm); the text classifier reads `text` and `label`
+(speechjax.data.text_classification).
 """
 
 from __future__ import annotations
@@ -27,9 +28,17 @@ from typing import Any
 
 import grain
 
-from speechjax.data import batching, ctc_labels, encoder_cache, pipeline, sources, text_lm
+from speechjax.data import (
+  batching,
+  ctc_labels,
+  encoder_cache,
+  pipeline,
+  sources,
+  text_classification,
+  text_lm,
+)
 
-RUN_KINDS = ("speech_llm", "lm", "ctc")
+RUN_KINDS = ("speech_llm", "lm", "ctc", "text_classifier")
 
 
 @dataclasses.dataclass
@@ -54,6 +63,11 @@ def build_run_data(config, model, *, frozen_encoder=None, cache_root: str = "") 
   if kind == "lm":
     train, dev_batches = text_lm.text_lm_batches(config, model.tokenizer)
     return RunData(train, dev_batches, lambda: {})
+  if kind == "text_classifier":
+    _, train_info = sources.open_source(config.data, config.data.train_split)
+    labels = tuple(train_info.label_names)
+    train, dev_batches = text_classification.text_classifier_batches(config, model.tokenizer, labels)
+    return RunData(train, dev_batches, lambda: {}, label_names=labels)
   audio_input = getattr(model, "audio_input", None)
   check_features_match(config.data, audio_input)
   states = None

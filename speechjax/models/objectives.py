@@ -65,6 +65,26 @@ def causal_lm_objective(model) -> Objective:
   return Objective(_lm_normalizers, loss)
 
 
+def text_classifier_objective(model) -> Objective:
+  """Cross-entropy of a text classifier's logits (models/bert.py) on
+  `class_labels` (-1: no label, left out)."""
+
+  def normalizers(batch):
+    return {"examples": jnp.maximum(jnp.sum((batch["class_labels"] >= 0) * batch["example_mask"]), 1.0)}
+
+  def loss(variables, batch, rngs, deterministic, norms):
+    logits = model.apply(variables, batch["input_ids"], batch["attention_mask"], deterministic=deterministic,
+                         rngs=rngs)["logits"].astype(jnp.float32)
+    labels = batch["class_labels"]
+    valid = ((labels >= 0) * batch["example_mask"]).astype(jnp.float32)
+    xent = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0)) * valid)
+    return xent / norms["examples"], {
+        "cls_loss_sum": xent, "labelled": jnp.sum(valid),
+        "correct_labels": jnp.sum((jnp.argmax(logits, -1) == labels) * valid)}
+
+  return Objective(normalizers, loss)
+
+
 def speech_llm_objective(model, lm_weight: float = 1.0, cls_weight: float = 0.0) -> Objective:
   """Cross-entropy on the answer tokens (transcript, translation, label as
   text), plus optionally a classification-head loss on `class_labels`."""

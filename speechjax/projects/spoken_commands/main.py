@@ -172,7 +172,8 @@ def _results_table(rows: list[tuple[str, dict]]) -> list[str]:
 
 def read_extra_results(workdir: str) -> list[tuple[str, dict]]:
   """Scores written beside the demo's own: the other-voices set
-  (other_voices.py) and Whisper alone (whisper_baseline.py), when present."""
+  (other_voices.py), Whisper alone (whisper_baseline.py) and the intent
+  cascade (cascade.py), when present."""
   rows = []
   other = os.path.join(workdir, "eval", "test_other.json")
   if os.path.exists(other):
@@ -180,7 +181,29 @@ def read_extra_results(workdir: str) -> list[tuple[str, dict]]:
   baseline = os.path.join(workdir, "eval", "whisper_baseline.json")
   if os.path.exists(baseline):
     rows.append(("Whisper tiny.en alone", json.load(open(baseline))["splits"]))
+  cascade = os.path.join(workdir, "eval", "cascade.json")
+  if os.path.exists(cascade):
+    rows.append(("cascade: speech LLM transcript -> BERT", json.load(open(cascade))["splits"]))
   return rows
+
+
+def refresh_scores(workdir: str) -> None:
+  """Rewrites the score table of <workdir>/report.md with every result now in
+  eval/ (the extra programs call it after writing theirs)."""
+  path, test = os.path.join(workdir, "report.md"), os.path.join(workdir, "eval", "test.json")
+  if not os.path.exists(path) or not os.path.exists(test):
+    return
+  with open(path) as f:
+    lines = f.read().split("\n")
+  start = next((i for i, line in enumerate(lines) if line.startswith("| system |")), None)
+  if start is None:
+    return
+  end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+  with open(test) as f:
+    table = _results_table([("speech LLM", {"test": json.load(f)})] + read_extra_results(workdir))
+  with open(path + ".tmp", "w") as f:
+    f.write("\n".join(lines[:start] + table + lines[end:]))
+  os.replace(path + ".tmp", path)
 
 
 def write_report(workdir: str, corpus: dict, results: dict, transcripts, timings: dict,

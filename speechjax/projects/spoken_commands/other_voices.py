@@ -175,6 +175,8 @@ def main(argv):
     print(json.dumps({k: v for k, v in summary.items() if "/" not in k}, indent=2, sort_keys=True))
     path, seconds, text = transcribe_long(flags.FLAGS.workdir, voices)
     print(f"{path} ({seconds:.1f} s, 44.1 kHz, {voices[0].label}): {text}")
+    from speechjax.projects.spoken_commands.main import refresh_scores  # pylint: disable=g-import-not-at-top
+    refresh_scores(flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
