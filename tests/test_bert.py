@@ -86,6 +86,13 @@ def test_bert_matches_transformers(tmp_path, head):
     np.testing.assert_array_equal(value, state[name], err_msg=name)
 
 
+def test_a_head_is_only_read_from_a_folder_that_has_one(tmp_path):
+  torch.manual_seed(3)
+  folder = _save(transformers.BertModel(transformers.BertConfig(**TINY)), tmp_path / "bare")
+  with pytest.raises(ValueError, match=r"no classification head \(classifier.weight\) for num_labels=3"):
+    hf.load_pretrained(folder, num_labels=3)
+
+
 def test_roberta_numbers_positions_after_the_pad_id(tmp_path):
   torch.manual_seed(2)
   config = transformers.RobertaConfig(**{**TINY, "type_vocab_size": 1, "max_position_embeddings": 40},

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-import grain
 import numpy as np
 
-from speechjax.data import batching, sources
+from speechjax.data import batching, sources, text_lm
 from speechjax.data import tasks as tasks_lib
-from speechjax.data.text_lm import CheckpointableIterator, text_records
 
 
 def special_ids(tokenizer) -> tuple[int | None, int | None, int]:
@@ -85,7 +83,7 @@ def _fixed_batches(items, batch_size: int, buckets, pad_id: int, max_batches: in
 
 
 def text_classifier_batches(config, tokenizer, label_names: Sequence[str]
-                            ) -> tuple[CheckpointableIterator, Callable[[int], Iterable[dict]]]:
+                            ) -> tuple[text_lm.CheckpointableIterator, Callable[[int], Iterable[dict]]]:
   """(endless shuffled train batches, max_batches -> dev batches) for a
   text_classifier run on the configured dataset's `text` and `label` fields."""
   if tokenizer is None:
@@ -94,27 +92,20 @@ def text_classifier_batches(config, tokenizer, label_names: Sequence[str]
   buckets = tuple(sorted(int(t) for t in data_cfg.token_buckets))
   train_source, _ = sources.open_source(data_cfg, data_cfg.train_split)
   dev_source, _ = sources.open_source(data_cfg, data_cfg.eval_split, label_names)
-  train = labelled_examples(text_records(train_source), tokenizer, label_names, max(buckets))
-  dev = labelled_examples(text_records(dev_source), tokenizer, label_names, max(buckets))
+  train = labelled_examples(text_lm.text_records(train_source), tokenizer, label_names, max(buckets))
+  dev = labelled_examples(text_lm.text_records(dev_source), tokenizer, label_names, max(buckets))
   if not train or not dev:
     raise ValueError(f"no examples with 'text' and 'label' in the {'train' if not train else 'dev'} split of "
                      f"{data_cfg.data_dir} (model.kind='text_classifier' reads both fields)")
   pad = special_ids(tokenizer)[2]
-  batch_size = int(data_cfg.batch_size)
-  shard = batching.shard_options_from_config(data_cfg)
-  if batch_size % shard.shard_count:
-    raise ValueError(f"data.batch_size={batch_size} is not divisible by {shard.shard_count} processes")
-  per_host = batch_size // shard.shard_count
-  rows = slice(shard.shard_index * per_host, (shard.shard_index + 1) * per_host)
-  dataset = (grain.MapDataset.source(train).seed(int(data_cfg.seed)).shuffle().repeat()
-             .batch(batch_size, drop_remainder=True,
-                    batch_fn=lambda items: batching.take_rows(classification_batch(list(items), buckets, pad), rows)))
+  rows = text_lm.host_rows(data_cfg)
+  train_batches = text_lm.shuffled_batches(train, data_cfg, lambda items: classification_batch(items, buckets, pad))
 
   def dev_batches(max_batches: int):
-    for batch in _fixed_batches(dev, batch_size, buckets, pad, max_batches):
+    for batch in _fixed_batches(dev, int(data_cfg.batch_size), buckets, pad, max_batches):
       yield batching.take_rows(batch, rows)
 
-  return CheckpointableIterator(iter(dataset.to_iter_dataset())), dev_batches
+  return train_batches, dev_batches
 
 
 def classify_texts(apply_logits: Callable[[np.ndarray, np.ndarray], np.ndarray], tokenizer,

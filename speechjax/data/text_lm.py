@@ -136,6 +136,27 @@ class CheckpointableIterator:
     self._iterator.set_state(dict(state))
 
 
+def host_rows(data_cfg) -> slice:
+  """This host's block of rows of a global batch of data.batch_size (every host
+  builds the same global batches; see speechjax.data.pipeline: per-host sharding)."""
+  batch_size = int(data_cfg.batch_size)
+  shard = batching.shard_options_from_config(data_cfg)
+  if batch_size % shard.shard_count:
+    raise ValueError(f"data.batch_size={batch_size} is not divisible by {shard.shard_count} processes")
+  per_host = batch_size // shard.shard_count
+  return slice(shard.shard_index * per_host, (shard.shard_index + 1) * per_host)
+
+
+def shuffled_batches(items: Sequence, data_cfg, make_batch: Callable[[list], dict]) -> CheckpointableIterator:
+  """Endless shuffled global batches of in-memory `items` (make_batch(list of
+  items) -> batch dict), this host's rows of each, resumable."""
+  rows = host_rows(data_cfg)
+  dataset = (grain.MapDataset.source(items).seed(int(data_cfg.seed)).shuffle().repeat()
+             .batch(int(data_cfg.batch_size), drop_remainder=True,
+                    batch_fn=lambda chunk: batching.take_rows(make_batch(list(chunk)), rows)))
+  return CheckpointableIterator(iter(dataset.to_iter_dataset()))
+
+
 def text_lm_batches(config, tokenizer) -> tuple[CheckpointableIterator, Callable[[int], Iterable[dict]]]:
   """(endless shuffled train batches, max_batches -> dev batches) for an LM run."""
   if tokenizer is None:
@@ -157,17 +178,8 @@ def text_lm_batches(config, tokenizer) -> tuple[CheckpointableIterator, Callable
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   buckets = tuple(sorted(int(t) for t in data_cfg.token_buckets))
   batch_size = int(data_cfg.batch_size)
-  # Global batches, the same on every host; each host feeds its block of rows
-  # (see speechjax.data.pipeline: per-host sharding).
-  shard = batching.shard_options_from_config(data_cfg)
-  if batch_size % shard.shard_count:
-    raise ValueError(f"data.batch_size={batch_size} is not divisible by {shard.shard_count} processes")
-  per_host = batch_size // shard.shard_count
-  rows = slice(shard.shard_index * per_host, (shard.shard_index + 1) * per_host)
-  dataset = (grain.MapDataset.source(train_seqs).seed(int(data_cfg.seed)).shuffle().repeat()
-             .batch(batch_size, drop_remainder=True,
-                    batch_fn=lambda seqs: batching.take_rows(pad_text_batch(list(seqs), buckets, pad), rows)))
-  train = CheckpointableIterator(iter(dataset.to_iter_dataset()))
+  rows = host_rows(data_cfg)
+  train = shuffled_batches(train_seqs, data_cfg, lambda seqs: pad_text_batch(seqs, buckets, pad))
 
   def dev_batches(max_batches: int):
     n = len(dev_seqs) // batch_size if not max_batches else min(max_batches, -(-len(dev_seqs) // batch_size))

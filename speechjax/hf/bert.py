@@ -115,6 +115,12 @@ def params_from_hf(get: Callable[[str], np.ndarray], cfg: BertConfig) -> dict[st
     tree.update({ours: norm(layer + theirs) for ours, theirs in LAYER_NORMS})
     params[f"layer_{i}"] = tree
   if cfg.num_labels:
+    try:
+      get("classifier.weight")
+    except KeyError:
+      raise ValueError(f"the checkpoint has no classification head (classifier.weight) for num_labels="
+                       f"{cfg.num_labels}: load it with num_labels=0 (the encoder and pooler), or a "
+                       "BertForSequenceClassification folder") from None
     params["classifier"] = linear("classifier", h, cfg.num_labels)
   return params
 
