@@ -268,7 +268,7 @@ def _build_lm(config, lora) -> ModelBundle:
 
 def _build_text_classifier(config, lora) -> ModelBundle:
   """A BERT-style text encoder with a classification head (models/bert.py),
-  described by the model.decoder section (decoder_section('bert', ...)) or read
+  described by the model.decoder section (text_encoder_section('bert', ...)) or read
   from model.decoder_pretrained; model.num_classes logits."""
   from speechjax.hf import model_config_from_hf
   from speechjax.models.families import get_family, make_module
@@ -283,7 +283,7 @@ def _build_text_classifier(config, lora) -> ModelBundle:
     family = get_family(section.get("model_type", ""))
     if family.role != "text_encoder":
       raise ValueError(f"model.kind='text_classifier' needs a text encoder in model.decoder "
-                       f"(decoder_section('bert', ...)); model.decoder.model_type="
+                       f"(text_encoder_section('bert', ...)); model.decoder.model_type="
                        f"{section.get('model_type')!r} is a {family.role}")
     cfg = dataclass_from_config(family.config_cls(), {**section.to_dict(), "dtype": config.model.dtype,
                                                       "num_labels": num_labels}, lora=lora)

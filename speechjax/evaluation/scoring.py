@@ -179,11 +179,10 @@ def evaluate_task(bundle, variables, source, info, data_cfg, task: str, decode_c
   if bundle.kind == "ctc" and task != "asr":
     raise ValueError(f"a 'ctc' run transcribes only: task {task!r} needs a speech LLM (tasks: 'asr')")
   ctc_transcribe = ctc_transcriber(bundle) if bundle.kind == "ctc" else None
-  num_audio_tokens = bundle.num_audio_tokens or (lambda frames: 0)
   bar = tqdm.tqdm(total=len(eligible), desc=f"eval {task}", disable=not progress, leave=False)
 
   def decode_all(rows, rows_info, on_batch) -> list[tuple[str, dict[str, Any]]]:
-    iterator = pipeline.make_eval_iterator(rows, rows_info, bundle.tokenizer, num_audio_tokens,
+    iterator = pipeline.make_eval_iterator(rows, rows_info, bundle.tokenizer, bundle.num_audio_tokens,
                                            read_cfg, task=task, generate=not use_head, with_metadata=True,
                                            shard_options=_every_example(), audio_input=bundle.audio_input)
     out = []

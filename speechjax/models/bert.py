@@ -79,12 +79,11 @@ class BertConfig:
     return self.hidden_size // self.num_heads
 
 
-def position_ids(input_ids: jax.Array, attention_mask: jax.Array, cfg: BertConfig) -> jax.Array:
+def position_ids(input_ids: jax.Array, cfg: BertConfig) -> jax.Array:
   if cfg.position_style == "roberta":
     # RoBERTa numbers only real tokens, from pad_token_id + 1; pads sit at pad_token_id.
     real = (input_ids != cfg.pad_token_id).astype(jnp.int32)
     return jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
-  del attention_mask
   return jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None], input_ids.shape)
 
 
@@ -136,7 +135,7 @@ class Bert(nn.Module):
                                                 param_dtype=pdtype, name=name)
     x = (embed(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)
          + embed(cfg.max_position_embeddings, (None, "embed"), "position_embeddings")(
-             position_ids(input_ids, attention_mask, cfg))
+             position_ids(input_ids, cfg))
          + embed(cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")(token_type_ids))
     x = L.LayerNorm(cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name="embeddings_norm")(x)
     x = nn.Dropout(cfg.residual_dropout)(x, deterministic=deterministic)

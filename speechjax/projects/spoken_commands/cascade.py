@@ -50,10 +50,11 @@ def score_cascade(classify, predictions: dict[str, dict[str, dict]]) -> dict[str
   from_asr = classify([predictions["asr"][i]["prediction"] for i in ids])
   from_reference = classify([predictions["asr"][i]["reference"] for i in ids])
   end_to_end = [predictions["classify"][i]["prediction"] for i in ids]
-  score = lambda predicted: metrics.classification_metrics(predicted, labels)  # noqa: E731
-  return {"accuracy": score(from_asr)["accuracy"], "macro_f1": score(from_asr)["macro_f1"],
-          "accuracy_on_reference_transcripts": score(from_reference)["accuracy"],
-          "speech_llm_accuracy": score(end_to_end)["accuracy"], "num_examples": len(ids)}
+  cascade = metrics.classification_metrics(from_asr, labels)
+  return {"accuracy": cascade["accuracy"], "macro_f1": cascade["macro_f1"],
+          "accuracy_on_reference_transcripts": metrics.classification_metrics(from_reference, labels)["accuracy"],
+          "speech_llm_accuracy": metrics.classification_metrics(end_to_end, labels)["accuracy"],
+          "num_examples": len(ids)}
 
 
 def run(config_arg: str, workdir: str) -> dict:
