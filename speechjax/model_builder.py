@@ -46,12 +46,15 @@ class PretrainedPart:
   """Weights that come from a checkpoint folder instead of the random init:
   the HF model in `folder` fills `subtree` of the params ('' = all of them);
   `extra` names heads saved beside it (`<name>.safetensors`) and the params
-  subtree each fills, e.g. (("ctc_head", "projector/ctc_head"),)."""
+  subtree each fills, e.g. (("ctc_head", "projector/ctc_head"),); `fresh`
+  names subtrees the folder does not hold, which keep their random init
+  (a new classification head on a base checkpoint)."""
 
   subtree: str
   folder: str
   scan_layers: bool = False
   extra: tuple[tuple[str, str], ...] = ()
+  fresh: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -148,7 +151,8 @@ def init_variables(bundle: ModelBundle, rng, mesh, rules, dtypes: Callable[[str]
   for part in bundle.pretrained:
     for path in abstract:
       inner = path[len("params/"):]
-      if path.startswith("params/") and _under(inner, part.subtree):
+      if (path.startswith("params/") and _under(inner, part.subtree)
+          and not any(_under(inner, sub) for sub in part.fresh)):
         loaded_from[path] = part.folder
     for _, subtree in part.extra:
       for path in abstract:
@@ -167,8 +171,9 @@ def init_variables(bundle: ModelBundle, rng, mesh, rules, dtypes: Callable[[str]
     names = [p for p in abstract if p.startswith(prefix) and loaded_from.get(p) == part.folder
              and not any(_under(p[len("params/"):], sub) for _, sub in part.extra)]
     inner = {p[len(prefix):]: p for p in names}
+    # scan_layers is only passed when set: some families (BERT) have no such field.
     _, loaded = load_pretrained(
-        part.folder, dtype=jnp.float32, scan_layers=part.scan_layers,
+        part.folder, dtype=jnp.float32, **({"scan_layers": True} if part.scan_layers else {}),
         shardings={k: flat_shardings[p] for k, p in inner.items()},
         dtypes={k: dtype_of(p) for k, p in inner.items()},
         expect_shapes={k: abstract[p].shape for k, p in inner.items()})
@@ -292,10 +297,30 @@ def _build_text_classifier(config, lora) -> ModelBundle:
   def init_fn(rng):
     return module.init({"params": rng, "dropout": rng}, jnp.ones((1, 4), jnp.int32))
 
-  pretrained = ((PretrainedPart("", config.model.decoder_pretrained, False),)
-                if config.model.decoder_pretrained else ())
+  pretrained = ()
+  if config.model.decoder_pretrained:
+    pretrained = (PretrainedPart("", config.model.decoder_pretrained, False,
+                                 fresh=_new_head(config.model.decoder_pretrained, num_labels)),)
   return ModelBundle("text_classifier", module, cfg, init_fn, pretrained,
                      objectives.text_classifier_objective(module), load_tokenizer(config), None, cfg.num_layers)
+
+
+def _new_head(folder: str, num_labels: int) -> tuple[str, ...]:
+  """('classifier',) when the checkpoint is a base encoder (BertModel, RobertaModel):
+  its encoder and pooler load, the head starts from its random init. A folder
+  with a head of another size is refused rather than silently re-initialised."""
+  from speechjax.hf import model_config_from_hf
+
+  have = model_config_from_hf(folder).num_labels
+  if not have:
+    log.info("%s has no classification head: a new one with %d classes starts from random init",
+             folder, num_labels)
+    return ("classifier",)
+  if have != num_labels:
+    raise ValueError(f"{folder}: its classification head has {have} labels, model.num_classes is "
+                     f"{num_labels}; fine-tune the base encoder instead (a folder saved as BertModel, "
+                     "which gets a new head) or set model.num_classes to the checkpoint's labels")
+  return ()
 
 
 def _build_ctc(config, lora) -> ModelBundle:

@@ -101,3 +101,58 @@ def test_text_ids_put_cls_and_sep_around_the_text(tiny_corpus):
   examples = text_classification.labelled_examples(
       [{"text": "stop", "label": "b"}, {"text": "go", "label": "zzz"}, {"text": "", "label": "a"}], tok, ("a", "b"), 8)
   assert [label for _, label in examples] == [1, -1]
+
+
+def test_a_base_bert_checkpoint_gets_a_new_head_and_keeps_its_encoder(tiny_corpus, tmp_path):
+  """A BertModel folder (no classifier) fine-tunes as a text classifier: its
+  encoder and pooler load bit for bit, the head starts at random init and trains."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from speechjax import model_builder
+  from speechjax.train import build_trainer
+
+  torch.manual_seed(0)
+  base = transformers.BertModel(transformers.BertConfig(
+      vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+      max_position_embeddings=64, pad_token_id=0))
+  folder = str(tmp_path / "bert_base")
+  base.save_pretrained(folder, safe_serialization=True)
+  state = base.state_dict()
+
+  config, label_names = _config(tiny_corpus)
+  config.model.decoder_pretrained = folder
+  config.train.num_steps = 5
+  config.eval.every_steps = config.checkpoint.every_steps = 5
+  trainer = build_trainer(config, str(tmp_path / "run"))
+  before = {k: np.array(v) for k, v in flatten(nn.unbox(trainer.variables()["params"]), sep="/").items()}
+  np.testing.assert_array_equal(before["word_embeddings/embedding"],
+                                state["embeddings.word_embeddings.weight"].numpy())
+  np.testing.assert_array_equal(before["pooler/kernel"], state["pooler.dense.weight"].numpy().T)
+  assert before["classifier/kernel"].shape == (32, len(label_names))
+  assert np.abs(before["classifier/kernel"]).max() > 0  # initialised, not read
+  trainer.run()
+  after = flatten(nn.unbox(trainer.variables()["params"]), sep="/")
+  assert not np.array_equal(before["classifier/kernel"], np.asarray(after["classifier/kernel"]))
+  assert not np.array_equal(before["pooler/kernel"], np.asarray(after["pooler/kernel"]))  # mode 'full'
+
+  # A BertForSequenceClassification folder with as many labels loads its head too;
+  # one with another number of labels is refused, naming both.
+  for num_labels in (len(label_names), 2):
+    classifier = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, pad_token_id=0, num_labels=num_labels))
+    config.model.decoder_pretrained = str(tmp_path / f"bert_{num_labels}_labels")
+    classifier.save_pretrained(config.model.decoder_pretrained, safe_serialization=True)
+  config.model.decoder_pretrained = str(tmp_path / f"bert_{len(label_names)}_labels")
+  loaded = build_trainer(config, str(tmp_path / "run_with_head")).variables()["params"]
+  np.testing.assert_array_equal(np.asarray(nn.unbox(loaded)["classifier"]["kernel"]),
+                                classifier_weight(tmp_path / f"bert_{len(label_names)}_labels").T)
+  config.model.decoder_pretrained = str(tmp_path / "bert_2_labels")
+  with pytest.raises(ValueError, match=rf"head has 2 labels, model.num_classes is {len(label_names)}"):
+    model_builder.build(config)
+
+
+def classifier_weight(folder):
+  from safetensors.numpy import load_file
+
+  return load_file(str(folder / "model.safetensors"))["classifier.weight"]
