@@ -63,6 +63,12 @@ demo-baseline: $(VENV)/.installed-test
 bench: $(VENV)/.installed-bench
 	$(PY) -m bench.run_all
 
+# docs/recipe_memory.md: every recipe compiled for its TPU slice (and one smaller and larger) on
+# this CPU with libtpu: per-chip memory, fit, max batch, FLOPs (tens of minutes on 2 cores).
+.PHONY: recipe-table
+recipe-table: $(VENV)/.installed-test
+	$(PY) -m speechjax.compilation.recipe_table --out=docs/recipe_memory.md
+
 clean:
 	rm -rf runs/demo runs/demo_quick
 

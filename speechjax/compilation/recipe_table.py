@@ -1,0 +1,208 @@
+r"""The recipes' per-chip memory table (docs/recipe_memory.md), from one command.
+
+    python -m speechjax.compilation.recipe_table --out=docs/recipe_memory.md     # = make recipe-table
+    python -m speechjax.compilation.recipe_table --recipes=slam_asr.py --topologies=v4-32 --out=/tmp/t.md
+
+Each recipe under configs/ is compiled for the TPU slice its docstring names
+and for one slice smaller and one larger (`RECIPES`), with libtpu on this
+CPU (no TPU, no weights). A row gives XLA's per-chip memory (arguments,
+outputs, temporaries), whether it fits the chip's HBM with a 5 % margin, the
+largest global batch that fits (documented slice only: doubling from the
+recipe's batch, `--max_probes` compiles), compiled over model FLOPs and the
+step time at the chip's peak bf16 rate (`speechjax.compilation.report`
+defines every figure). FLOPs are counted on the documented slice; the
+other rows give the model-FLOPs roofline only (a step's FLOPs do not depend
+on the slice). A compile that fails writes its error in the row and the
+table goes on. The file is replaced atomically, with the date and commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import datetime
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  config: str  # "slam_asr.py" or "slam_asr.py:hubert_xl", under configs/
+  topology: str  # the slice its docstring names
+  others: tuple[str, ...]  # one size smaller and one larger (where the generation has them)
+
+
+RECIPES = (
+    Recipe("slam_asr.py", "v4-32", ("v4-16", "v4-64")),
+    Recipe("slam_asr.py:vicuna", "v4-32", ("v4-16", "v4-64")),
+    Recipe("slam_asr.py:hubert_xl", "v4-32", ("v4-16", "v4-64")),
+    Recipe("slam_asr.py:wavlm_large", "v4-32", ("v4-16", "v4-64")),
+    Recipe("salmonn.py", "v4-64", ("v4-32", "v4-128")),
+    Recipe("qwen2_audio.py", "v5e-64", ("v5e-32", "v5e-128")),
+    Recipe("speech_translation.py", "v4-16", ("v4-8", "v4-32")),
+    Recipe("speech_classification.py", "v4-8", ("v4-16",)),
+)
+
+COLUMNS = ("recipe", "slice", "chips", "mesh (data, fsdp, tensor)", "batch", "GiB/chip", "argument", "output",
+           "temp", "HBM GiB", "fits", "max batch", "compiled / model FLOPs", "roofline s/step",
+           "model roofline s/step", "compile s")
+
+
+def load_recipe(spec: str, configs_dir: str = os.path.join(REPO, "configs")):
+  """'file.py[:arg]' under configs_dir -> its ConfigDict (as --config= gives it)."""
+  name, _, arg = spec.partition(":")
+  path = os.path.join(configs_dir, name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"recipe {spec!r}: no {path}")
+  module_spec = importlib.util.spec_from_file_location(f"recipe_{name[:-3]}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _gib(n) -> str:
+  return f"{n / 2**30:.2f}"
+
+
+def _num(x, fmt: str) -> str:
+  return "-" if x is None else format(x, fmt)
+
+
+def report_row(recipe: str, report: dict) -> tuple[str, ...]:
+  m = report["per_chip_bytes"]
+  mesh = report["mesh"]
+  best = report.get("max_batch")
+  if best is None:
+    max_batch = "-"
+  elif best["converged"] or best["first_not_fitting"] is not None:
+    max_batch = str(best["max_batch_size"])
+  else:  # every probe fitted: a lower bound
+    max_batch = f">= {best['max_batch_size']}"
+  ratio = report.get("flops_per_step") and report["model_flops_per_step"] / report["flops_per_step"]
+  model_roofline = (report["model_flops_per_step"] / (report["num_chips"] * report["peak_bf16_flops_per_chip"])
+                    if report.get("peak_bf16_flops_per_chip") else None)
+  return (recipe, report["target"], str(report["num_chips"]),
+          f"{mesh.get('data', 1)}, {mesh.get('fsdp', 1)}, {mesh.get('tensor', 1)}", str(report["batch_size"]),
+          _gib(m["total"]), _gib(m["argument"]), _gib(m["output"]), _gib(m["temp"]),
+          _gib(report["hbm_bytes_per_chip"]), "yes" if report["fits"] else "**NO**", max_batch,
+          _num(ratio or None, ".2f"), _num(report.get("roofline_step_seconds"), ".3f"), _num(model_roofline, ".3f"),
+          _num(report.get("compile_seconds"), ".0f"))
+
+
+def error_row(recipe: str, topology: str, error: BaseException) -> tuple[str, ...]:
+  message = " ".join(f"{type(error).__name__}: {error}".split())[:200].replace("|", "/")
+  return (recipe, topology) + ("-",) * (len(COLUMNS) - 3) + (f"failed: {message}",)
+
+
+def markdown(rows: Sequence[Sequence[str]], *, command: str, commit: str, date: str, seconds: float) -> str:
+  lines = [
+      "# Recipes on their hardware: per-chip memory, fit, FLOPs",
+      "",
+      f"Generated on {date} at commit {commit} by `{command}` "
+      f"({seconds / 60:.0f} min on this machine's CPU with libtpu; no TPU, no weights).",
+      "",
+      "Each recipe's train step (its config as written: batch, mesh, remat, scan, bf16 frozen weights) is",
+      "compiled by XLA's TPU compiler for the slice its docstring names and for one slice smaller and one",
+      "larger. Memory is XLA's per-chip account of the compiled step (arguments = weights, optimizer state and",
+      "batch; temp = activations, gradients and collective buffers); a step fits when its total stays under",
+      "the chip's HBM less 5 %. `max batch`: the largest global batch that fits on the documented slice,",
+      "doubling from the recipe's batch (`>= N`: every probe fitted). `compiled / model FLOPs`: model FLOPs",
+      "(6 per trained weight and token, 4 or 2 per frozen one) over XLA's count of the compiled step, which",
+      "counts many sharded TPU matmuls below 2MNK, so values above 1 are expected. The rooflines are the step",
+      "time at the chip's peak bf16 FLOP/s from the compiled and the model FLOPs (the latter = 100 % MFU);",
+      "FLOPs are counted on the documented slice only. speechjax/compilation/report.py defines every figure.",
+      "",
+      "| " + " | ".join(COLUMNS) + " |",
+      "|" + "---|" * len(COLUMNS),
+  ]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  lines += ["", "GPU meshes (8x A100 / H100) are not in the table: XLA compiles for GPUs only on a machine that has",
+            "them. `python -m speechjax.compile --config=...` there reports the same figures for the local devices.",
+            ""]
+  return "\n".join(lines)
+
+
+def write_atomically(path: str, text: str) -> None:
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def git_commit() -> str:
+  try:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return out + ("+changes" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def build_rows(recipes: Sequence[Recipe], *, topologies: Sequence[str] = (), max_probes: int = 4,
+               load=load_recipe, run=None) -> list[tuple[str, ...]]:
+  """One row per recipe x slice (`topologies` filters the slices). `run` is
+  speechjax.compilation.report.run (a parameter so tests can pass a cheaper one)."""
+  if run is None:
+    from speechjax.compilation import report as report_lib
+    run = report_lib.run
+  rows = []
+  for recipe in recipes:
+    for topology in (recipe.topology,) + tuple(recipe.others):
+      if topologies and topology not in topologies:
+        continue
+      documented = topology == recipe.topology
+      try:
+        report = run(load(recipe.config), topology=topology, count_flops=documented,
+                     max_batch=documented and max_probes > 0, max_probes=max_probes)
+      except Exception as e:  # noqa: BLE001  (one failed compile must not lose the others' rows)
+        logging.getLogger(__name__).warning("%s on %s: %s", recipe.config, topology, e)
+        rows.append(error_row(recipe.config, topology, e))
+        continue
+      rows.append(report_row(recipe.config, report))
+  return rows
+
+
+_OUT = flags.DEFINE_string("out", os.path.join(REPO, "docs", "recipe_memory.md"), "Markdown file to write.")
+_RECIPES = flags.DEFINE_list("recipes", [], "Only these recipes (e.g. slam_asr.py,salmonn.py; default all).")
+_TOPOLOGIES = flags.DEFINE_list("topologies", [], "Only these slices (e.g. v4-32; default each recipe's three).")
+_MAX_PROBES = flags.DEFINE_integer("max_probes", 4, "Compiles for the max-batch search (0 = skip it).")
+
+
+def main(argv):
+  del argv
+  logging.getLogger("speechjax").setLevel(logging.INFO)
+  from speechjax.compilation import topology as topology_lib
+  if not topology_lib.libtpu_available():
+    print(f"speechjax.compilation.recipe_table: {topology_lib.INSTALL_HINT}", file=sys.stderr)
+    sys.exit(2)
+  known = {r.config for r in RECIPES}
+  unknown = [r for r in _RECIPES.value if r not in known and not any(k.startswith(r) for k in known)]
+  if unknown:
+    raise app.UsageError(f"--recipes: {unknown} are not in the table; recipes: {sorted(known)}")
+  recipes = [r for r in RECIPES if not _RECIPES.value
+             or any(r.config == want or r.config.split(":")[0] == want for want in _RECIPES.value)]
+  start = time.time()
+  rows = build_rows(recipes, topologies=_TOPOLOGIES.value, max_probes=_MAX_PROBES.value)
+  command = "python -m speechjax.compilation.recipe_table" + "".join(
+      f" --{name}={','.join(value)}" for name, value in (("recipes", _RECIPES.value),
+                                                          ("topologies", _TOPOLOGIES.value)) if value)
+  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+  write_atomically(_OUT.value, markdown(rows, command=command, commit=git_commit(), date=date,
+                                        seconds=time.time() - start))
+  print(f"wrote {_OUT.value} ({len(rows)} rows)")
+
+
+if __name__ == "__main__":
+  app.run(main)
