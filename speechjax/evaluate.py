@@ -9,7 +9,10 @@ num_skipped) and W/eval/<name>.predictions.jsonl (one line per example).
 A CTC encoder run (model.kind='ctc', e.g. the demo's ctc stage) is scored on
 its greedy CTC transcripts (task 'asr': WER, CER).
 The run is loaded onto the mesh it trained on (its `mesh.shape`), or onto
-`--mesh`; each batch is split over the mesh's batch axes.
+`--mesh`; each batch is split over the mesh's batch axes. On several hosts
+(launch/local.sh --module speechjax.evaluate, a TPU slice, SLURM) each host
+reads and decodes its rows of every batch, the answers are exchanged, and
+process 0 writes W/eval/.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import json
 import os
 
 from absl import app, flags, logging
+import jax
 
-from speechjax import dry_run, transcribe
+from speechjax import dry_run, parallel, runtime, transcribe
 
 FLAGS = flags.FLAGS
 
@@ -36,6 +40,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("dry_run", False, "Open the run's splits and tokenizer, lower its step, exit (no weights).")
   transcribe.define_decode_flags()  # --decode.method=beam --decode.beam_size=5 ...
   transcribe.define_mesh_flag()  # --mesh=1,-1,1
+  runtime.define_distributed_flags()  # several hosts: each decodes its rows (evaluation/hosts.py)
   flags.adopt_module_key_flags(transcribe)  # --help lists them
   flags.mark_flags_as_required(["workdir"])
 
@@ -93,6 +98,8 @@ def evaluate_run(workdir: str, split: str = "test", manifest: str = "", name: st
                for task in eval_tasks]
   summary = scoring.summarize(results)
   summary.update(checkpoint_step=step, split=target, num_skipped=count_skipped(info, eval_tasks, config.data))
+  if jax.process_index() != 0:  # every host holds every answer; process 0 writes them
+    return summary
   sources.record_skipped(workdir, info.skipped)
   name = name or (os.path.splitext(os.path.basename(manifest))[0] if manifest else split)
   out_dir = os.path.join(workdir, "eval")
@@ -121,11 +128,14 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   mesh_shape = transcribe.mesh_flag_value()
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if FLAGS.dry_run:
     return dry_run.print_dry_run(workdir=FLAGS.workdir, split=FLAGS.manifest or FLAGS.split)
   transcribe.check_mesh_flag(FLAGS.workdir, mesh_shape)
   summary = evaluate_run(FLAGS.workdir, FLAGS.split, FLAGS.manifest, FLAGS.name, FLAGS.tasks,
                          FLAGS.checkpoint, FLAGS.max_examples, decode=decode, mesh_shape=mesh_shape)
+  if jax.process_index() != 0:
+    return
   logging.info("wrote %s/eval", FLAGS.workdir)
   print(json.dumps({k: v for k, v in summary.items() if "/" not in k}, indent=2, sort_keys=True))
 

@@ -10,6 +10,16 @@ import sys
 import jax
 
 
+def define_distributed_flags() -> None:
+  """--coordinator_address / --num_processes / --process_id: a multi-process
+  job started by hand or by launch/local.sh (other launchers set JAX_* or are
+  detected: parallel.initialize_distributed)."""
+  from absl import flags
+  flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
+  flags.DEFINE_integer("num_processes", 0, "Number of processes (0 = auto-detect / single).")
+  flags.DEFINE_integer("process_id", -1, "This process' index (-1 = auto-detect).")
+
+
 def setup(config, flags_values=None) -> None:
   from speechjax import parallel, run_paths
 

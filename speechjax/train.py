@@ -67,9 +67,7 @@ def define_flags() -> None:
   """Defined only when run as a program, so importing this module adds no flags."""
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run folder: config, metrics, checkpoints.")
-  flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
-  flags.DEFINE_integer("num_processes", 0, "Number of processes (0 = auto-detect / single).")
-  flags.DEFINE_integer("process_id", -1, "This process' index (-1 = auto-detect).")
+  runtime.define_distributed_flags()
   flags.DEFINE_bool("dry_run", False, "Open every split and the tokenizer, lower the step, exit (no weights).")
   flags.mark_flags_as_required(["config", "workdir"])
 

@@ -59,6 +59,7 @@ SLOW_TESTS = (
     "test_multihost.py::test_two_processes_train_what_one_process_trains",
     "test_multihost.py::test_two_process_checkpoint_resumes_in_one_process",
     "test_multihost.py::test_local_sh_fails_when_a_process_fails",
+    "test_multihost.py::test_two_processes_evaluate_what_one_process_evaluates",
     "test_other_voices.py::test_long_recording_at_44k_is_chunked_and_transcribed",
     "test_plugins.py::test_toy_encoder_and_task_train_and_decode",
     "test_run_folder.py::test_moved_run_folder_evaluates_and_transcribes_from_another_cwd",

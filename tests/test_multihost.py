@@ -79,6 +79,42 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
   assert os.path.isdir(os.path.join(resumed, "checkpoints", "last", "12"))
 
 
+def test_two_processes_evaluate_what_one_process_evaluates(runs):
+  """evaluate on 2 hosts x 2 devices: each host decodes its half of the test
+  rows, and process 0 writes the same predictions and scores, in the same
+  order, as one process with 4 devices writes."""
+  workdir, env = runs["two"], tiny_runs.subprocess_env()
+  common = ["--module", "speechjax.evaluate", "--", f"--workdir={workdir}", "--split=test",
+            "--checkpoint=last", "--max_examples=24"]
+  tiny_runs.run(["bash", LOCAL_SH, "-d", "4"] + common + ["--name=one_host"], env=env,
+                log_path=runs["root"] / "eval_one.log")
+  tiny_runs.run(["bash", LOCAL_SH, "-n", "2", "-d", "2", "--port", str(tiny_runs.free_port()),
+                 "--log_dir", str(runs["root"] / "eval_logs")] + common + ["--name=two_hosts"],
+                env=env, log_path=runs["root"] / "eval_two.log")
+  out = os.path.join(workdir, "eval")
+
+  def read(name):
+    with open(os.path.join(out, f"{name}.json")) as f:
+      summary = json.load(f)
+    with open(os.path.join(out, f"{name}.predictions.jsonl")) as f:
+      return summary, [json.loads(line) for line in f]
+
+  one, one_rows = read("one_host")
+  two, two_rows = read("two_hosts")
+  assert len(one_rows) == one["num_examples"] > 8  # more than one batch of 8
+  assert two_rows == one_rows  # same rows, same order, same answers
+  assert {k: v for k, v in two.items() if k != "rows_decoded_per_host"} == \
+      {k: v for k, v in one.items() if k != "rows_decoded_per_host"}
+  assert one["rows_decoded_per_host"] == [one["num_examples"]]
+  # Each host decoded its 4 rows of every batch of 8 (the last batch's padding rows are not answers).
+  assert sum(two["rows_decoded_per_host"]) == two["num_examples"]
+  assert all(0 < n < two["num_examples"] for n in two["rows_decoded_per_host"])
+  # One writer: process 1 wrote no files (only process 0's names are there) and printed no summary.
+  assert sorted(n for n in os.listdir(out) if n.startswith("two_hosts")) == [
+      "two_hosts.json", "two_hosts.predictions.jsonl", "two_hosts.report.md"]
+  assert '"num_examples"' not in open(runs["root"] / "eval_logs" / "process_1.log").read()
+
+
 @pytest.mark.slow
 def test_sigterm_on_one_host_stops_every_host_at_one_step(runs):
   """SIGTERM reaches process 1 only: both processes agree on one step, save one

@@ -201,6 +201,12 @@ class EvalIterator:
   def __len__(self) -> int:
     return self.num_batches
 
+  @property
+  def host_rows(self) -> slice:
+    """The rows of each global batch this host feeds (all of them on one host)."""
+    return slice(self._rows.start, self._rows.stop) if self.global_batch_size != self.batch_size \
+        else slice(0, self.batch_size)
+
   def _batch(self, k: int):
     size = self.global_batch_size
     rows = self._indices[k * size:(k + 1) * size]

@@ -23,6 +23,7 @@ from speechjax import generation
 from speechjax.data import audio as audio_lib
 from speechjax.data import batching, pipeline, sources
 from speechjax.data import tasks as tasks_lib
+from speechjax.evaluation import hosts
 from speechjax.evaluation import metrics as metrics_lib
 from speechjax.models.lora import merge
 
@@ -52,8 +53,8 @@ def decode_batch(bundle, variables, batch: dict, decode_cfg) -> list[str]:
       bundle.module, variables, batch, max_new_tokens=int(decode_cfg.max_new_tokens), eos_id=eos,
       pad_id=pad, method=decode_cfg.method, num_beams=int(decode_cfg.beam_size),
       length_penalty=float(decode_cfg.length_penalty), temperature=float(decode_cfg.temperature),
-      top_p=float(decode_cfg.top_p), rng=jax.random.PRNGKey(0))
-  tokens, lengths = jax.device_get((out.tokens, out.lengths))
+      top_p=float(decode_cfg.top_p), rng=jax.random.PRNGKey(0), process_rows=hosts.multi_process())
+  tokens, lengths = hosts.host_rows_of(out.tokens), hosts.host_rows_of(out.lengths)
   texts = []
   for row, n in zip(tokens, lengths):
     ids = [int(t) for t in row[:int(n)] if int(t) != eos]
@@ -69,29 +70,25 @@ def ctc_transcriber(bundle) -> Callable[[Any, dict], list[str]]:
   apply = jax.jit(lambda v, f, m: bundle.module.apply(v, f, m))
 
   def transcribe(variables, batch: dict) -> list[str]:
-    logits, mask = apply(variables, batch["features"], batch["feature_mask"])
-    return ctc.greedy_decode(logits, mask, bundle.model_config, bundle.tokenizer)
+    inputs = hosts.global_batch(batch, ("features", "feature_mask"))
+    logits, mask = apply(variables, inputs["features"], inputs["feature_mask"])
+    return ctc.greedy_decode(hosts.host_rows_of(logits), hosts.host_rows_of(mask), bundle.model_config,
+                             bundle.tokenizer)
 
   return transcribe
 
 
 def classify_batch(bundle, variables, batch: dict, label_names) -> list[str]:
-  logits = bundle.module.apply(variables, batch["features"], batch["feature_mask"], batch["input_ids"],
-                               batch["attention_mask"], method="classify")
+  inputs = hosts.global_batch(batch, ("features", "feature_mask", "input_ids", "attention_mask"))
+  logits = hosts.host_rows_of(bundle.module.apply(
+      variables, inputs["features"], inputs["feature_mask"], inputs["input_ids"], inputs["attention_mask"],
+      method="classify"))
   logits = jax.device_get(logits)
   if logits.shape[-1] != len(label_names):
     raise ValueError(f"the classification head has {logits.shape[-1]} classes (model.num_classes) but the "
                      f"training data names {len(label_names)} labels ({', '.join(label_names)}): set "
                      f"--config.model.num_classes={len(label_names)}")
   return [label_names[int(i)] for i in np.argmax(logits, -1)]
-
-
-def _every_example():
-  """Every host decodes every example: the prompts go into the decode as
-  replicated inputs (the same on all hosts, as SPMD needs) and each host gets
-  all predictions, so process 0 scores the whole split, not its share."""
-  import grain
-  return grain.sharding.NoSharding()
 
 
 @dataclasses.dataclass
@@ -104,6 +101,7 @@ class TaskResult:
   normalizer: str = metrics_lib.DEFAULT_NORMALIZER
   # classification tasks: `metrics_lib.per_class_metrics` (per-class figures, confusion matrix)
   classes: dict[str, Any] | None = None
+  rows_per_host: tuple[int, ...] = ()  # rows (chunks included) each process decoded, in process order
 
 
 class _Rows:
@@ -142,6 +140,16 @@ def _chunk_records(source, indices, limit: int) -> tuple[list[dict[str, Any]], l
       records.append({**record, "audio": piece, "id": f"{tasks_lib.as_text(record.get('id'))}#{k}"})
       owners.append(position)
   return records, owners
+
+
+def _plain(value):
+  """A metadata value as JSON has it (numpy scalars and bytes -> Python), so
+  answers cross hosts unchanged."""
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
 
 
 def _join(task: str, pieces: list[str]) -> str:
@@ -184,9 +192,16 @@ def evaluate_task(bundle, variables, source, info, data_cfg, task: str, decode_c
   def decode_all(rows, rows_info, on_batch) -> list[tuple[str, dict[str, Any]]]:
     iterator = pipeline.make_eval_iterator(rows, rows_info, bundle.tokenizer, bundle.num_audio_tokens,
                                            read_cfg, task=task, generate=not use_head, with_metadata=True,
-                                           shard_options=_every_example(), audio_input=bundle.audio_input)
+                                           shard_options=hosts.shard_options(), audio_input=bundle.audio_input)
+    # (position in `rows`, answer, meta) of this host's rows; gathered from every host below.
+    if hosts.own_rows(iterator.global_batch_size) != iterator.host_rows:
+      raise RuntimeError(f"process {jax.process_index()} reads rows {iterator.host_rows} of each batch of "
+                         f"{iterator.global_batch_size}, its devices hold rows "
+                         f"{hosts.own_rows(iterator.global_batch_size)}: order the mesh so each process' "
+                         "devices are adjacent along the batch axes")
     out = []
-    for batch, meta in iterator:
+    for k, (batch, meta) in enumerate(iterator):
+      first = k * iterator.global_batch_size + iterator.host_rows.start
       if ctc_transcribe is not None:
         texts = ctc_transcribe(variables, batch)
       elif use_head:
@@ -194,10 +209,16 @@ def evaluate_task(bundle, variables, source, info, data_cfg, task: str, decode_c
       else:
         texts = decode_batch(bundle, variables, batch, decode_cfg)
       for i in range(len(meta["reference"])):
-        out.append((texts[i], {key: values[i] for key, values in meta.items()}))
-      on_batch(len(meta["reference"]))
-    return out
+        out.append((first + i, texts[i], {key: _plain(values[i]) for key, values in meta.items()}))
+      on_batch(len(meta["reference"]) * jax.process_count())
+    decoded_here.append(len(out))
+    gathered = sorted(hosts.gather(out), key=lambda row: row[0])
+    if [row[0] for row in gathered] != list(range(len(rows))):
+      raise RuntimeError(f"scoring {task!r}: the hosts answered rows {[row[0] for row in gathered][:10]}..., "
+                         f"expected each of the {len(rows)} rows once")
+    return [(text, meta) for _, text, meta in gathered]
 
+  decoded_here: list[int] = []  # rows this host decoded, per decode_all call
   answers: dict[int, tuple[str, dict[str, Any]]] = {}
   short = eligible[~long_mask]
   if len(short):
@@ -223,8 +244,9 @@ def evaluate_task(bundle, variables, source, info, data_cfg, task: str, decode_c
   predictions = [{"id": answers[p][1]["id"], "task": task, "prediction": answers[p][0],
                   "reference": answers[p][1]["reference"]} for p in range(len(eligible))]
   num_skipped = int(getattr(info, "num_skipped", 0))
+  rows_per_host = tuple(hosts.gather([sum(decoded_here)]))
   if not predictions:
-    return TaskResult(task, {}, [], num_skipped, 0, normalizer)
+    return TaskResult(task, {}, [], num_skipped, 0, normalizer, rows_per_host=rows_per_host)
   options = {"normalizer": normalizer} if "normalizer" in metric_options(task) else {}
   scores = compute_metrics(task, [p["prediction"] for p in predictions],
                            [p["reference"] for p in predictions], **options)
@@ -232,7 +254,8 @@ def evaluate_task(bundle, variables, source, info, data_cfg, task: str, decode_c
   if tasks_lib.get_task(task).class_head:
     classes = metrics_lib.per_class_metrics([p["prediction"] for p in predictions],
                                             [p["reference"] for p in predictions], labels=labels or None)
-  return TaskResult(task, scores, predictions, num_skipped, int(long_mask.sum()), normalizer, classes)
+  return TaskResult(task, scores, predictions, num_skipped, int(long_mask.sum()), normalizer, classes,
+                    rows_per_host)
 
 
 def metric_options(task: str) -> tuple[str, ...]:
@@ -257,7 +280,8 @@ def summarize(results: list[TaskResult]) -> dict[str, Any]:
   every metric also as '<task>/<name>', plus example counts. A classification
   task adds '<task>/per_class' ({label: {precision, recall, f1, support}}) and
   '<task>/confusion' ({'labels': [...], 'matrix': rows = reference, columns =
-  predicted}); they are the only values that are not numbers or strings."""
+  predicted}); with 'rows_decoded_per_host' (the rows each process decoded,
+  all tasks together) they are the only values that are not numbers or strings."""
   out: dict[str, Any] = {}
   for r in results:
     for name, value in r.metrics.items():
@@ -279,6 +303,8 @@ def summarize(results: list[TaskResult]) -> dict[str, Any]:
   out["num_predictions"] = sum(len(r.predictions) for r in results)
   out["num_skipped"] = sum(r.num_skipped for r in results)
   out["tasks"] = [r.task for r in results]
+  per_host = [r.rows_per_host for r in results if r.rows_per_host]
+  out["rows_decoded_per_host"] = [int(sum(counts)) for counts in zip(*per_host)] if per_host else []
   return out
 
 
@@ -389,14 +415,16 @@ def ctc_metrics(bundle, variables, batches: Iterable[dict], max_examples: int = 
 
   cfg, tokenizer = bundle.model_config, bundle.tokenizer
   transcribe = ctc_transcriber(bundle)
-  preds, refs = [], []
-  for batch in batches:
+  pairs, seen = [], 0
+  for batch in batches:  # this host's rows of each batch (hosts.py)
     texts = transcribe(variables, batch)
     for row in np.flatnonzero(batch["example_mask"] > 0):
       ids = batch["ctc_labels"][row][batch["ctc_label_mask"][row] > 0]
-      refs.append(ctc.labels_to_text(ids, cfg, tokenizer))
-      preds.append(texts[row])
-    if max_examples and len(preds) >= max_examples:
+      pairs.append((texts[row], ctc.labels_to_text(ids, cfg, tokenizer)))
+    # Rows of the global batch, padding included: every host stops after the same batch.
+    seen += len(batch["example_mask"]) * jax.process_count()
+    if max_examples and seen >= max_examples:
       break
-  scores = compute_metrics("asr", preds, refs)
+  pairs = hosts.gather(pairs)
+  scores = compute_metrics("asr", [p for p, _ in pairs], [r for _, r in pairs])
   return {"wer": scores["wer"], "cer": scores["cer"]}

@@ -149,9 +149,19 @@ def place_batch(arrays: dict, mesh, rules=()) -> dict:
 SPEECH_BATCH_KEYS = ("features", "feature_mask", "input_ids", "attention_mask")
 
 
+def place_process_rows(arrays: dict, mesh, rules=()) -> dict:
+  """This process' rows of a global batch (process i the i-th block, as the
+  data pipeline feeds them on several hosts) -> global jax.Arrays split over
+  the mesh's batch axes."""
+  axes = _batch_rule(rules)
+  return {key: jax.make_array_from_process_local_data(
+              NamedSharding(mesh, P(axes, *([None] * (np.ndim(value) - 1)))), np.asarray(value))
+          for key, value in arrays.items()}
+
+
 def generate_speech(model, variables, batch, *, max_new_tokens: int,
                     eos_id: int | Sequence[int], pad_id: int, length_bucket: int = 32,
-                    **settings) -> GenerationOutput:
+                    process_rows: bool = False, **settings) -> GenerationOutput:
   """Generation with a SpeechLLM: audio + prompt in, answer tokens out.
 
   batch: the pipeline's dict (features, feature_mask, input_ids with audio
@@ -161,6 +171,9 @@ def generate_speech(model, variables, batch, *, max_new_tokens: int,
   Encoder, projector, prefill and decoding run as one compiled program; under
   a current mesh of several devices the batch rows are split over its batch
   axes (`place_batch`), so the batch size must divide over them.
+  process_rows: the batch holds this process' rows of the global batch (scoring
+  on several hosts: each feeds its own rows; `place_process_rows`); the
+  answers of every row of the global batch come back on every host.
   """
   missing = [k for k in SPEECH_BATCH_KEYS if k not in batch]
   if missing:
@@ -177,7 +190,11 @@ def generate_speech(model, variables, batch, *, max_new_tokens: int,
   generate_jit = _speech_generate_jit
   if not mesh.empty and mesh.size > 1:
     import flax.linen as nn  # pylint: disable=import-outside-toplevel
-    inputs = place_batch(inputs, mesh, nn.get_logical_axis_rules())
+    place = place_process_rows if process_rows else place_batch
+    inputs = place(inputs, mesh, nn.get_logical_axis_rules())
     generate_jit = _sharded_speech_generate_jit(mesh)
+  elif process_rows and jax.process_count() > 1:
+    raise ValueError("speechjax.generation.generate_speech: process_rows on several processes needs a "
+                     "current mesh over their devices (jax.set_mesh)")
   return generate_jit(model, _as_variables(variables), inputs["features"], inputs["feature_mask"],
                       inputs["input_ids"], inputs["attention_mask"], options, **static)

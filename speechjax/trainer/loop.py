@@ -10,6 +10,7 @@ steps longer than `train.max_bad_steps` stops the run, at most one step late.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -252,7 +253,10 @@ class Trainer:
     metrics = self.evaluate_loss(self.data.dev_batches(cfg.max_batches))
     if cfg.task_metrics:
       from speechjax.evaluation import scoring
-      metrics.update(scoring.dev_metrics(self.bundle, self.variables(), self.data, self.config))
+      # Several hosts decode their own rows over the whole mesh (evaluation/hosts.py).
+      context = self._context() if jax.process_count() > 1 else contextlib.nullcontext()
+      with context:
+        metrics.update(scoring.dev_metrics(self.bundle, self.variables(), self.data, self.config))
     return metrics
 
   # ---------------------------------------------------------------- loop
