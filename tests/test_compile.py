@@ -110,6 +110,12 @@ def test_find_max_batch_stops_at_the_memory_boundary():
   assert probes[best] is True and probes[best + step] is False
   assert all(fits == (batch <= best) for batch, fits in probes.items())
   assert result["num_probes"] == len(result["probes"]) <= 6
+  # The report's own batch, already compiled, is not compiled again.
+  first = result["probes"][0]
+  again = compile_report.find_max_batch(config, target, max_probes=6,
+                                        known={first["batch_size"]: first["total_bytes_per_chip"]})
+  assert again["max_batch_size"] == best and again["num_probes"] == result["num_probes"] - 1
+  assert [p["compiled"] for p in again["probes"]][:2] == [False, True]
 
 
 def test_topology_names_follow_cloud_tpu():

@@ -208,20 +208,27 @@ def compile_report(config, target: Target, *, count_flops: bool = True, hbm_marg
   return report
 
 
-def find_max_batch(config, target: Target, *, max_probes: int = 10, hbm_margin: float = HBM_MARGIN) -> dict:
+def find_max_batch(config, target: Target, *, max_probes: int = 10, hbm_margin: float = HBM_MARGIN,
+                   known: dict[int, int] | None = None) -> dict:
   """The largest global batch (a multiple of the data-parallel size) whose
   train step fits: doubling from the config's batch until one does not fit (or
   halving until one does), then bisecting between the two. Each probe is one
-  compile; at most `max_probes` of them."""
+  compile; at most `max_probes` of them. `known`: {batch: total bytes per chip}
+  already compiled (the report's own batch), used instead of compiling again."""
   mesh = mesh_for(config, target)
   step = parallel.num_batch_shards(mesh, tuple(tuple(r) for r in config.mesh.rules))
   probes = []
+  known = dict(known or {})
 
   def fits(batch: int) -> bool:
-    compiled, _, seconds = compile_train_step(with_overrides(config, **{"data.batch_size": batch}), target)
-    total = memory_per_chip(compiled)["total"]
+    compiled = batch not in known
+    if compiled:
+      program, _, seconds = compile_train_step(with_overrides(config, **{"data.batch_size": batch}), target)
+      total = memory_per_chip(program)["total"]
+    else:
+      total, seconds = known.pop(batch), 0.0
     ok = total <= target.hbm_bytes_per_chip * (1 - hbm_margin)
-    probes.append({"batch_size": batch, "total_bytes_per_chip": total, "fits": ok,
+    probes.append({"batch_size": batch, "total_bytes_per_chip": total, "fits": ok, "compiled": compiled,
                    "compile_seconds": round(seconds, 1)})
     log.info("batch %d: %.2f GiB per chip, %s", batch, total / 2**30, "fits" if ok else "does not fit")
     return ok
@@ -229,7 +236,10 @@ def find_max_batch(config, target: Target, *, max_probes: int = 10, hbm_margin: 
   # lo: largest known to fit (0: none), hi: smallest known not to fit (None: none); in units of `step`.
   units = max(1, int(config.data.batch_size) // step)
   lo, hi = 0, None
-  while len(probes) < max_probes:
+  def compiles() -> int:
+    return sum(p["compiled"] for p in probes)
+
+  while compiles() < max_probes:
     if fits(units * step):
       lo = units
       if hi is None:
@@ -248,7 +258,7 @@ def find_max_batch(config, target: Target, *, max_probes: int = 10, hbm_margin: 
   return {"max_batch_size": lo * step, "data_parallel_size": step,
           "first_not_fitting": hi * step if hi is not None else None,
           "converged": hi is not None and hi - lo <= 1,
-          "num_probes": len(probes), "probes": probes}
+          "num_probes": compiles(), "probes": probes}
 
 
 def _gib(n) -> str:
@@ -293,5 +303,6 @@ def run(config, *, topology: str = "", num_slices: int = 0, hbm_gib: float = 0.0
   target = topology_lib.resolve_target(topology, num_slices, hbm_gib, peak_tflops)
   report = compile_report(config, target, count_flops=count_flops, hbm_margin=hbm_margin)
   if max_batch:
-    report["max_batch"] = find_max_batch(config, target, max_probes=max_probes, hbm_margin=hbm_margin)
+    report["max_batch"] = find_max_batch(config, target, max_probes=max_probes, hbm_margin=hbm_margin,
+                                         known={report["batch_size"]: report["per_chip_bytes"]["total"]})
   return report
