@@ -150,7 +150,7 @@ def git_commit() -> str:
     return "unknown"
 
 
-def build_rows(recipes: Sequence[Recipe], *, topologies: Sequence[str] = (), max_probes: int = 4,
+def build_rows(recipes: Sequence[Recipe], *, topologies: Sequence[str] = (), max_probes: int = 3,
                load=load_recipe, run=None) -> list[tuple[str, ...]]:
   """One row per recipe x slice (`topologies` filters the slices). `run` is
   speechjax.compilation.report.run (a parameter so tests can pass a cheaper one)."""
@@ -177,7 +177,7 @@ def build_rows(recipes: Sequence[Recipe], *, topologies: Sequence[str] = (), max
 _OUT = flags.DEFINE_string("out", os.path.join(REPO, "docs", "recipe_memory.md"), "Markdown file to write.")
 _RECIPES = flags.DEFINE_list("recipes", [], "Only these recipes (e.g. slam_asr.py,salmonn.py; default all).")
 _TOPOLOGIES = flags.DEFINE_list("topologies", [], "Only these slices (e.g. v4-32; default each recipe's three).")
-_MAX_PROBES = flags.DEFINE_integer("max_probes", 4, "Compiles for the max-batch search (0 = skip it).")
+_MAX_PROBES = flags.DEFINE_integer("max_probes", 3, "Compiles for the max-batch search (0 = skip it).")
 
 
 def main(argv):
@@ -198,6 +198,8 @@ def main(argv):
   command = "python -m speechjax.compilation.recipe_table" + "".join(
       f" --{name}={','.join(value)}" for name, value in (("recipes", _RECIPES.value),
                                                           ("topologies", _TOPOLOGIES.value)) if value)
+  if _MAX_PROBES.value != _MAX_PROBES.default:
+    command += f" --max_probes={_MAX_PROBES.value}"
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
   write_atomically(_OUT.value, markdown(rows, command=command, commit=git_commit(), date=date,
                                         seconds=time.time() - start))
