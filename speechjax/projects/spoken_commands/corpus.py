@@ -303,6 +303,7 @@ class Sentence:
   translation: str
   intent: str
   template: int
+  slots: tuple[tuple[str, str], ...] = ()  # (slot name, English words) in the order spoken
 
 
 def _fill(template: str, values: dict[str, Noun], french: bool) -> str:
@@ -321,7 +322,44 @@ def _template_sentences(index: int) -> list[Sentence]:
     combos = [{"song": song, "artist": Noun(artist, artist)} for song, artist in SONGS]
   else:
     combos = [dict(zip(names, values)) for values in itertools.product(*(SLOTS[n] for n in names))]
-  return [Sentence(_fill(en, c, False), _fill(fr, c, True), intent, index) for c in combos]
+  return [Sentence(_fill(en, c, False), _fill(fr, c, True), intent, index,
+                   tuple((name, c[name].en) for name in names)) for c in combos]
+
+
+# --- summaries and questions (the summarize and spoken_qa tasks) -------------------------
+
+# What a one-line summary says a command asks for; the slot words follow it.
+INTENT_SUMMARIES = {
+    "add_to_list": "add to the shopping list", "call_contact": "a phone call", "lights_off": "lights off",
+    "lights_on": "lights on", "navigate": "directions", "play_music": "play music",
+    "send_message": "send a message", "set_alarm": "an alarm", "set_temperature": "set the temperature",
+    "set_timer": "a timer", "volume_down": "volume down", "volume_up": "volume up",
+    "weather_query": "the weather",
+}
+# A question whose answer is the slot's words, per slot.
+SLOT_QUESTIONS = {
+    "room": "Which room is it about?", "city": "Which city is mentioned?", "name": "Who is the person named?",
+    "day": "When is it for?", "place": "Where does the speaker want to go?", "item": "Which item is mentioned?",
+    "genre": "Which kind of music?", "artist": "Which artist is named?", "message": "What should the message say?",
+    "temp": "How many degrees?", "step": "By how many steps?", "duration": "How long is the timer?",
+    "time": "At what time?", "song": "Which piece is asked for?", "song_title": "Which piece is asked for?",
+}
+
+
+def summary_of(sentence: Sentence) -> str:
+  """A short summary of the command: what it asks for, then its slot words
+  ('lights on: kitchen'; 'play music: moonlight sonata, beethoven')."""
+  words = ", ".join(value for _, value in sentence.slots)
+  return INTENT_SUMMARIES[sentence.intent] + (f": {words}" if words else "")
+
+
+def question_about(sentence: Sentence) -> tuple[str, str]:
+  """(question, answer) about one slot of the sentence, the slot chosen by a
+  hash of the transcript, so a sentence always gets the same question."""
+  if not sentence.slots:
+    raise ValueError(f"{sentence.text!r} has no slot to ask about")
+  name, value = sentence.slots[_rank(sentence.text, 7) % len(sentence.slots)]
+  return SLOT_QUESTIONS[name], value
 
 
 @functools.cache

@@ -66,7 +66,9 @@ def load_stage_config(config_arg: str, stage: str, workdir: str, whisper: str = 
   return config, quick
 
 
-def build_corpus(workdir: str, num_train: int, num_dev: int, num_test: int) -> dict:
+def build_corpus(workdir: str, num_train: int, num_dev: int, num_test: int, spoken_tasks: bool = False) -> dict:
+  """The corpus (wavs, manifests, TFDS) and the tokenizer; `spoken_tasks` adds the
+  summaries and spoken-QA pairs the quick demo trains on."""
   from speechjax.projects.spoken_commands import synth
   from speechjax.projects.spoken_commands.tokenizer import domain_texts, train_bpe_tokenizer
 
@@ -74,7 +76,7 @@ def build_corpus(workdir: str, num_train: int, num_dev: int, num_test: int) -> d
   summary_path = os.path.join(data_dir, "corpus.json")
   if not os.path.exists(summary_path):
     logging.info("synthesizing %d/%d/%d utterances into %s", num_train, num_dev, num_test, data_dir)
-    synth.build(data_dir, num_train, num_dev, num_test, seed=0, workers=2)
+    synth.build(data_dir, num_train, num_dev, num_test, seed=0, workers=2, spoken_tasks=spoken_tasks)
   tok_dir = os.path.join(workdir, "tokenizer")
   if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
     train_bpe_tokenizer(domain_texts(), vocab_size=512).save_pretrained(tok_dir)
@@ -157,15 +159,20 @@ def plot_curves(workdir: str) -> str:
 
 
 REPORT_METRICS = ("wer", "cer", "accuracy", "bleu", "chrf", "num_examples")
+# Columns only a run that scores summarize / spoken_qa has (the quick demo).
+SPOKEN_TASK_METRICS = ("rougeL", "exact_match", "f1")
 
 
 def _results_table(rows: list[tuple[str, dict]]) -> list[str]:
-  lines = ["| system | set | " + " | ".join(REPORT_METRICS) + " |",
-           "|---|---|" + "---|" * len(REPORT_METRICS)]
+  extra = tuple(k for k in SPOKEN_TASK_METRICS
+                if any(k in values for _, results in rows for values in results.values()))
+  columns = REPORT_METRICS[:-1] + extra + REPORT_METRICS[-1:]
+  lines = ["| system | set | " + " | ".join(columns) + " |",
+           "|---|---|" + "---|" * len(columns)]
   for name, results in rows:
     for split, values in results.items():
       cells = [f"{values[k]:.4f}" if isinstance(values.get(k), float) else str(values.get(k, "-"))
-               for k in REPORT_METRICS]
+               for k in columns]
       lines.append(f"| {name} | {split} | " + " | ".join(cells) + " |")
   return lines
 
@@ -247,7 +254,7 @@ def main(argv):
   timings = {}
   start = time.time()
   whisper = whisper_weights.whisper_folder(FLAGS.whisper, workdir)
-  corpus = build_corpus(workdir, *counts)
+  corpus = build_corpus(workdir, *counts, spoken_tasks=quick)
   timings["corpus"] = time.time() - start
   t = time.time()
   pretrain_lm(FLAGS.config, workdir)

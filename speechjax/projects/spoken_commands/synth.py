@@ -275,8 +275,10 @@ def render_chunk(jobs: Sequence[Job], tts_kind: str = "auto") -> list[float]:
 
 
 def plan_split(split: str, count: int, seed: int, out_dir: str,
-               known_words: set[str] | None) -> tuple[list[Job], list[dict]]:
-  """Sentences, voices and prosody for one split, all drawn before any synthesis."""
+               known_words: set[str] | None, spoken_tasks: bool = False) -> tuple[list[Job], list[dict]]:
+  """Sentences, voices and prosody for one split, all drawn before any synthesis.
+  spoken_tasks: rows also carry 'summary', 'question' and 'answer' (the
+  summarize and spoken_qa tasks; corpus.summary_of, corpus.question_about)."""
   rng = np.random.default_rng([seed, ("train", "dev", "test").index(split)])
   sentences = corpus.sample_split(split, count, seed, rng, known_words)
   split_voices = voices(split)
@@ -291,19 +293,23 @@ def plan_split(split: str, count: int, seed: int, out_dir: str,
                                      PITCH[1] + 1)), pad_start=float(rng.uniform(*PAD_SECONDS)),
               pad_end=float(rng.uniform(*PAD_SECONDS)), peak_db=float(rng.uniform(*PEAK_DB)))
     jobs.append(job)
-    rows.append({
+    row = {
         "audio": rel,
         "text": sentence.text,
         "label": sentence.intent,
         "translation": sentence.translation,
         "speaker": job.voice,
         "id": uid
-    })
+    }
+    if spoken_tasks:
+      question, answer = corpus.question_about(sentence)
+      row.update(summary=corpus.summary_of(sentence), question=question, answer=answer)
+    rows.append(row)
   return jobs, rows
 
 
 def synthesize(out_dir: str, num_train: int, num_dev: int, num_test: int, seed: int = 0,
-               workers: int = 2, tts: str = "auto") -> dict:
+               workers: int = 2, tts: str = "auto", spoken_tasks: bool = False) -> dict:
   """Writes wavs + manifests (not the TFDS dataset); returns the corpus summary."""
   start = time.perf_counter()
   plans, train_words = {}, None
@@ -311,7 +317,7 @@ def synthesize(out_dir: str, num_train: int, num_dev: int, num_test: int, seed: 
     if count <= 0:
       continue
     plans[split] = plan_split(split, count, seed, out_dir,
-                              None if split == "train" else train_words)
+                              None if split == "train" else train_words, spoken_tasks)
     if split == "train":
       train_words = corpus.vocabulary(row["text"] for row in plans[split][1])
   for split in plans:
@@ -347,6 +353,8 @@ def synthesize(out_dir: str, num_train: int, num_dev: int, num_test: int, seed: 
     }
   summary["synthesis_seconds"] = synth_seconds
   summary["lm_text_sentences"] = write_lm_text(os.path.join(out_dir, LM_TEXT_FILE), seed)
+  if spoken_tasks:
+    summary["spoken_tasks"] = ["summarize", "spoken_qa"]
   return summary
 
 
@@ -369,11 +377,11 @@ def write_lm_text(path: str, seed: int) -> int:
 
 def build(out_dir: str, num_train: int = 1000, num_dev: int = 100, num_test: int = 100,
           seed: int = 0, workers: int = 2, name: str = "spoken_commands",
-          overwrite: bool = True, tts: str = "auto") -> dict:
+          overwrite: bool = True, tts: str = "auto", spoken_tasks: bool = False) -> dict:
   """Synthesises the corpus and builds its TFDS dataset under OUT/tfds; returns the summary."""
   from speechjax.projects.spoken_commands import tfds_builder  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
-  summary = synthesize(out_dir, num_train, num_dev, num_test, seed, workers, tts)
+  summary = synthesize(out_dir, num_train, num_dev, num_test, seed, workers, tts, spoken_tasks)
   start = time.perf_counter()
   summary["dataset_dir"] = tfds_builder.build_spoken_commands(
       out_dir, name=name, splits=tuple(summary["splits"]), num_workers=workers, overwrite=overwrite)
@@ -398,6 +406,8 @@ def define_flags() -> None:
   flags.DEFINE_enum("tts", "auto", TTS_KINDS,
                     "library: the espeakng-loader wheel; binary: a system espeak-ng; "
                     "auto: the wheel, else the binary.")
+  flags.DEFINE_bool("spoken_tasks", False, "Also write summaries and spoken-QA pairs (the summarize "
+                    "and spoken_qa tasks).")
 
 
 def main(argv):
@@ -406,7 +416,7 @@ def main(argv):
     raise app.UsageError("--out is required")
   start = time.perf_counter()
   summary = build(FLAGS.out, FLAGS.num_train, FLAGS.num_dev, FLAGS.num_test, FLAGS.seed,
-                  FLAGS.workers, FLAGS.name, tts=FLAGS.tts)
+                  FLAGS.workers, FLAGS.name, tts=FLAGS.tts, spoken_tasks=FLAGS.spoken_tasks)
   summary["total_seconds"] = time.perf_counter() - start
   summary.pop("intents")
   print(json.dumps(summary, indent=2, ensure_ascii=False))
