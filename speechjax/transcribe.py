@@ -136,9 +136,15 @@ def check_task(task: str, instruction: str = "") -> dict:
     raise ValueError(f"--task={task!r} is not a registered task; "
                      f"registered: {', '.join(tasks.task_names())}")
   spec = tasks.get_task(task)
+  if spec.multi_audio:
+    raise ValueError(f"--task={task!r} reads several clips per example (a conversation's turns): "
+                     'write them as a manifest line with "turns" (speechjax.data.dialogue) and score '
+                     "it with `python -m speechjax.evaluate --workdir=W --manifest=F.jsonl --tasks="
+                     f"{task}`")
   if spec.instruction_field:
     if not instruction.strip():
-      usable = [name for name in tasks.task_names() if not tasks.get_task(name).instruction_field]
+      usable = [name for name in tasks.task_names() if not tasks.get_task(name).instruction_field
+                and not tasks.get_task(name).multi_audio]
       raise ValueError(f"--task={task!r} needs an instruction (in a manifest, the field "
                        f"{spec.instruction_field!r}; here --instruction=... or the page's text box), "
                        f"or use one of: {', '.join(usable)}")

@@ -82,6 +82,9 @@ SLOW_TESTS = (
     "test_eval_mesh.py::test_a_mesh_that_does_not_fit_is_refused_naming_the_flag",
     "test_readme.py::test_help_blocks_parse",
     "test_classification_head.py::test_head_trains_and_evaluates_with_per_class_figures_and_a_confusion_png",
+    "test_dialogue.py::test_a_speech_llm_trains_decodes_and_is_scored_on_dialogues",
+    "test_recipe_table.py::test_reduced_recipe_fits_its_documented_slice",
+    "test_text_classifier.py::test_a_base_bert_checkpoint_gets_a_new_head_and_keeps_its_encoder",
 )
 
 

@@ -99,11 +99,13 @@ def test_unknown_template_and_task_raise(tok):
 
 
 def test_builtin_tasks_are_registered_records():
-  assert tasks.task_names()[:6] == ("asr", "translate", "classify", "instruct", "summarize", "spoken_qa")
+  assert tasks.task_names()[:7] == ("asr", "translate", "classify", "instruct", "summarize", "spoken_qa",
+                                    "dialogue")
   assert tasks.TASKS == tasks.task_names()
   assert dict(tasks.TASK_FIELDS) == {
       "asr": ("text",), "translate": ("translation",), "classify": ("label",),
-      "instruct": ("prompt", "target"), "summarize": ("summary",), "spoken_qa": ("question", "answer")}
+      "instruct": ("prompt", "target"), "summarize": ("summary",), "spoken_qa": ("question", "answer"),
+      "dialogue": ("dialogue",)}
   # instruct asks with its prompt, spoken_qa with its question
   assert set(tasks.INSTRUCTIONS) == {"asr", "translate", "classify", "summarize"}
   assert tasks.INSTRUCTIONS["asr"][0] == "<audio>\nTranscribe the audio."

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 from speechjax.compilation import recipe_table, topology
@@ -43,7 +44,10 @@ def test_rows_header_and_a_failed_compile():
     best = ({"max_batch_size": 256, "converged": True, "first_not_fitting": 512} if max_batch else None)
     return _fake_report(topology, chips, fits=topology != "v4-16", flops=count_flops, max_batch=best)
 
-  rows = recipe_table.build_rows(recipes, max_probes=3, load=lambda spec: spec, run=run)
+  written = []
+  rows = recipe_table.build_rows(recipes, max_probes=3, load=lambda spec: spec, run=run,
+                                 on_row=lambda so_far: written.append(len(so_far)))
+  assert written == [1, 2, 3, 4, 5]  # the file is rewritten after every row, the failed one too
   # FLOPs and the max-batch search on the documented slice only.
   assert calls == [("a.py", "v4-32", True, True), ("a.py", "v4-16", False, False), ("a.py", "v4-64", False, False),
                    ("b.py:x", "v5e-16", True, True), ("b.py:x", "v5e-8", False, False)]
@@ -115,9 +119,12 @@ OTHERS = [r for r in recipe_table.RECIPES if not r.config.startswith("slam_asr.p
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install libtpu)")
 @pytest.mark.parametrize("recipe", OTHERS, ids=[r.config for r in OTHERS])
 def test_reduced_recipe_fits_its_documented_slice(recipe):
-  # Real widths, one layer per stack, unrolled: one compile each, and what it reports fits.
+  # Real widths, one layer per stack, unrolled, on 10 s clips, the recipe's shortest token
+  # bucket and one row per chip: one compile each (about half the time of the full shapes).
   config = recipe_table.load_recipe(recipe.config)
-  overrides = {}
+  chips = int(np.prod(topology.parse_topology(recipe.topology)[1]))
+  overrides = {"data.audio_buckets_seconds": (10.0,), "data.max_audio_seconds": 10.0,
+               "data.token_buckets": (min(config.data.token_buckets),), "data.batch_size": chips}
   for stack in ("encoder", "decoder"):
     if "num_layers" in config.model[stack]:
       overrides[f"model.{stack}.num_layers"] = 1
@@ -127,3 +134,4 @@ def test_reduced_recipe_fits_its_documented_slice(recipe):
                               count_flops=False)
   assert report["target"] == recipe.topology and report["fits"], report["per_chip_bytes"]
   assert 0 < report["per_chip_bytes"]["total"] < report["hbm_bytes_per_chip"]
+  assert report["num_chips"] == chips and report["batch_size"] == chips

@@ -57,7 +57,7 @@ def _tokenizer(tok_dir):
 def test_lookup_errors_list_the_registered_names(registered):
   assert tasks.get_task("count_words") is COUNT_WORDS
   assert tasks.task_names() == ("asr", "translate", "classify", "instruct", "summarize", "spoken_qa",
-                                "count_words", "emotion")
+                                "dialogue", "count_words", "emotion")
   assert tasks.TASKS[-2:] == ("count_words", "emotion") and "count_words" in tasks.INSTRUCTIONS
   with pytest.raises(KeyError) as error:
     tasks.get_task("count_word")
@@ -183,8 +183,10 @@ def test_transcribe_accepts_any_registered_task_that_needs_only_audio(registered
 
   transcribe.check_task("count_words")
   transcribe.check_task("translate")
-  with pytest.raises(ValueError,
-                     match="registered: asr, translate, classify, instruct, summarize, spoken_qa, count_words"):
+  with pytest.raises(ValueError, match="registered: asr, translate, classify, instruct, summarize, spoken_qa, "
+                                       "dialogue, count_words"):
     transcribe.check_task("count")
   with pytest.raises(ValueError, match="'prompt'.*use one of: asr, translate, classify, summarize, count_words"):
     transcribe.check_task("instruct")
+  with pytest.raises(ValueError, match=r"several clips per example.*--manifest=F.jsonl --tasks=dialogue"):
+    transcribe.check_task("dialogue")

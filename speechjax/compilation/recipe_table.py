@@ -8,12 +8,13 @@ and for one slice smaller and one larger (`RECIPES`), with libtpu on this
 CPU (no TPU, no weights). A row gives XLA's per-chip memory (arguments,
 outputs, temporaries), whether it fits the chip's HBM with a 5 % margin, the
 largest global batch that fits (documented slice only: doubling from the
-recipe's batch, `--max_probes` compiles), compiled over model FLOPs and the
+recipe's batch to 4x, `--max_probes` compiles), compiled over model FLOPs and the
 step time at the chip's peak bf16 rate (`speechjax.compilation.report`
 defines every figure). FLOPs are counted on the documented slice; the
 other rows give the model-FLOPs roofline only (a step's FLOPs do not depend
 on the slice). A compile that fails writes its error in the row and the
-table goes on. The file is replaced atomically, with the date and commit.
+table goes on. The file is rewritten atomically after every row, with the
+date and commit.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ class Recipe:
   others: tuple[str, ...]  # one size smaller and one larger (where the generation has them)
 
 
+# A recipe's variants run on its slice; the smaller and larger ones are the recipe's default's.
 RECIPES = (
     Recipe("slam_asr.py", "v4-32", ("v4-16", "v4-64")),
-    Recipe("slam_asr.py:vicuna", "v4-32", ("v4-16", "v4-64")),
-    Recipe("slam_asr.py:hubert_xl", "v4-32", ("v4-16", "v4-64")),
-    Recipe("slam_asr.py:wavlm_large", "v4-32", ("v4-16", "v4-64")),
+    Recipe("slam_asr.py:vicuna", "v4-32", ()),
+    Recipe("slam_asr.py:hubert_xl", "v4-32", ()),
+    Recipe("slam_asr.py:wavlm_large", "v4-32", ()),
     Recipe("salmonn.py", "v4-64", ("v4-32", "v4-128")),
     Recipe("qwen2_audio.py", "v5e-64", ("v5e-32", "v5e-128")),
     Recipe("speech_translation.py", "v4-16", ("v4-8", "v4-32")),
@@ -150,10 +152,11 @@ def git_commit() -> str:
     return "unknown"
 
 
-def build_rows(recipes: Sequence[Recipe], *, topologies: Sequence[str] = (), max_probes: int = 3,
-               load=load_recipe, run=None) -> list[tuple[str, ...]]:
+def build_rows(recipes: Sequence[Recipe], *, topologies: Sequence[str] = (), max_probes: int = 2,
+               load=load_recipe, run=None, on_row=None) -> list[tuple[str, ...]]:
   """One row per recipe x slice (`topologies` filters the slices). `run` is
-  speechjax.compilation.report.run (a parameter so tests can pass a cheaper one)."""
+  speechjax.compilation.report.run (a parameter so tests can pass a cheaper one);
+  `on_row(rows so far)` is called after each row (the command rewrites its file)."""
   if run is None:
     from speechjax.compilation import report as report_lib
     run = report_lib.run
@@ -169,15 +172,19 @@ def build_rows(recipes: Sequence[Recipe], *, topologies: Sequence[str] = (), max
       except Exception as e:  # noqa: BLE001  (one failed compile must not lose the others' rows)
         logging.getLogger(__name__).warning("%s on %s: %s", recipe.config, topology, e)
         rows.append(error_row(recipe.config, topology, e))
+        if on_row is not None:
+          on_row(list(rows))
         continue
       rows.append(report_row(recipe.config, report))
+      if on_row is not None:
+        on_row(list(rows))
   return rows
 
 
 _OUT = flags.DEFINE_string("out", os.path.join(REPO, "docs", "recipe_memory.md"), "Markdown file to write.")
 _RECIPES = flags.DEFINE_list("recipes", [], "Only these recipes (e.g. slam_asr.py,salmonn.py; default all).")
 _TOPOLOGIES = flags.DEFINE_list("topologies", [], "Only these slices (e.g. v4-32; default each recipe's three).")
-_MAX_PROBES = flags.DEFINE_integer("max_probes", 3, "Compiles for the max-batch search (0 = skip it).")
+_MAX_PROBES = flags.DEFINE_integer("max_probes", 2, "Compiles for the max-batch search (0 = skip it).")
 
 
 def main(argv):
@@ -194,15 +201,20 @@ def main(argv):
   recipes = [r for r in RECIPES if not _RECIPES.value
              or any(r.config == want or r.config.split(":")[0] == want for want in _RECIPES.value)]
   start = time.time()
-  rows = build_rows(recipes, topologies=_TOPOLOGIES.value, max_probes=_MAX_PROBES.value)
   command = "python -m speechjax.compilation.recipe_table" + "".join(
       f" --{name}={','.join(value)}" for name, value in (("recipes", _RECIPES.value),
                                                           ("topologies", _TOPOLOGIES.value)) if value)
   if _MAX_PROBES.value != _MAX_PROBES.default:
     command += f" --max_probes={_MAX_PROBES.value}"
-  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-  write_atomically(_OUT.value, markdown(rows, command=command, commit=git_commit(), date=date,
-                                        seconds=time.time() - start))
+  commit = git_commit()
+
+  def write(rows):  # after every row: a run stopped half way leaves the rows it has, whole
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    write_atomically(_OUT.value, markdown(rows, command=command, commit=commit, date=date,
+                                          seconds=time.time() - start))
+
+  rows = build_rows(recipes, topologies=_TOPOLOGIES.value, max_probes=_MAX_PROBES.value, on_row=write)
+  write(rows)
   print(f"wrote {_OUT.value} ({len(rows)} rows)")
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from speechjax.data import audio as audio_lib
 from speechjax.data import augment, encoder_cache
+from speechjax.data import dialogue as dialogue_lib
 from speechjax.data import features as features_lib
 from speechjax.data import tasks as tasks_lib
 from speechjax.data.builders import manifest as manifest_builder
@@ -179,6 +180,10 @@ class BatchPlanner:
     return take_rows(batch, self.rows) if self.global_batch_size != self.batch_size else batch
 
 
+def _is_dialogue(record: Mapping[str, Any]) -> bool:
+  return bool(tasks_lib.as_text(record.get(dialogue_lib.FIELD)).strip())
+
+
 def take_rows(batch: dict[str, Any], rows: slice) -> dict[str, Any]:
   """Rows of a made batch: arrays and '_meta' lists are cut; '_stats' stay
   those of the whole (global) batch."""
@@ -243,7 +248,9 @@ class BatchMaker:
     return features, feature_mask
 
   def _audio(self, record, rng) -> np.ndarray:
-    wave = audio_lib.int16_to_float(np.asarray(record["audio"]))
+    return self._augmented(audio_lib.int16_to_float(np.asarray(record["audio"])), rng)
+
+  def _augmented(self, wave: np.ndarray, rng) -> np.ndarray:
     if self.train and self.aug["speed"]:
       wave, _ = augment.random_speed(wave, rng, self.aug["speed_factors"])
     if self.train and self.aug["noise"] and rng.random() < self.aug["noise_prob"]:
@@ -251,6 +258,8 @@ class BatchMaker:
     return wave
 
   def _choose_task(self, record, rng) -> tuple[str, int]:
+    if _is_dialogue(record):  # its audio is several clips: no other task reads it
+      return "dialogue", 0
     if not self.train:
       return self.task, 0
     task = tasks_lib.sample_task(record, self.tasks, self.weights, rng)
@@ -263,6 +272,8 @@ class BatchMaker:
                batch_index: int) -> dict[str, Any]:
     rng = np.random.default_rng([self.seed, 11, int(batch_index)])
     records = [self.source[int(i)] for i in indices]
+    if any(_is_dialogue(r) for r in records):
+      return self._segmented_batch(records, example_mask, rng)
     cache = self.encoder_states
     if cache is not None:  # stored states: one copy per example (a speed factor when training)
       copies = [int(rng.integers(cache.num_copies)) if self.train else 0 for _ in records]
@@ -294,6 +305,68 @@ class BatchMaker:
       rows = [
           self.prompts.training_example(r, t, num_audio, k) for r, (t, k) in zip(records, chosen)
       ]
+    return self._finish(records, rows, chosen, audio_arrays, lengths, samples, truncated_audio, example_mask)
+
+  def _segmented_batch(self, records, example_mask, rng) -> dict[str, Any]:
+    """A batch holding dialogues (speechjax.data.dialogue): S audio segments per
+    row (S = the most clips of a row, rounded up to a power of two, so few
+    shapes compile), each padded to the bucket of the longest clip; a row's
+    empty segments come first. features [B, S, ...], feature_mask [B, S, F]."""
+    if self.encoder_states is not None:
+      raise ValueError("data.cache_encoder_states stores one clip's encoder states per example, but a "
+                       "dialogue example holds several clips: turn the cache off for dialogue data")
+    clips = []
+    for record in records:
+      wave = audio_lib.int16_to_float(np.asarray(record["audio"]))
+      if _is_dialogue(record):
+        pieces = dialogue_lib.split_clips(wave, dialogue_lib.clip_lengths(record),
+                                          tasks_lib.as_text(record.get("id")))
+        clips.append([self._augmented(piece, rng) for piece in pieces])
+      else:
+        clips.append([self._augmented(wave, rng)])
+    segments = 1 << max(0, (max(len(c) for c in clips) - 1).bit_length())
+    longest = max(piece.size for c in clips for piece in c)
+    samples = smallest_fitting(longest, self.audio_buckets) or self.audio_buckets[-1]
+    padded = np.zeros((len(records), segments, samples), np.float32)
+    lengths = np.zeros((len(records), segments), np.int64)
+    truncated_audio = 0
+    for row, row_clips in enumerate(clips):
+      first = segments - len(row_clips)  # empty segments first (PromptBuilder.dialogue_ids)
+      for k, piece in enumerate(row_clips):
+        n = min(piece.size, samples)
+        truncated_audio += int(piece.size > samples)
+        padded[row, first + k, :n] = piece[:n]
+        lengths[row, first + k] = n
+    flat_features, flat_mask = self._features(padded.reshape(-1, samples), lengths.reshape(-1), rng)
+    flat_features[lengths.reshape(-1) == 0] = 0.0  # empty segments: no statistics of nothing
+    features = flat_features.reshape((len(records), segments) + flat_features.shape[1:])
+    feature_mask = flat_mask.reshape((len(records), segments) + flat_mask.shape[1:])
+    num_audio = int(self.num_audio_tokens(features.shape[-1]))
+    chosen = [self._choose_task(r, rng) for r in records]
+    rows = []
+    for record, row_clips, (task, k) in zip(records, clips, chosen):
+      if task == "dialogue":
+        rows.append(self.prompts.dialogue_ids(dialogue_lib.turns_of(record), num_audio, segments,
+                                              generate=self.generate))
+        continue
+      empty = [tasks_lib.AUDIO_PLACEHOLDER_ID] * (num_audio * (segments - 1))
+      if self.generate:
+        rows.append({"input_ids": np.asarray(empty + self.prompts.prompt_ids(record, task, num_audio, k),
+                                             np.int32)})
+        continue
+      row = self.prompts.training_example(record, task, num_audio, k)
+      pad = np.full(len(empty), self.prompts.pad_id, np.int32)
+      rows.append({"input_ids": np.concatenate([np.asarray(empty, np.int32), row["input_ids"]]),
+                   "targets": np.concatenate([pad, row["targets"]]),
+                   "target_mask": np.concatenate([np.zeros(len(empty), np.float32), row["target_mask"]]),
+                   "prompt_length": np.int32(len(empty) + int(row["prompt_length"]))})
+    audio_arrays = {"features": features, "feature_mask": feature_mask}
+    return self._finish(records, rows, chosen, audio_arrays, lengths.sum(axis=1), samples * segments,
+                        truncated_audio, example_mask)
+
+  def _finish(self, records, rows, chosen, audio_arrays, lengths, samples: int, truncated_audio: int,
+              example_mask) -> dict[str, Any]:
+    """Token arrays in their bucket, the audio, labels, statistics and metadata of a batch."""
     longest = max(len(row["input_ids"]) for row in rows)
     length = smallest_fitting(longest, self.token_buckets) or self.token_buckets[-1]
     batch = self._token_arrays(rows, length, records)

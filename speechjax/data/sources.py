@@ -150,7 +150,11 @@ class ManifestSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     record = dict(self._records[index])
     if record["audio"] is None:
-      record["audio"] = audio_lib.float_to_int16(audio_lib.load_audio(record["audio_path"]))
+      if record.get("audio_paths"):  # a dialogue: its clips joined again
+        from speechjax.data import dialogue
+        record["audio"] = dialogue.reload_audio(record["audio_paths"])
+      else:
+        record["audio"] = audio_lib.float_to_int16(audio_lib.load_audio(record["audio_path"]))
     return record
 
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from speechjax.data import dialogue as dialogue_lib
 from speechjax.evaluation import metrics
 from speechjax.registry import Registry
 
@@ -79,6 +80,8 @@ class Task:
   instruction_field: the manifest field holding the instruction instead (instruct).
   class_head:  answers are classes of the manifest 'label' field, so evaluation can
                also read them off the model's classification head (eval.classify_with).
+  multi_audio: an example holds several audio clips and lays out its own tokens
+               (`dialogue`: speechjax.data.dialogue); no instructions.
   """
   name: str
   fields: tuple[str, ...]
@@ -88,6 +91,7 @@ class Task:
   instructions: tuple[str, ...] = ()
   instruction_field: str | None = None
   class_head: bool = False
+  multi_audio: bool = False
 
   def __post_init__(self):
     for name in ("fields", "headline", "instructions"):
@@ -111,7 +115,7 @@ class Task:
     if self.instruction_field is not None and self.instruction_field not in self.fields:
       raise ValueError(f"Task {self.name!r}: instruction_field {self.instruction_field!r} "
                        f"is not in fields {self.fields}")
-    if self.instruction_field is None and not self.instructions:
+    if self.instruction_field is None and not self.instructions and not self.multi_audio:
       raise ValueError(f"Task {self.name!r} needs instructions or an instruction_field")
     for text in self.instructions:
       if text.count(AUDIO_PLACEHOLDER) != 1:
@@ -205,6 +209,14 @@ register_task(Task("spoken_qa", fields=("question", "answer"), answer="answer",
                    headline=("exact_match", "f1")))
 
 
+# Dialogue: user turns with audio and/or text, assistant answers; the example's
+# turns are its 'dialogue' field (speechjax.data.dialogue lays out the tokens,
+# one audio segment per user clip). The answer scored is the last assistant
+# turn, free-form text: WER/CER (normalized) and BLEU/chrF, as instruct.
+register_task(Task("dialogue", fields=(dialogue_lib.FIELD,), answer=dialogue_lib.answer,
+                   metric=metrics.free_form_metrics, headline=("wer", "bleu"), multi_audio=True))
+
+
 def __getattr__(name: str):
   """TASKS, TASK_FIELDS and INSTRUCTIONS: read-only views of the registry as it is now."""
   if name == "TASKS":
@@ -288,11 +300,16 @@ class PromptBuilder:
 
   def num_instructions(self, task: str) -> int:
     spec = get_task(task)
-    return 1 if spec.instruction_field else len(self.instructions.get(task) or spec.instructions)
+    if spec.instruction_field or spec.multi_audio:
+      return 1
+    return len(self.instructions.get(task) or spec.instructions)
 
   def instruction(self, example: Mapping[str, Any], task: str, index: int = 0) -> str:
     """The user message with its <audio> placeholder."""
     spec = get_task(task)
+    if spec.multi_audio:
+      raise ValueError(f"task {task!r} lays out its own turns (several audio clips): build its tokens "
+                       "with PromptBuilder.dialogue_ids, not a single-audio prompt")
     if spec.instruction_field:
       prompt = as_text(example.get(spec.instruction_field)).strip()
       return prompt if AUDIO_PLACEHOLDER in prompt else f"{AUDIO_PLACEHOLDER}\n{prompt}"
@@ -363,6 +380,57 @@ class PromptBuilder:
         if len(self._answers) < 65536:  # answers repeat across epochs, tasks and instructions
           self._answers[key] = ids
     return ids + [self.eos_id]
+
+  def dialogue_ids(self, turns: Sequence[Mapping[str, Any]], num_audio_tokens: int, num_segments: int, *,
+                   generate: bool) -> dict[str, np.ndarray]:
+    """Token ids of a dialogue's turns (speechjax.data.dialogue: layout in its
+    docstring): input_ids with `num_segments` * `num_audio_tokens`
+    placeholders, the empty segments' first; without `generate` also targets,
+    target_mask (1 where the next token is an assistant answer token or its
+    EOS) and prompt_length (up to the last answer); with `generate` the ids
+    stop where the last answer starts."""
+    num_clips = sum(dialogue_lib.has_audio_turn(t) for t in turns)
+    if num_clips > num_segments:
+      raise dialogue_lib.DialogueError(f"a dialogue with {num_clips} audio turns in a batch of "
+                                       f"{num_segments} segments")
+    prefix, suffix, answer_prefix = CHAT_FORMATS[self.template]
+    slot = [AUDIO_PLACEHOLDER_ID] * int(num_audio_tokens)
+    ids: list[int] = slot * (num_segments - num_clips)  # masked: their segments hold no audio
+    supervised: list[bool] = [False] * len(ids)
+    bos = getattr(self.tokenizer, "bos_token_id", None)
+    if self.add_bos and bos is not None:
+      ids.append(int(bos))
+      supervised.append(False)
+    prompt_length = 0
+    for i, turn in enumerate(turns):
+      if turn["role"] == "user":
+        # Text around the audio is tokenized in one piece per side: prefix, then
+        # the turn's text after its audio and the chat suffix.
+        after = (f"\n{turn['text']}" if turn["text"] else "") + suffix
+        if dialogue_lib.has_audio_turn(turn):
+          pieces = [_encode(self.tokenizer, prefix), slot, _encode(self.tokenizer, after)]
+        else:
+          pieces = [_encode(self.tokenizer, prefix + turn["text"] + suffix)]
+        for piece in pieces:
+          ids += piece
+          supervised += [False] * len(piece)
+        continue
+      if i == len(turns) - 1:
+        prompt_length = len(ids)
+        if generate:
+          break
+      answer = _encode(self.tokenizer, answer_prefix + turn["text"]) + [self.eos_id]
+      ids += answer
+      supervised += [True] * len(answer)
+    input_ids = np.asarray(ids, np.int32)
+    if generate:
+      return {"input_ids": input_ids}
+    targets = np.append(input_ids[1:], self.pad_id).astype(np.int32)
+    targets[targets < 0] = self.pad_id
+    # Position t predicts token t+1: supervised where token t+1 belongs to an answer.
+    target_mask = np.append(np.asarray(supervised[1:], np.float32), 0.0).astype(np.float32)
+    return {"input_ids": input_ids, "targets": targets, "target_mask": target_mask,
+            "prompt_length": np.int32(prompt_length)}
 
   def training_example(self, example: Mapping[str, Any], task: str, num_audio_tokens: int,
                        instruction_index: int = 0) -> dict[str, np.ndarray]:

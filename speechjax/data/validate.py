@@ -119,6 +119,9 @@ def load_example(
   key as a str ('' when absent)},
   or (None, (reason, detail)).
   """
+  if record.get("turns") is not None:
+    return _load_dialogue(record, manifest_dir, max_seconds=max_seconds, min_seconds=min_seconds,
+                          required_fields=required_fields)
   problem = check_fields(record, required_fields)
   if problem:
     return None, problem
@@ -143,6 +146,46 @@ def load_example(
   example["audio"] = audio
   example["audio_path"] = path
   example["duration"] = audio.size / audio_lib.SAMPLE_RATE
+  return example, None
+
+
+def _load_dialogue(record, manifest_dir: str, *, max_seconds, min_seconds, required_fields):
+  """A dialogue line ("turns", speechjax.data.dialogue): each clip decoded and
+  checked against max_seconds / min_seconds (a bad one skips the line, naming
+  its turn), the clips joined in order, the turns stored as the 'dialogue'
+  field with each clip's `samples` in place of its path; 'audio_paths' lists
+  the files."""
+  from speechjax.data import dialogue
+
+  try:
+    turns = dialogue.check_turns(record.get("turns"))
+  except dialogue.DialogueError as e:
+    return None, ("invalid_dialogue", str(e))
+  clips, paths = [], []
+  for i, turn in enumerate(turns):
+    if "audio" not in turn:
+      continue
+    path = resolve_audio_path(turn.pop("audio"), manifest_dir)
+    if not os.path.exists(path):
+      return None, ("audio_not_found", f"turn {i}: {path} does not exist")
+    try:
+      audio = audio_lib.load_audio(path)
+    except audio_lib.AudioError as e:
+      return None, ("unreadable_audio", f"turn {i}: {e}")
+    problem = check_audio(audio, max_seconds=max_seconds, min_seconds=min_seconds)
+    if problem:
+      return None, (problem[0], f"turn {i} ({path}): {problem[1]}")
+    turn["samples"] = int(audio.size)
+    clips.append(audio)
+    paths.append(path)
+  merged = {**record, dialogue.FIELD: json.dumps(turns, ensure_ascii=False)}
+  problem = check_fields(merged, required_fields)
+  if problem:
+    return None, problem
+  example = {field: as_text(merged.get(field)).strip() for field in text_fields()}
+  joined = np.concatenate(clips).astype(np.float32)
+  example.update(audio=joined, audio_path=paths[0], audio_paths=paths,
+                 duration=joined.size / audio_lib.SAMPLE_RATE)
   return example, None
 
 

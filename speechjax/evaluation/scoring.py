@@ -178,6 +178,8 @@ def evaluate_task(bundle, variables, source, info, data_cfg, task: str, decode_c
     eligible = eligible[:int(max_examples)]
   limit = longest_decodable_samples(bundle, data_cfg)
   long_mask = info.num_samples[eligible] > limit
+  if tasks_lib.get_task(task).multi_audio:  # several clips: each is bucketed (or cut to the bucket) alone
+    long_mask[:] = False
   # The eval iterator's own length filter is off: length is handled here.
   read_cfg = {**(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)),
               "max_audio_seconds": None}

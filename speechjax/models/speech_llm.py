@@ -186,7 +186,17 @@ class SpeechLLM(nn.Module):
     """features [B,n_mels,F] or waves [B,S] -> (audio embeddings [B,M,H], mask [B,M]).
     from_states: `features` are the encoder's output states [B,N,D] (a frozen
     encoder's, stored once: data/encoder_cache.py) and `feature_mask` their
-    mask [B,N]; the encoder is skipped."""
+    mask [B,N]; the encoder is skipped.
+    Several clips per row (dialogue batches): features [B,S,...] with
+    feature_mask [B,S,F]; each clip is encoded and projected on its own, and
+    row b's embeddings are its S clips' in order: [B,S*M,H], mask [B,S*M]."""
+    if feature_mask is not None and feature_mask.ndim == 3:
+      rows, segments = feature_mask.shape[:2]
+      audio, mask = self.encode_audio(features.reshape((rows * segments,) + features.shape[2:]),
+                                      feature_mask.reshape((rows * segments,) + feature_mask.shape[2:]),
+                                      deterministic, from_states)
+      return (audio.reshape(rows, segments * audio.shape[1], audio.shape[2]),
+              mask.reshape(rows, segments * mask.shape[1]))
     if from_states:
       hidden = features
       mask = (jnp.ones(hidden.shape[:2], jnp.int32) if feature_mask is None
@@ -208,7 +218,7 @@ class SpeechLLM(nn.Module):
     if input_ids.ndim != 2 or input_ids.shape[0] != features.shape[0]:
       raise ValueError(f"SpeechLLM: input_ids must be [batch, length] with the features' batch "
                        f"{features.shape[0]}, got {input_ids.shape}")
-    check_placeholders(input_ids, self._num_audio(features, from_states))
+    check_placeholders(input_ids, self._num_audio(features, from_states, feature_mask))
     audio, audio_mask = self.encode_audio(features, feature_mask, deterministic, from_states)
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -221,10 +231,12 @@ class SpeechLLM(nn.Module):
                                           jnp.asarray(attention_mask))
     return nn.with_logical_constraint(embeds, ("batch", "length", "embed")), mask
 
-  def _num_audio(self, features, from_states: bool) -> int:
+  def _num_audio(self, features, from_states: bool, feature_mask=None) -> int:
+    """Placeholders per row; S clips per row (feature_mask [B,S,F]) take S times a clip's."""
+    segments = feature_mask.shape[1] if feature_mask is not None and feature_mask.ndim == 3 else 1
     if from_states:
-      return num_audio_tokens_from_states(features.shape[1], self.config)
-    return num_audio_tokens(features.shape[-1], self.config)
+      return segments * num_audio_tokens_from_states(features.shape[-2], self.config)
+    return segments * num_audio_tokens(features.shape[-1], self.config)
 
   def __call__(self, features, feature_mask, input_ids, attention_mask=None, *,
                deterministic: bool = True, return_hidden: bool = False, from_states: bool = False):
@@ -251,7 +263,7 @@ class SpeechLLM(nn.Module):
                                      deterministic, from_states)
     hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, deterministic=deterministic,
                           hidden_only=True)
-    positions = text_prediction_positions(input_ids, self._num_audio(features, from_states))
+    positions = text_prediction_positions(input_ids, self._num_audio(features, from_states, feature_mask))
     hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
     return self.decoder.lm_logits(hidden, deterministic).astype(jnp.float32), positions

@@ -87,7 +87,8 @@ class SpeechServer:
         "max_seconds": self.max_seconds,
         "tasks": [{"name": name, "label": TASK_LABELS.get(name, name), "trained": name in trained,
                    "needs_instruction": bool(tasks_lib.get_task(name).instruction_field)}
-                  for name in sorted(tasks_lib.task_names(), key=lambda n: (n not in trained, n))],
+                  for name in sorted(tasks_lib.task_names(), key=lambda n: (n not in trained, n))
+                  if not tasks_lib.get_task(name).multi_audio],  # one upload is one clip
     }
     self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
     self.httpd.daemon_threads = True

@@ -240,6 +240,7 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       kept_per_source[source] += 1
       audio = audio_lib.float_to_int16(example.pop("audio"))
       example.pop("audio_path")
+      example.pop("audio_paths", None)  # a dialogue's clips (its turns keep their lengths)
       num_samples.append(int(audio.size))
       fields.append(field_bits(example))
       if example.get("label"):

@@ -1,0 +1,205 @@
+"""The dialogue task (speechjax.data.dialogue): several user turns with audio,
+loss on the assistant turns only. Its token layout in each chat format, bad
+dialogues refused with the turn named, each clip encoded on its own and placed
+at its own turn, and a tiny speech LLM trained, decoded and scored on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from test_speech_llm import _config, _random_variables
+
+from speechjax.data import dialogue, sources, tasks, validate
+from speechjax.models.speech_llm import AUDIO_PLACEHOLDER_ID, SpeechLLM, init_inputs, num_audio_tokens
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PH = AUDIO_PLACEHOLDER_ID
+TURNS = [{"role": "user", "samples": 100}, {"role": "assistant", "text": "lights on"},
+         {"role": "user", "samples": 50, "text": "and now"}, {"role": "assistant", "text": "lights off"}]
+
+
+@pytest.mark.parametrize("template", sorted(tasks.CHAT_FORMATS))
+def test_each_turn_in_order_and_the_loss_on_the_answers_only(tiny_corpus, template):
+  import transformers
+
+  tok = transformers.PreTrainedTokenizerFast.from_pretrained(tiny_corpus[1])
+  prompts = tasks.PromptBuilder(tok, template)
+  prefix, suffix, answer_prefix = tasks.CHAT_FORMATS[template]
+  enc = lambda text: tasks._encode(tok, text)  # pylint: disable=protected-access
+  first, second = enc(answer_prefix + "lights on") + [tok.eos_token_id], enc(answer_prefix + "lights off") + [
+      tok.eos_token_id]
+  # 3 segments for 2 clips: the empty one's 3 slots first, then each turn.
+  expected = ([PH] * 3 + [tok.bos_token_id] + enc(prefix) + [PH] * 3 + enc(suffix) + first
+              + enc(prefix) + [PH] * 3 + enc("\nand now" + suffix) + second)
+  out = prompts.dialogue_ids(dialogue.check_turns(TURNS), 3, 3, generate=False)
+  assert out["input_ids"].tolist() == expected
+  assert out["targets"][:-1].tolist() == [tok.pad_token_id if t == PH else t for t in expected[1:]]
+  assert out["targets"][out["target_mask"] > 0].tolist() == first + second  # both answers, nothing else
+  assert int(out["target_mask"].sum()) == len(first) + len(second)
+  prompt = prompts.dialogue_ids(dialogue.check_turns(TURNS), 3, 3, generate=True)["input_ids"]
+  assert prompt.tolist() == expected[:int(out["prompt_length"])] == expected[:-len(second)]
+  assert prompt.tolist().count(PH) == 9
+  assert tasks.answer_text({"dialogue": json.dumps(TURNS)}, "dialogue") == "lights off"
+  with pytest.raises(dialogue.DialogueError, match="2 audio turns in a batch of 1 segments"):
+    prompts.dialogue_ids(dialogue.check_turns(TURNS), 3, 1, generate=True)
+
+
+def test_bad_dialogues_are_refused_naming_the_turn(tmp_path):
+  wav = str(tmp_path / "a.wav")
+  import soundfile
+  soundfile.write(wav, 0.1 * np.sin(np.arange(8000) / 5.0), 16000)
+  user, answer = {"role": "user", "audio": "a.wav"}, {"role": "assistant", "text": "ok"}
+  cases = [
+      ([], "non-empty list"),
+      ([user, {"role": "bot", "text": "x"}], "turn 1: role 'bot'"),
+      ([user, {"role": "assistant", "text": "x", "audio": "a.wav"}], "turn 1: an assistant turn has text and no audio"),
+      ([user, user, answer], "turns 0 and 1 are both 'user'"),
+      ([user, answer, {"role": "user", "text": "and?"}], "ends with the assistant's answer"),
+      ([{"role": "user", "text": "hi"}, answer], "no user turn has audio"),
+      ([{"role": "user"}, answer], "turn 0: a user turn needs"),
+  ]
+  for turns, message in cases:
+    example, problem = validate.load_example({"turns": turns}, str(tmp_path))
+    assert example is None and problem[0] == "invalid_dialogue" and message in problem[1], (turns, problem)
+  example, problem = validate.load_example({"turns": [{"role": "user", "audio": "gone.wav"}, answer]}, str(tmp_path))
+  assert problem[0] == "audio_not_found" and problem[1].startswith("turn 0: ")
+  example, problem = validate.load_example({"id": "d", "turns": [user, answer, dict(user, text="again"), answer]},
+                                           str(tmp_path), required_fields=("dialogue",))
+  assert problem is None and example["audio"].size == 16000 and example["audio_paths"] == [wav, wav]
+  assert dialogue.clip_lengths(example) == [8000, 8000] and dialogue.answer(example) == "ok"
+  # Read as a manifest: a bad line is skipped and counted once; the good one keeps its clips.
+  manifest = tmp_path / "d.jsonl"
+  manifest.write_text(json.dumps({"id": "good", "turns": [user, answer]}) + "\n"
+                      + json.dumps({"id": "bad", "turns": [user]}) + "\n")
+  source = sources.ManifestSource(str(manifest), required_fields=("dialogue",), cache_mb=0)
+  assert len(source) == 1 and [s.reason for s in source.skipped] == ["invalid_dialogue"]
+  assert source[0]["audio"].size == 8000  # read again from its file
+
+
+def test_each_clip_is_encoded_alone_and_placed_at_its_turn():
+  cfg = _config(num_classes=0)
+  model = SpeechLLM(cfg)
+  variables = _random_variables(jax.eval_shape(model.init, jax.random.key(0), *init_inputs(cfg, 1, 24)))
+  rng = np.random.default_rng(0)
+  frames = 24
+  clips = rng.standard_normal((2, 80, frames)).astype(np.float32)
+  masks = (np.arange(frames)[None] < np.array([[frames], [13]])).astype(np.int32)
+  clips[1, :, 13:] = 50.0  # padding of the short clip must not matter
+  encode = jax.jit(lambda v, f, m: model.apply(v, f, m, method="encode_audio"))
+  joint, joint_mask = encode(variables, clips[None], masks[None])  # one row, two segments
+  alone = [encode(variables, clips[i:i + 1], masks[i:i + 1]) for i in range(2)]
+  m = num_audio_tokens(frames, cfg)
+  assert joint.shape[:2] == (1, 2 * m)
+  for i, (audio, mask) in enumerate(alone):
+    np.testing.assert_allclose(np.asarray(joint[0, i * m:(i + 1) * m]), np.asarray(audio[0]), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(joint_mask[0, i * m:(i + 1) * m]), np.asarray(mask[0]))
+  # The whole model reads 2*m placeholders per row, one turn's clip at a time.
+  ids = np.array([[1, 5] + [PH] * m + [7, 8] + [PH] * m + [9, 3]], np.int32)
+  logits = model.apply(variables, clips[None], masks[None], ids, np.ones_like(ids))
+  assert logits.shape == (1, ids.shape[1], cfg.decoder.vocab_size) and np.isfinite(np.asarray(logits)).all()
+  with pytest.raises(ValueError, match=f"exactly {2 * m} audio placeholders"):
+    model.apply(variables, clips[None], masks[None], ids[:, :m + 4], np.ones_like(ids[:, :m + 4]))
+
+
+def _dialogue_manifests(corpus_root: str, out_dir: str) -> dict[str, str]:
+  """Two utterances of the tiny corpus per dialogue: the assistant repeats each."""
+  paths = {}
+  for split in ("train", "test"):
+    with open(os.path.join(corpus_root, f"{split}.jsonl"), encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f]
+    path = os.path.join(out_dir, f"dialogue_{split}.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+      for a, b in zip(rows[0::2], rows[1::2]):
+        turns = [{"role": "user", "audio": os.path.join(corpus_root, a["audio"])},
+                 {"role": "assistant", "text": a["text"]},
+                 {"role": "user", "audio": os.path.join(corpus_root, b["audio"]), "text": "and this one"},
+                 {"role": "assistant", "text": b["text"]}]
+        f.write(json.dumps({"id": f"{a['id']}+{b['id']}", "turns": turns}) + "\n")
+    paths[split] = path
+  return paths
+
+
+def test_a_speech_llm_trains_decodes_and_is_scored_on_dialogues(tiny_corpus, tmp_path):
+  from speechjax.data.builders import manifest
+  from speechjax.evaluate import evaluate_run
+  from speechjax.train import build_trainer
+
+  _, tok_dir, corpus_root = tiny_corpus
+  manifests = _dialogue_manifests(corpus_root, str(tmp_path))
+  manifest.build_manifest_dataset(manifests, str(tmp_path / "tfds"), "chats", tasks=("dialogue",),
+                                  num_workers=1)
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import tiny  # pylint: disable=import-outside-toplevel
+
+  config = tiny.get_config()
+  config.data.update(data_dir=str(tmp_path / "tfds"), name="chats", eval_split="test", test_split="test",
+                     tasks=("dialogue",), task_weights=(1.0,), max_audio_seconds=None, token_buckets=(256,))
+  config.model.tokenizer = tok_dir
+  config.train.num_steps = 6
+  config.checkpoint.update(every_steps=6, async_save=False)
+  config.logging.tensorboard = False
+  workdir = str(tmp_path / "run")
+  trainer = build_trainer(config, workdir)
+  batch = next(iter(trainer.data.train))
+  assert batch["features"].ndim == 4 and batch["features"].shape[1] == 2  # two clips per row
+  assert batch["feature_mask"].shape[:2] == batch["features"].shape[:2]
+  supervised = batch["targets"][batch["target_mask"] > 0]
+  assert (supervised >= 0).all() and (supervised == trainer.bundle.tokenizer.eos_token_id).sum() == 2 * len(
+      batch["targets"])  # two answers (each ends in EOS) per row
+  trainer.run()
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    losses = [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
+  assert len(losses) == 6 and all(np.isfinite(losses))
+
+  summary = evaluate_run(workdir, manifest=manifests["test"], progress=False)
+  with open(manifests["test"], encoding="utf-8") as f:
+    expected = {r["id"]: r["turns"][-1]["text"] for r in map(json.loads, f)}
+  assert summary["tasks"] == ["dialogue"] and summary["dialogue/num_examples"] == len(expected) == 8
+  assert {"dialogue/wer", "dialogue/bleu", "wer", "bleu"} <= set(summary)
+  with open(os.path.join(workdir, "eval", "dialogue_test.predictions.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert {r["id"]: r["reference"] for r in rows} == expected
+  assert all(r["task"] == "dialogue" and isinstance(r["prediction"], str) for r in rows)
+
+
+def test_a_batch_mixing_dialogues_and_single_clips(tiny_corpus):
+  """An ASR example beside a 2-clip dialogue: its one clip is the last of its
+  segments, its placeholders for the empty segment come first and are masked."""
+  import transformers
+
+  from speechjax.data import batching
+  from speechjax.data.builders import manifest as manifest_builder
+  from speechjax.data.config import default_data_config
+
+  tok = transformers.PreTrainedTokenizerFast.from_pretrained(tiny_corpus[1])
+  rng = np.random.default_rng(0)
+  clip = lambda n: (3000 * rng.standard_normal(n)).astype(np.int16)
+  first, second = clip(6000), clip(9000)
+  turns = [{"role": "user", "samples": 6000}, {"role": "assistant", "text": "one"},
+           {"role": "user", "samples": 9000}, {"role": "assistant", "text": "two"}]
+  records = [{"id": "a", "text": "turn on the lights", "audio": clip(4000)},
+             {"id": "d", "dialogue": json.dumps(turns), "audio": np.concatenate([first, second])}]
+  info = sources.SourceInfo(np.array([r["audio"].size for r in records]),
+                            np.array([manifest_builder.field_bits(r) for r in records], np.int32))
+  config = default_data_config()
+  config.update(tasks=("asr", "dialogue"), task_weights=(1.0, 1.0), audio_buckets_seconds=(1.0,),
+                token_buckets=(128,))
+  prompts = tasks.PromptBuilder(tok)
+  maker = batching.BatchMaker(records, info, prompts, lambda frames: frames // 20, config, train=True)
+  batch = maker(np.array([0, 1]), np.ones(2, np.float32), 0)
+  m = 5  # 1 s = 100 mel frames -> 100 // 20 placeholders a clip
+  assert batch["features"].shape == (2, 2, 80, 100) and batch["feature_mask"].shape == (2, 2, 100)
+  assert batch["feature_mask"].sum(axis=2).tolist() == [[0, 25], [37, 56]]  # empty segment first
+  assert not batch["features"][0, 0].any()
+  ids = batch["input_ids"]
+  assert ((ids == PH).sum(axis=1) == 2 * m).all()
+  assert (ids[0, :m] == PH).all() and ids[0, m] == tok.bos_token_id
+  assert batch["_meta"]["task"] == ["asr", "dialogue"]
+  answers = [tok.decode(batch["targets"][r][batch["target_mask"][r] > 0]) for r in range(2)]
+  assert answers[0].strip() == "turn on the lights</s>" and answers[1].replace(" ", "") == "one</s>two</s>"
+  assert batch["audio_seconds"].tolist() == pytest.approx([0.25, 15000 / 16000])
