@@ -127,7 +127,7 @@ def check_prompts(config, bundle, tasks) -> dict[str, int]:
   out = {}
   for task in tasks:
     spec = tasks_lib.get_task(task)
-    if spec.instruction_field:  # the example's own prompt: checked on the batches read
+    if spec.instruction_field or spec.multi_audio:  # the example's own prompt: checked on the batches read
       continue
     lengths = [len(prompts.prompt_ids({}, task, audio_slots, k)) for k in range(prompts.num_instructions(task))]
     out[task] = max(lengths)

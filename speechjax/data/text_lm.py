@@ -71,6 +71,10 @@ def text_lm_examples(records: Iterable[dict], tokenizer, data_cfg,
                      tasks: Sequence[str] | None = None) -> list[np.ndarray]:
   """Every (record, task it supports, instruction) with an empty audio slot."""
   prompts = prompt_builder(tokenizer, data_cfg)
+  several = [t for t in tuple(tasks or data_cfg.tasks) if tasks_lib.get_task(t).multi_audio]
+  if several:
+    raise ValueError(f"data.tasks: {several} read several audio clips per example, which a text-only "
+                     "LM (model.kind='lm') has no slots for; pretrain on the one-clip tasks")
   return [text_example(prompts, record, task, [], k)
           for record in records
           for task in tasks_lib.supported_tasks(record, tuple(tasks or data_cfg.tasks))

@@ -270,7 +270,8 @@ def main(argv):
   results = evaluate_run(workdir, split="test", progress=True)
   timings["evaluate"] = time.time() - t
   manifest = os.path.join(workdir, "data", "test.jsonl")
-  files = [os.path.join(workdir, "data", json.loads(line)["audio"]) for line in open(manifest)][:3]
+  rows = [json.loads(line) for line in open(manifest)]
+  files = [os.path.join(workdir, "data", row["audio"]) for row in rows if "audio" in row][:3]  # not dialogues
   transcripts = Transcriber(workdir)(files, "asr")
   timings["total"] = time.time() - start
   plot_curves(workdir)

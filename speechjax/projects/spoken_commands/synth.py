@@ -341,6 +341,8 @@ def synthesize(out_dir: str, num_train: int, num_dev: int, num_test: int, seed: 
     with open(os.path.join(out_dir, f"{split}.jsonl"), "w", encoding="utf-8") as f:
       for row, duration in zip(rows, durations[offset:offset + len(rows)]):
         f.write(json.dumps({**row, "duration": round(duration, 3)}, ensure_ascii=False) + "\n")
+      for row in (dialogue_rows(rows) if spoken_tasks else []):
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
     split_durations = np.asarray(durations[offset:offset + len(rows)])
     offset += len(rows)
     summary["splits"][split] = {
@@ -354,8 +356,27 @@ def synthesize(out_dir: str, num_train: int, num_dev: int, num_test: int, seed: 
   summary["synthesis_seconds"] = synth_seconds
   summary["lm_text_sentences"] = write_lm_text(os.path.join(out_dir, LM_TEXT_FILE), seed)
   if spoken_tasks:
-    summary["spoken_tasks"] = ["summarize", "spoken_qa"]
+    summary["spoken_tasks"] = ["summarize", "spoken_qa", "dialogue"]
+    summary["dialogues"] = {split: len(dialogue_rows(rows)) for split, (_, rows) in plans.items()}
   return summary
+
+
+DIALOGUE_EVERY = 4  # one two-turn dialogue per this many utterances of a split
+
+
+def dialogue_rows(rows: Sequence[dict]) -> list[dict]:
+  """Two-turn spoken dialogues over a split's own utterances (the `dialogue`
+  task): the user says a command, the assistant repeats it, the user says the
+  next one and asks again, and the answer scored is its transcript."""
+  out = []
+  for start in range(0, len(rows) - 1, DIALOGUE_EVERY):
+    first, second = rows[start], rows[start + 1]
+    out.append({"id": f"{first['id']}-dialogue", "turns": [
+        {"role": "user", "audio": first["audio"]},
+        {"role": "assistant", "text": first["text"]},
+        {"role": "user", "audio": second["audio"], "text": "and this one?"},
+        {"role": "assistant", "text": second["text"]}]})
+  return out
 
 
 LM_TEXT_FILE = "lm_text.jsonl"

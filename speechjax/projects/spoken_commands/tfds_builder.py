@@ -43,6 +43,7 @@ def build_spoken_commands(corpus_dir: str, data_dir: str | None = None, *,
   else:
     cls = manifest.builder_class(name, SpokenCommands)
   data_dir = data_dir or os.path.join(corpus_dir, "tfds")
+  # Utterances need a transcript, dialogues (the quick corpus's `turns` lines) their turns.
   builder = cls(corpus_dir=corpus_dir, splits=splits, data_dir=data_dir, max_seconds=30.0,
-                num_workers=num_workers)
+                num_workers=num_workers, tasks=("asr", "dialogue"))
   return manifest.prepare(builder, overwrite=overwrite)
