@@ -3,9 +3,11 @@ r"""Transcribes (translates, classifies, answers about) audio with a trained run
     python -m speechjax.transcribe --workdir=runs/demo a.wav b.flac [--task=asr|translate|classify|...]
     python -m speechjax.transcribe --workdir=runs/demo --input=recordings/ --output=out.jsonl
     python -m speechjax.transcribe --workdir=runs/demo --task=instruct --instruction="How many words?" a.wav
+    python -m speechjax.transcribe --workdir=runs/chat --task=dialogue turn1.wav turn2.wav   # one conversation
 
 `--task` is any registered task (`speechjax.data.tasks`); one that reads its
-instruction from a manifest field (instruct) takes it from `--instruction`.
+instruction from a manifest field (instruct) takes it from `--instruction`;
+`dialogue` takes the files as one conversation's user turns and answers each.
 `--decode.method=beam --decode.beam_size=5 --decode.max_new_tokens=...`
 override the run's `eval.decode` settings. The run is loaded onto the mesh
 it trained on (its `mesh.shape`), or onto `--mesh=1,-1,1` (one size per axis
@@ -137,10 +139,10 @@ def check_task(task: str, instruction: str = "") -> dict:
                      f"registered: {', '.join(tasks.task_names())}")
   spec = tasks.get_task(task)
   if spec.multi_audio:
-    raise ValueError(f"--task={task!r} reads several clips per example (a conversation's turns): "
-                     'write them as a manifest line with "turns" (speechjax.data.dialogue) and score '
-                     "it with `python -m speechjax.evaluate --workdir=W --manifest=F.jsonl --tasks="
-                     f"{task}`")
+    raise ValueError(f"--task={task!r} reads several clips per example (a conversation's turns): give "
+                     f"the turns' files in order to `speechjax transcribe --task={task} a.wav b.wav`, or "
+                     'score manifest lines with "turns" (speechjax.data.dialogue) with `python -m '
+                     f"speechjax.evaluate --workdir=W --manifest=F.jsonl --tasks={task}`")
   if spec.instruction_field:
     if not instruction.strip():
       usable = [name for name in tasks.task_names() if not tasks.get_task(name).instruction_field
@@ -253,6 +255,52 @@ class Transcriber:
       for owner, (_, start, end), text in zip(group_owners, group, texts):
         segments[owner].append(Segment(start, end, text))
     return segments
+
+  def converse(self, paths) -> list[tuple[str, str]]:
+    """A spoken conversation (the `dialogue` task): the files are the user's
+    turns in order; the model answers each, seeing every earlier clip and its
+    own earlier answers. -> [(path, answer)]. ValueError naming the file for
+    an unreadable or over-long turn."""
+    from speechjax.data import audio as audio_lib
+    from speechjax.data import batching
+    from speechjax.evaluation import run_loader, scoring
+
+    waves = []
+    for i, path in enumerate(paths):
+      try:
+        wave = audio_lib.load_audio(path)
+      except audio_lib.AudioError as e:
+        raise ValueError(f"turn {i} ({path}): {e}") from None
+      if wave.size > self.buckets[-1]:
+        raise ValueError(f"turn {i} ({path}) lasts {wave.size / audio_lib.SAMPLE_RATE:.1f} s; the run's largest "
+                         f"audio bucket is {self.max_chunk_seconds:g} s")
+      waves.append(wave)
+    turns: list[dict] = []
+    answers = []
+    for i, path in enumerate(paths):
+      turns.append({"role": "user", "text": "", "samples": int(waves[i].size)})
+      segments = 1 << max(0, i.bit_length())  # i + 1 clips, rounded up to a power of two
+      samples = batching.smallest_fitting(max(w.size for w in waves[:i + 1]), self.buckets)
+      padded = np.zeros((segments, samples), np.float32)
+      lengths = np.zeros(segments, np.int64)
+      for k, wave in enumerate(waves[:i + 1]):  # empty segments first, as in training
+        padded[segments - i - 1 + k, :wave.size] = wave
+        lengths[segments - i - 1 + k] = wave.size
+      feats, mask = batching.encoder_features(padded, lengths, self.audio_input)
+      feats[lengths == 0] = 0.0
+      num_audio = self.bundle.num_audio_tokens(feats.shape[-1])
+      # The answer being asked for closes the turns; generate=True stops before it.
+      ids = self.prompts.dialogue_ids(turns + [{"role": "assistant", "text": ""}], num_audio, segments,
+                                      generate=True)["input_ids"]
+      rows = self.batch_size  # full batches (the row repeated): one program per shape
+      batch = {"features": np.repeat(np.asarray(feats)[None], rows, 0),
+               "feature_mask": np.repeat(np.asarray(mask, np.int32)[None], rows, 0),
+               "input_ids": np.repeat(ids[None], rows, 0), "attention_mask": np.ones((rows, ids.size), np.int32)}
+      with run_loader.mesh_context(self.config):
+        answer = scoring.decode_batch(self.bundle, self.variables, batch, self.config.eval.decode)[0]
+      answers.append((path, answer))
+      turns.append({"role": "assistant", "text": answer})
+    return answers
 
   def transcribe_files(self, paths, task: str = "asr", instruction: str = ""):
     """-> [(path, segments or None, error or None)], in the order of `paths`."""
@@ -408,6 +456,9 @@ def main(argv):
   paths = argv[1:]
   if bool(paths) == bool(FLAGS.input):
     raise app.UsageError("give audio files, or --input=FOLDER --output=FILE (not both)")
+  from speechjax.data import tasks as tasks_lib
+  if FLAGS.task in tasks_lib.TASK_REGISTRY and tasks_lib.get_task(FLAGS.task).multi_audio:
+    return converse_main(paths)
   if FLAGS.input and not FLAGS.output:
     raise app.UsageError("--input needs --output=FILE.jsonl (or .tsv, .srt, .vtt)")
   try:
@@ -443,6 +494,28 @@ def main(argv):
     else:
       print(f"{path}\t{text}", flush=True)
   sys.exit(1 if failed else 0)
+
+
+def converse_main(paths) -> None:
+  """`--task=dialogue a.wav b.wav ...`: one conversation, the files its user turns;
+  prints FILE<TAB>answer per turn."""
+  if FLAGS.input or FLAGS.instruction:
+    raise app.UsageError(f"--task={FLAGS.task} takes the user turns' audio files in order (one "
+                         "conversation), without --input or --instruction")
+  try:
+    overrides = check_decode_overrides(decode_flag_values())
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  mesh_shape = mesh_flag_value()
+  check_mesh_flag(FLAGS.workdir, mesh_shape)
+  transcriber = Transcriber(FLAGS.workdir, FLAGS.checkpoint, decode=overrides, mesh_shape=mesh_shape)
+  try:
+    answers = transcriber.converse(paths)
+  except ValueError as e:
+    print(f"ERROR: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  for path, answer in answers:
+    print(f"{path}\t{answer}", flush=True)
 
 
 if __name__ == "__main__":

@@ -166,6 +166,16 @@ def test_a_speech_llm_trains_decodes_and_is_scored_on_dialogues(tiny_corpus, tmp
   assert {r["id"]: r["reference"] for r in rows} == expected
   assert all(r["task"] == "dialogue" and isinstance(r["prediction"], str) for r in rows)
 
+  # A conversation from files: each turn answered with every earlier clip and answer in view.
+  from speechjax.transcribe import Transcriber
+  with open(manifests["test"], encoding="utf-8") as f:
+    turns = json.loads(f.readline())["turns"]
+  clips = [turns[0]["audio"], turns[2]["audio"]]
+  answers = Transcriber(workdir, "last").converse(clips)
+  assert [path for path, _ in answers] == clips and all(isinstance(a, str) for _, a in answers)
+  with pytest.raises(ValueError, match=r"turn 1 \(.*missing.wav\)"):
+    Transcriber(workdir, "last").converse([clips[0], str(tmp_path / "missing.wav")])
+
 
 def test_a_batch_mixing_dialogues_and_single_clips(tiny_corpus):
   """An ASR example beside a 2-clip dialogue: its one clip is the last of its

@@ -8,7 +8,7 @@ and for one slice smaller and one larger (`RECIPES`), with libtpu on this
 CPU (no TPU, no weights). A row gives XLA's per-chip memory (arguments,
 outputs, temporaries), whether it fits the chip's HBM with a 5 % margin, the
 largest global batch that fits (documented slice only: doubling from the
-recipe's batch to 4x, `--max_probes` compiles), compiled over model FLOPs and the
+recipe's batch to 4x, `--max_probes` compiles), model over compiled FLOPs and the
 step time at the chip's peak bf16 rate (`speechjax.compilation.report`
 defines every figure). FLOPs are counted on the documented slice; the
 other rows give the model-FLOPs roofline only (a step's FLOPs do not depend
@@ -54,7 +54,7 @@ RECIPES = (
 )
 
 COLUMNS = ("recipe", "slice", "chips", "mesh (data, fsdp, tensor)", "batch", "GiB/chip", "argument", "output",
-           "temp", "HBM GiB", "fits", "max batch", "compiled / model FLOPs", "roofline s/step",
+           "temp", "HBM GiB", "fits", "max batch", "model / compiled FLOPs", "roofline s/step",
            "model roofline s/step", "compile s")
 
 
@@ -116,7 +116,7 @@ def markdown(rows: Sequence[Sequence[str]], *, command: str, commit: str, date: 
       "larger. Memory is XLA's per-chip account of the compiled step (arguments = weights, optimizer state and",
       "batch; temp = activations, gradients and collective buffers); a step fits when its total stays under",
       "the chip's HBM less 5 %. `max batch`: the largest global batch that fits on the documented slice,",
-      "doubling from the recipe's batch (`>= N`: every probe fitted). `compiled / model FLOPs`: model FLOPs",
+      "doubling from the recipe's batch (`>= N`: every probe fitted). `model / compiled FLOPs`: model FLOPs",
       "(6 per trained weight and token, 4 or 2 per frozen one) over XLA's count of the compiled step, which",
       "counts many sharded TPU matmuls below 2MNK, so values above 1 are expected. The rooflines are the step",
       "time at the chip's peak bf16 FLOP/s from the compiled and the model FLOPs (the latter = 100 % MFU);",
