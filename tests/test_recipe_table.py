@@ -135,3 +135,13 @@ def test_reduced_recipe_fits_its_documented_slice(recipe):
   assert report["target"] == recipe.topology and report["fits"], report["per_chip_bytes"]
   assert 0 < report["per_chip_bytes"]["total"] < report["hbm_bytes_per_chip"]
   assert report["num_chips"] == chips and report["batch_size"] == chips
+
+
+def test_the_command_refuses_an_unknown_recipe_listing_them():
+  import subprocess
+  import sys
+
+  result = subprocess.run([sys.executable, "-m", "speechjax.compilation.recipe_table", "--recipes=nope.py",
+                           "--out=/dev/null"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0 and "--recipes: ['nope.py'] are not in the table" in result.stderr
+  assert "slam_asr.py:hubert_xl" in result.stderr

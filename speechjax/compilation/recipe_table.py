@@ -181,10 +181,15 @@ def build_rows(recipes: Sequence[Recipe], *, topologies: Sequence[str] = (), max
   return rows
 
 
-_OUT = flags.DEFINE_string("out", os.path.join(REPO, "docs", "recipe_memory.md"), "Markdown file to write.")
-_RECIPES = flags.DEFINE_list("recipes", [], "Only these recipes (e.g. slam_asr.py,salmonn.py; default all).")
-_TOPOLOGIES = flags.DEFINE_list("topologies", [], "Only these slices (e.g. v4-32; default each recipe's three).")
-_MAX_PROBES = flags.DEFINE_integer("max_probes", 2, "Compiles for the max-batch search (0 = skip it).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defined only when run as a program, so importing this module adds no flags."""
+  flags.DEFINE_string("out", os.path.join(REPO, "docs", "recipe_memory.md"), "Markdown file to write.")
+  flags.DEFINE_list("recipes", [], "Only these recipes (e.g. slam_asr.py,salmonn.py; default all).")
+  flags.DEFINE_list("topologies", [], "Only these slices (e.g. v4-32; default each recipe's three).")
+  flags.DEFINE_integer("max_probes", 2, "Compiles for the max-batch search (0 = skip it).")
 
 
 def main(argv):
@@ -195,28 +200,29 @@ def main(argv):
     print(f"speechjax.compilation.recipe_table: {topology_lib.INSTALL_HINT}", file=sys.stderr)
     sys.exit(2)
   known = {r.config for r in RECIPES}
-  unknown = [r for r in _RECIPES.value if r not in known and not any(k.startswith(r) for k in known)]
+  unknown = [r for r in FLAGS.recipes if r not in known and not any(k.startswith(r) for k in known)]
   if unknown:
     raise app.UsageError(f"--recipes: {unknown} are not in the table; recipes: {sorted(known)}")
-  recipes = [r for r in RECIPES if not _RECIPES.value
-             or any(r.config == want or r.config.split(":")[0] == want for want in _RECIPES.value)]
+  recipes = [r for r in RECIPES if not FLAGS.recipes
+             or any(r.config == want or r.config.split(":")[0] == want for want in FLAGS.recipes)]
   start = time.time()
   command = "python -m speechjax.compilation.recipe_table" + "".join(
-      f" --{name}={','.join(value)}" for name, value in (("recipes", _RECIPES.value),
-                                                          ("topologies", _TOPOLOGIES.value)) if value)
-  if _MAX_PROBES.value != _MAX_PROBES.default:
-    command += f" --max_probes={_MAX_PROBES.value}"
+      f" --{name}={','.join(value)}" for name, value in (("recipes", FLAGS.recipes),
+                                                          ("topologies", FLAGS.topologies)) if value)
+  if FLAGS.max_probes != FLAGS["max_probes"].default:
+    command += f" --max_probes={FLAGS.max_probes}"
   commit = git_commit()
 
   def write(rows):  # after every row: a run stopped half way leaves the rows it has, whole
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    write_atomically(_OUT.value, markdown(rows, command=command, commit=commit, date=date,
+    write_atomically(FLAGS.out, markdown(rows, command=command, commit=commit, date=date,
                                           seconds=time.time() - start))
 
-  rows = build_rows(recipes, topologies=_TOPOLOGIES.value, max_probes=_MAX_PROBES.value, on_row=write)
+  rows = build_rows(recipes, topologies=FLAGS.topologies, max_probes=FLAGS.max_probes, on_row=write)
   write(rows)
-  print(f"wrote {_OUT.value} ({len(rows)} rows)")
+  print(f"wrote {FLAGS.out} ({len(rows)} rows)")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
