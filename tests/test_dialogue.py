@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 from test_speech_llm import _config, _random_variables
+import tiny_runs
 
 from speechjax.data import dialogue, sources, tasks, validate
 from speechjax.models.speech_llm import AUDIO_PLACEHOLDER_ID, SpeechLLM, init_inputs, num_audio_tokens
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PH = AUDIO_PLACEHOLDER_ID
 TURNS = [{"role": "user", "samples": 100}, {"role": "assistant", "text": "lights on"},
          {"role": "user", "samples": 50, "text": "and now"}, {"role": "assistant", "text": "lights off"}]
@@ -133,16 +132,8 @@ def test_a_speech_llm_trains_decodes_and_is_scored_on_dialogues(tiny_corpus, tmp
   manifests = _dialogue_manifests(corpus_root, str(tmp_path))
   manifest.build_manifest_dataset(manifests, str(tmp_path / "tfds"), "chats", tasks=("dialogue",),
                                   num_workers=1)
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import tiny  # pylint: disable=import-outside-toplevel
-
-  config = tiny.get_config()
-  config.data.update(data_dir=str(tmp_path / "tfds"), name="chats", eval_split="test", test_split="test",
-                     tasks=("dialogue",), task_weights=(1.0,), max_audio_seconds=None, token_buckets=(256,))
-  config.model.tokenizer = tok_dir
-  config.train.num_steps = 6
-  config.checkpoint.update(every_steps=6, async_save=False)
-  config.logging.tensorboard = False
+  config = tiny_runs.tiny_task_config(str(tmp_path / "tfds"), "chats", tok_dir, ("dialogue",),
+                                      max_audio_seconds=None, token_buckets=(256,))
   workdir = str(tmp_path / "run")
   trainer = build_trainer(config, workdir)
   batch = next(iter(trainer.data.train))

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
+import tiny_runs
 
 from speechjax.data import tasks
 from speechjax.evaluation import metrics, scoring
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_exact_match_and_token_f1_on_hand_made_answers():
@@ -109,16 +107,7 @@ def test_a_speech_llm_trains_decodes_and_is_scored_on_summaries_and_questions(ti
   manifests = _manifests(corpus_root, str(tmp_path))
   manifest.build_manifest_dataset(manifests, str(tmp_path / "tfds"), "last_word",
                                   tasks=("spoken_qa", "summarize"), num_workers=1)
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import tiny  # pylint: disable=import-outside-toplevel
-
-  config = tiny.get_config()
-  config.data.update(data_dir=str(tmp_path / "tfds"), name="last_word", eval_split="test", test_split="test",
-                     tasks=("spoken_qa", "summarize"), task_weights=(1.0, 1.0))
-  config.model.tokenizer = tok_dir
-  config.train.num_steps = 6
-  config.checkpoint.update(every_steps=6, async_save=False)
-  config.logging.tensorboard = False
+  config = tiny_runs.tiny_task_config(str(tmp_path / "tfds"), "last_word", tok_dir, ("spoken_qa", "summarize"))
   workdir = str(tmp_path / "run")
   trainer = build_trainer(config, workdir)
   batch = next(iter(trainer.data.train))

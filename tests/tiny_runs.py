@@ -98,3 +98,20 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def tiny_task_config(data_dir: str, name: str, tokenizer: str, tasks, *, steps: int = 6, **data):
+  """configs/tiny.py on a built dataset `name` (eval and test split 'test'), trained on
+  `tasks` (equal weights) for `steps` steps with one checkpoint at the end; `data`
+  overrides more data fields (e.g. token_buckets)."""
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import tiny  # pylint: disable=import-outside-toplevel
+
+  config = tiny.get_config()
+  config.data.update(data_dir=data_dir, name=name, eval_split="test", test_split="test", tasks=tuple(tasks),
+                     task_weights=(1.0,) * len(tasks), **data)
+  config.model.tokenizer = tokenizer
+  config.train.num_steps = steps
+  config.checkpoint.update(every_steps=steps, async_save=False)
+  config.logging.tensorboard = False
+  return config
