@@ -10,7 +10,7 @@ or one stage by hand (paths as the demo lays them out):
         --config.data.data_dir=runs/demo/data/tfds --config.model.tokenizer=runs/demo/tokenizer
 
 Hardware: 2 CPU cores, 24 GiB (the CI machine). `:quick` shrinks every stage
-so the whole job takes under 3 minutes (what the test suite runs).
+so the whole job takes a few minutes (what the test suite runs).
 
 Stages (arg = stage[,quick]):
   lm      a 4-layer Llama-style decoder (d=128) pretrained on the corpus text
