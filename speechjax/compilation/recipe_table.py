@@ -55,7 +55,7 @@ RECIPES = (
 
 COLUMNS = ("recipe", "slice", "chips", "mesh (data, fsdp, tensor)", "batch", "GiB/chip", "argument", "output",
            "temp", "HBM GiB", "fits", "max batch", "model / compiled FLOPs", "roofline s/step",
-           "model roofline s/step", "compile s")
+           "model roofline s/step")
 
 
 def load_recipe(spec: str, configs_dir: str = os.path.join(REPO, "configs")):
@@ -95,13 +95,14 @@ def report_row(recipe: str, report: dict) -> tuple[str, ...]:
           f"{mesh.get('data', 1)}, {mesh.get('fsdp', 1)}, {mesh.get('tensor', 1)}", str(report["batch_size"]),
           _gib(m["total"]), _gib(m["argument"]), _gib(m["output"]), _gib(m["temp"]),
           _gib(report["hbm_bytes_per_chip"]), "yes" if report["fits"] else "**NO**", max_batch,
-          _num(ratio or None, ".2f"), _num(report.get("roofline_step_seconds"), ".3f"), _num(model_roofline, ".3f"),
-          _num(report.get("compile_seconds"), ".0f"))
+          _num(ratio or None, ".2f"), _num(report.get("roofline_step_seconds"), ".3f"), _num(model_roofline, ".3f"))
 
 
 def error_row(recipe: str, topology: str, error: BaseException) -> tuple[str, ...]:
   message = " ".join(f"{type(error).__name__}: {error}".split())[:200].replace("|", "/")
-  return (recipe, topology) + ("-",) * (len(COLUMNS) - 3) + (f"failed: {message}",)
+  row = [recipe, topology] + ["-"] * (len(COLUMNS) - 2)
+  row[COLUMNS.index("fits")] = f"failed: {message}"
+  return tuple(row)
 
 
 def markdown(rows: Sequence[Sequence[str]], *, command: str, commit: str, date: str, seconds: float) -> str:
