@@ -68,10 +68,12 @@ def test_rows_header_and_a_failed_compile():
       ("b.py:x", "v5e-8")
 
   text = recipe_table.markdown(rows, command="python -m speechjax.compilation.recipe_table", commit="abc1234",
-                               date="2026-12-04", seconds=600)
+                               date="2026-12-04", pending=("c.py",))
   assert "Generated on 2026-12-04 at commit abc1234 by `python -m speechjax.compilation.recipe_table`" in text
   table = [line for line in text.splitlines() if line.startswith("| ")]
   assert len(table) == 1 + len(rows)
+  assert "Not in this file yet (the run that wrote it ended before them): c.py." in text
+  assert "Not in this file yet" not in recipe_table.markdown(rows, command="x", commit="y", date="z")
   assert all(line.count("|") == len(recipe_table.COLUMNS) + 1 for line in table)
 
 

@@ -27,7 +27,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 
 from absl import app, flags
 
@@ -105,12 +104,14 @@ def error_row(recipe: str, topology: str, error: BaseException) -> tuple[str, ..
   return tuple(row)
 
 
-def markdown(rows: Sequence[Sequence[str]], *, command: str, commit: str, date: str, seconds: float) -> str:
+def markdown(rows: Sequence[Sequence[str]], *, command: str, commit: str, date: str,
+             pending: Sequence[str] = ()) -> str:
+  """The document; `pending` names recipes the table was asked for and has no row of yet."""
   lines = [
       "# Recipes on their hardware: per-chip memory, fit, FLOPs",
       "",
       f"Generated on {date} at commit {commit} by `{command}` "
-      f"({seconds / 60:.0f} min on this machine's CPU with libtpu; no TPU, no weights).",
+      "(XLA's TPU compiler on a CPU with libtpu; no TPU, no weights).",
       "",
       "Each recipe's train step (its config as written: batch, mesh, remat, scan, bf16 frozen weights) is",
       "compiled by XLA's TPU compiler for the slice its docstring names and for one slice smaller and one",
@@ -127,6 +128,9 @@ def markdown(rows: Sequence[Sequence[str]], *, command: str, commit: str, date: 
       "|" + "---|" * len(COLUMNS),
   ]
   lines += ["| " + " | ".join(row) + " |" for row in rows]
+  if pending:
+    lines += ["", f"Not in this file yet (the run that wrote it ended before them): {', '.join(pending)}. "
+              "`make recipe-table` compiles every recipe again and rewrites the table."]
   lines += ["", "GPU meshes (8x A100 / H100) are not in the table: XLA compiles for GPUs only on a machine that has",
             "them. `python -m speechjax.compile --config=...` there reports the same figures for the local devices.",
             ""]
@@ -206,7 +210,6 @@ def main(argv):
     raise app.UsageError(f"--recipes: {unknown} are not in the table; recipes: {sorted(known)}")
   recipes = [r for r in RECIPES if not FLAGS.recipes
              or any(r.config == want or r.config.split(":")[0] == want for want in FLAGS.recipes)]
-  start = time.time()
   command = "python -m speechjax.compilation.recipe_table" + "".join(
       f" --{name}={','.join(value)}" for name, value in (("recipes", FLAGS.recipes),
                                                           ("topologies", FLAGS.topologies)) if value)
@@ -214,10 +217,13 @@ def main(argv):
     command += f" --max_probes={FLAGS.max_probes}"
   commit = git_commit()
 
+  wanted = [r.config for r in recipes]
+
   def write(rows):  # after every row: a run stopped half way leaves the rows it has, whole
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    write_atomically(FLAGS.out, markdown(rows, command=command, commit=commit, date=date,
-                                          seconds=time.time() - start))
+    done = {row[0] for row in rows}
+    pending = [name for name in wanted if name not in done]
+    write_atomically(FLAGS.out, markdown(rows, command=command, commit=commit, date=date, pending=pending))
 
   rows = build_rows(recipes, topologies=FLAGS.topologies, max_probes=FLAGS.max_probes, on_row=write)
   write(rows)
