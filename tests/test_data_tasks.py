@@ -220,6 +220,33 @@ def test_text_manifest_for_lm_pretraining_refuses_bad_lines(tmp_path):
     read_text_manifest(str(tmp_path / "missing.jsonl"))
 
 
+def test_text_records_keep_every_task_field_so_the_lm_learns_each_format(tok, tmp_path):
+  import json
+
+  from speechjax.data import config as data_config
+  from speechjax.data import text_lm
+
+  row = {**EXAMPLE, "summary": "lights on: kitchen", "question": "Which room is mentioned?",
+         "answer": "kitchen", "id": "u1"}
+  assert {"summary", "question", "answer", "text", "label", "translation", "id"} <= set(text_lm.text_record_keys())
+  # A built split's examples (audio and all) and a text manifest's lines give the same records.
+  from_source = text_lm.text_records([{**row, "audio": np.zeros(160, np.int16), "speaker": "v1"}])
+  path = tmp_path / "lm_text.jsonl"
+  path.write_text(json.dumps(row) + "\n")
+  from_manifest = text_lm.read_text_manifest(str(path))
+  for records in (from_source, from_manifest):
+    assert records[0]["summary"] == "lights on: kitchen" and records[0]["answer"] == "kitchen"
+    assert "audio" not in records[0] and "speaker" not in records[0]
+  cfg = data_config.default_data_config()
+  cfg.tasks = ("summarize", "spoken_qa")
+  examples = text_lm.text_lm_examples(from_source, tok, cfg)
+  prompts = tasks.PromptBuilder(tok)
+  assert len(examples) == prompts.num_instructions("summarize") + 1  # spoken_qa: the question is the prompt
+  answers = [tok.decode(list(seq[-len(prompts.answer_ids(row, task)):-1])).strip()
+             for seq, task in ((examples[0], "summarize"), (examples[-1], "spoken_qa"))]
+  assert answers == ["lights on: kitchen", "kitchen"]
+
+
 def test_fast_tokenizer_path_and_answer_cache_match_the_hf_encoder(tok):
   # The Rust-backend fast path must give the HF wrapper's ids, special-token
   # strings included, and a cached answer must be the one first computed.

@@ -1,7 +1,8 @@
 """Text-only batches for pretraining the decoder LLM (`model.kind='lm'`).
 
 The LM reads the answers of the configured dataset (transcripts, translations,
-labels, instruction targets), or of a JSONL of texts (`data.lm_text_manifest`),
+labels, instruction targets, summaries, spoken-QA answers: the fields of every
+registered task), or of a JSONL of texts (`data.lm_text_manifest`),
 wrapped in the same prompts the speech LLM will use, so it knows each task's
 format before it ever hears audio. By default the audio slot of each prompt is
 empty; `data.lm_examples` names a function that builds the examples instead
@@ -24,17 +25,24 @@ import numpy as np
 from speechjax.data import batching, sources, validate
 from speechjax.data import tasks as tasks_lib
 
-TEXT_RECORD_KEYS = ("text", "translation", "label", "prompt", "target", "id")
-
 ExampleBuilder = Callable[..., list[np.ndarray]]
+
+
+def text_record_keys() -> tuple[str, ...]:
+  """The fields a text record keeps: those of every registered task, then 'id'.
+  Read from the registry, so a task's answers reach the LM (its prompt format
+  learnt) whichever fields it reads: summary, question and answer as much as
+  text, translation and label."""
+  fields = (f for name in tasks_lib.task_names() for f in tasks_lib.get_task(name).fields)
+  return tuple(dict.fromkeys(fields)) + ("id",)
 
 
 def text_records(source) -> list[dict]:
   """The text fields of every example of a data source."""
-  records = []
+  records, keys = [], text_record_keys()
   for i in range(len(source)):
     example = source[i]  # decodes the whole example, audio included: once per record
-    records.append({k: example.get(k) for k in TEXT_RECORD_KEYS})
+    records.append({k: example.get(k) for k in keys})
   return records
 
 
@@ -43,13 +51,13 @@ def read_text_manifest(path: str) -> list[dict]:
   `label`): extra LM pretraining text, e.g. a domain's sentences that have no
   audio. A line that is not a JSON object with a non-empty `text` is refused
   with its file and line number: a silently shorter LM corpus would go unnoticed."""
-  records = []
+  records, keys = [], text_record_keys()
   for line_number, record, raw in validate.read_manifest(path):
     text = record.get("text") if record is not None else None
     if not isinstance(text, str) or not text.strip():
       raise ValueError(f"{path}:{line_number}: expected a JSON object with a non-empty 'text', "
                        f"got {raw[:80]!r}")
-    records.append({k: record.get(k) for k in TEXT_RECORD_KEYS})
+    records.append({k: record.get(k) for k in keys})
   if not records:
     raise ValueError(f"{path}: no text records (data.lm_text_manifest)")
   return records
