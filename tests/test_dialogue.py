@@ -105,6 +105,22 @@ def test_each_clip_is_encoded_alone_and_placed_at_its_turn():
     model.apply(variables, clips[None], masks[None], ids[:, :m + 4], np.ones_like(ids[:, :m + 4]))
 
 
+def test_an_unused_clip_slot_is_masked_even_when_the_projector_fills_its_slots():
+  from speechjax.models.projector import ProjectorConfig
+
+  cfg = _config(num_classes=0, projector=ProjectorConfig(kind="ctc_compress", max_tokens=4, ctc_vocab_size=51,
+                                                          fill_token_id=0))
+  model = SpeechLLM(cfg)
+  variables = _random_variables(jax.eval_shape(model.init, jax.random.key(0), *init_inputs(cfg, 1, 24)))
+  clips = np.random.default_rng(1).standard_normal((1, 2, 80, 24)).astype(np.float32)
+  masks = np.ones((1, 2, 24), np.int32)
+  masks[0, 0] = 0  # the row's first slot holds no clip
+  _, alone = model.apply(variables, clips[:, 1], masks[:, 1], method="encode_audio")
+  assert np.asarray(alone).all()  # ctc_compress: every slot of a real clip is valid (fill tokens)
+  _, mask = model.apply(variables, clips, masks, method="encode_audio")
+  assert np.asarray(mask).tolist() == [[0] * 4 + [1] * 4]
+
+
 def _dialogue_manifests(corpus_root: str, out_dir: str) -> dict[str, str]:
   """Two utterances of the tiny corpus per dialogue: the assistant repeats each."""
   paths = {}

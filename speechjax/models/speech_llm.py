@@ -195,8 +195,12 @@ class SpeechLLM(nn.Module):
       audio, mask = self.encode_audio(features.reshape((rows * segments,) + features.shape[2:]),
                                       feature_mask.reshape((rows * segments,) + feature_mask.shape[2:]),
                                       deterministic, from_states)
+      # A segment with no input (a row's unused clip slot) is masked whatever its
+      # projector says: 'ctc_compress' marks all its slots valid (fill tokens).
+      used = feature_mask.any(axis=-1)[..., None]
+      mask = mask.reshape(rows, segments, mask.shape[1]) * used.astype(mask.dtype)
       return (audio.reshape(rows, segments * audio.shape[1], audio.shape[2]),
-              mask.reshape(rows, segments * mask.shape[1]))
+              mask.reshape(rows, segments * mask.shape[2]))
     if from_states:
       hidden = features
       mask = (jnp.ones(hidden.shape[:2], jnp.int32) if feature_mask is None
