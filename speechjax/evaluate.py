@@ -23,7 +23,7 @@ import os
 from absl import app, flags, logging
 import jax
 
-from speechjax import dry_run, parallel, runtime, transcribe
+from speechjax import dry_run, parallel, runtime, transcribe, transcriber
 
 FLAGS = flags.FLAGS
 
@@ -77,7 +77,7 @@ def evaluate_run(workdir: str, split: str = "test", manifest: str = "", name: st
   for task in tasks:  # a misspelt task fails before the model loads
     tasks_lib.get_task(task)
   config, bundle, variables, step = run_loader.load_trained(workdir, checkpoint, mesh_shape=mesh_shape)
-  transcribe.apply_decode_overrides(config, decode)
+  transcriber.apply_decode_overrides(config, decode)
   if bundle.kind not in ("speech_llm", "ctc"):
     raise ValueError(f"{workdir} trained a {bundle.kind!r} model; evaluate scores speech LLMs and CTC "
                      "encoders")

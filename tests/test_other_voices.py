@@ -48,7 +48,7 @@ def test_test_sentences_are_spoken_again_by_other_engines(tmp_path):
 
 
 def test_long_recording_at_44k_is_chunked_and_transcribed(tmp_path, tmp_path_factory, tiny_corpus):
-  from speechjax.transcribe import Transcriber
+  from speechjax.transcriber import Transcriber
 
   path = str(tmp_path / "long.flac")
   texts = [r["text"] for r in ROWS] * 4

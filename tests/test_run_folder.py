@@ -19,7 +19,7 @@ import tiny  # noqa: E402  pylint: disable=wrong-import-position
 def test_moved_run_folder_evaluates_and_transcribes_from_another_cwd(tiny_corpus, tmp_path, monkeypatch):
   from speechjax.evaluate import evaluate_run
   from speechjax.train import build_trainer
-  from speechjax.transcribe import Transcriber
+  from speechjax.transcriber import Transcriber
 
   data_dir, tok_dir, corpus_root = tiny_corpus
   # The layout of runs/demo: the run's inputs beside it, named relative to the launch folder.

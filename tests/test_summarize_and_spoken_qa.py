@@ -140,7 +140,7 @@ def test_a_speech_llm_trains_decodes_and_is_scored_on_summaries_and_questions(ti
 
 
 def test_transcribe_takes_the_question_as_its_instruction():
-  from speechjax import transcribe
+  from speechjax import transcriber as transcribe
 
   assert transcribe.check_task("spoken_qa", "which room is named") == {"question": "which room is named"}
   with pytest.raises(ValueError, match=r"--task='spoken_qa' needs an instruction \(in a manifest, the field "

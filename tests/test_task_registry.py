@@ -179,7 +179,7 @@ def test_builder_stores_and_requires_the_fields_of_the_tasks_in_use(registered, 
 
 
 def test_transcribe_accepts_any_registered_task_that_needs_only_audio(registered):
-  from speechjax import transcribe
+  from speechjax import transcriber as transcribe
 
   transcribe.check_task("count_words")
   transcribe.check_task("translate")

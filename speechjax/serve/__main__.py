@@ -6,6 +6,7 @@ import os
 from absl import app, flags
 
 from speechjax import transcribe
+from speechjax.transcriber import Transcriber
 
 FLAGS = flags.FLAGS
 
@@ -33,7 +34,7 @@ def main(argv):
   from speechjax.serve.server import SpeechServer
 
   logging.getLogger("speechjax.serve.server").setLevel(logging.INFO)
-  transcriber = transcribe.Transcriber(FLAGS.workdir, FLAGS.checkpoint, decode=decode)
+  transcriber = Transcriber(FLAGS.workdir, FLAGS.checkpoint, decode=decode)
   server = SpeechServer(transcriber, FLAGS.host, FLAGS.port,
                         run_name=os.path.basename(os.path.normpath(FLAGS.workdir)),
                         max_seconds=FLAGS.max_seconds, max_upload_mb=FLAGS.max_upload_mb,

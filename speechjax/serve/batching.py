@@ -28,7 +28,7 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
-  segments: list  # speechjax.transcribe.Segment, one per chunk
+  segments: list  # speechjax.transcriber.Segment, one per chunk
   decode_seconds: float  # wall time of the batch this request was decoded in
   batch_size: int  # requests decoded together
 

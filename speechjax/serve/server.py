@@ -116,7 +116,7 @@ class SpeechServer:
     """The JSON for one upload (UploadError for what the page should explain)."""
     from speechjax import generation
     from speechjax.data import audio as audio_lib
-    from speechjax.transcribe import check_task
+    from speechjax.transcriber import check_task
 
     try:
       check_task(task, instruction)

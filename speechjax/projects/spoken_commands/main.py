@@ -244,7 +244,7 @@ def main(argv):
   from speechjax import runtime
   from speechjax.evaluate import evaluate_run
   from speechjax.projects.spoken_commands import whisper_weights
-  from speechjax.transcribe import Transcriber
+  from speechjax.transcriber import Transcriber
 
   workdir = FLAGS.workdir
   _, quick = load_stage_config(FLAGS.config, "speech", workdir)

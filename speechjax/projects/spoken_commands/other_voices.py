@@ -143,7 +143,7 @@ def transcribe_long(workdir: str, voices: list[Voice], num_sentences: int = 10) 
   """Renders `num_sentences` test sentences with the first voice into
   data/long_other.flac (44.1 kHz, past the encoder's window) and transcribes it
   with the run: -> (path, seconds, transcript)."""
-  from speechjax.transcribe import Transcriber  # pylint: disable=import-outside-toplevel
+  from speechjax.transcriber import Transcriber  # pylint: disable=import-outside-toplevel
   data_dir = os.path.join(workdir, "data")
   rows = [json.loads(line) for line in open(os.path.join(data_dir, "test.jsonl"))][:num_sentences]
   path = os.path.join(data_dir, "long_other.flac")
