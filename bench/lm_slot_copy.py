@@ -36,6 +36,7 @@ def main() -> None:
 
   from speechjax import generation as decode
   from speechjax.data import config as data_config
+  from speechjax.data import prompts as prompts_lib
   from speechjax.data import sources, tasks
   from speechjax.evaluation import metrics
   from speechjax.hf import load_pretrained, load_tokenizer
@@ -47,7 +48,7 @@ def main() -> None:
   records = [source[i] for i in range(0, len(source), args.every)]
   model, params = load_pretrained(os.path.join(args.workdir, "lm"))
   tokenizer = load_tokenizer(os.path.join(args.workdir, "tokenizer"))
-  prompts = tasks.PromptBuilder(tokenizer)
+  prompts = prompts_lib.PromptBuilder(tokenizer)
   result = {"workdir": args.workdir, "split": args.split, "num_examples": len(records)}
   for task in ("asr", "translate", "classify"):
     slots = [prompts.transcript_ids(r) for r in records]

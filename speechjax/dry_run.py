@@ -114,6 +114,7 @@ def check_prompts(config, bundle, tasks) -> dict[str, int]:
   """{task: longest prompt in tokens} for tasks with fixed instructions; raises when
   one (audio slots of the largest bucket included) exceeds the largest token bucket."""
   from speechjax.data import batching
+  from speechjax.data import prompts as prompts_lib
   from speechjax.data import tasks as tasks_lib
 
   data_cfg = config.data
@@ -122,7 +123,7 @@ def check_prompts(config, bundle, tasks) -> dict[str, int]:
   inputs = samples // int(audio_input.hop_length) if audio_input.kind == "mel" else samples
   audio_slots = int(bundle.num_audio_tokens(inputs))
   largest = max(int(t) for t in data_cfg.token_buckets)
-  prompts = tasks_lib.PromptBuilder(bundle.tokenizer, data_cfg.template, data_cfg.translation_language,
+  prompts = prompts_lib.PromptBuilder(bundle.tokenizer, data_cfg.template, data_cfg.translation_language,
                                     bool(data_cfg.add_bos))
   out = {}
   for task in tasks:

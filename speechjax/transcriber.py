@@ -82,7 +82,8 @@ class Transcriber:
     also cut at every pause that long (one segment per utterance, for runs
     trained on single utterances), not only past the window."""
     self.split_pause_seconds = float(split_pause_seconds)
-    from speechjax.data import batching, tasks
+    from speechjax.data import batching
+    from speechjax.data import prompts as prompts_lib
     from speechjax.evaluation import run_loader, scoring
 
     self.config, self.bundle, variables, _ = run_loader.load_trained(workdir, checkpoint,
@@ -91,7 +92,7 @@ class Transcriber:
     apply_decode_overrides(self.config, decode)
     self.variables = scoring.inference_variables(variables, self.bundle.model_config.lora)
     data_cfg = self.config.data
-    self.prompts = tasks.PromptBuilder(self.bundle.tokenizer, data_cfg.template, data_cfg.translation_language,
+    self.prompts = prompts_lib.PromptBuilder(self.bundle.tokenizer, data_cfg.template, data_cfg.translation_language,
                                        bool(data_cfg.add_bos))
     # What the encoder reads (log-mel or raw samples), as the training pipeline made it.
     self.audio_input = batching.audio_input_from_config(data_cfg, self.bundle.audio_input)

@@ -11,6 +11,7 @@ import pytest
 
 from speechjax.data import batching, pipeline, sources, tasks
 from speechjax.data import config as data_config
+from speechjax.data import prompts as prompts_lib
 from speechjax.projects.spoken_commands import synth
 from speechjax.projects.spoken_commands import tokenizer as tokenizer_lib
 
@@ -194,7 +195,7 @@ def test_generation_batches_are_left_padded_prompts(corpus):
   assert len(evaluation) == 1 and meta["task"] == ["translate"] * 3
   assert np.all(np.diff(batch["attention_mask"], axis=1) >= 0)  # left padding
   assert batch["target_mask"].sum() == 0
-  builder = tasks.PromptBuilder(tok, "chatml")
+  builder = prompts_lib.PromptBuilder(tok, "chatml")
   frames = batch["features"].shape[-1]
   for row in range(3):
     prompt = builder.prompt_ids(source[row], "translate", num_audio_tokens(frames))

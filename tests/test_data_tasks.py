@@ -7,6 +7,7 @@ import collections
 import numpy as np
 import pytest
 
+from speechjax.data import prompts as prompts_lib
 from speechjax.data import tasks
 from speechjax.projects.spoken_commands import tokenizer as tokenizer_lib
 
@@ -24,7 +25,7 @@ def tok():
   texts = [EXAMPLE["text"], EXAMPLE["translation"], "lights_on", "what is said here", "a beep"] * 5
   for pool in tasks.INSTRUCTIONS.values():
     texts += [t.replace("{language}", "French") for t in pool]
-  texts += [p + s for p, s, _ in tasks.CHAT_FORMATS.values()]
+  texts += [p + s for p, s, _ in prompts_lib.CHAT_FORMATS.values()]
   return tokenizer_lib.train_bpe_tokenizer(texts, vocab_size=300)
 
 
@@ -32,7 +33,7 @@ def tok():
 @pytest.mark.parametrize("task", ["asr", "translate", "classify"])
 def test_training_example_layout(tok, template, task):
   num_audio = lambda frames: frames // 8  # noqa: E731
-  out = tasks.build_training_example(tok, EXAMPLE, task, 96, num_audio, template=template,
+  out = prompts_lib.build_training_example(tok, EXAMPLE, task, 96, num_audio, template=template,
                                      instruction_index=1)
   ids, targets, mask = out["input_ids"], out["targets"], out["target_mask"]
   assert ids.dtype == targets.dtype == np.int32 and mask.dtype == np.float32
@@ -51,17 +52,17 @@ def test_training_example_layout(tok, template, task):
   user = tasks.INSTRUCTIONS[task][1].replace("{language}",
                                              "French").replace(tasks.AUDIO_PLACEHOLDER, "")
   assert user.strip().split("\n")[0].strip() in prompt
-  prefix, suffix, _ = tasks.CHAT_FORMATS[template]
+  prefix, suffix, _ = prompts_lib.CHAT_FORMATS[template]
   assert prompt.startswith("<s>" + prefix) and prompt.endswith(suffix)
   # The generation prompt is exactly the training ids up to the answer.
-  gen = tasks.build_generation_prompt(tok, EXAMPLE, task, 96, num_audio, template=template,
+  gen = prompts_lib.build_generation_prompt(tok, EXAMPLE, task, 96, num_audio, template=template,
                                       instruction_index=1)
   np.testing.assert_array_equal(gen, ids[:prompt_length])
 
 
 def test_instruct_task_uses_manifest_prompt(tok):
   example = {"text": "x", "prompt": "Is this a beep?", "target": "yes"}
-  builder = tasks.PromptBuilder(tok, "chatml")
+  builder = prompts_lib.PromptBuilder(tok, "chatml")
   assert builder.instruction(example, "instruct") == "<audio>\nIs this a beep?"
   example["prompt"] = "Listen: <audio> What is said here?"
   out = builder.training_example(example, "instruct", 4)
@@ -91,11 +92,11 @@ def test_task_sampling_respects_fields_and_weights():
 
 def test_unknown_template_and_task_raise(tok):
   with pytest.raises(ValueError, match="chat template"):
-    tasks.PromptBuilder(tok, "vicuna")
+    prompts_lib.PromptBuilder(tok, "vicuna")
   with pytest.raises(KeyError, match="unknown task 'dialogue_act'; registered: asr, translate, classify"):
     tasks.supports(EXAMPLE, "dialogue_act")
   with pytest.raises(KeyError, match="unknown task"):
-    tasks.PromptBuilder(tok).prompt_ids(EXAMPLE, "dialogue_act", 4)
+    prompts_lib.PromptBuilder(tok).prompt_ids(EXAMPLE, "dialogue_act", 4)
 
 
 def test_builtin_tasks_are_registered_records():
@@ -152,7 +153,7 @@ def test_lm_pretraining_puts_the_transcript_in_the_audio_slot(tok, noise):
   empty = text_lm_examples([EXAMPLE], tok, cfg)
   cfg.lm_audio_slot, cfg.lm_slot_noise = "transcript", noise
   filled = text_lm_examples([EXAMPLE], tok, cfg)
-  prompts = tasks.PromptBuilder(tok)
+  prompts = prompts_lib.PromptBuilder(tok)
   transcript = prompts.answer_ids(EXAMPLE, "asr")[:-1]
   assert len(filled) == len(empty) == sum(prompts.num_instructions(t) for t in cfg.tasks)
   for with_slot, without in zip(filled, empty):
@@ -182,7 +183,7 @@ def test_fixed_length_slot_and_random_copy_examples(tok):
   cfg = data_config.default_data_config()
   cfg.tasks = ("asr", "classify")
   cfg.lm_audio_slot, cfg.lm_slot_length = "transcript", 24
-  prompts = tasks.PromptBuilder(tok)
+  prompts = prompts_lib.PromptBuilder(tok)
   transcript = prompts.answer_ids(EXAMPLE, "asr")[:-1]
   slotted = text_lm_examples([EXAMPLE], tok, cfg)
   slot = transcript + [prompts.pad_id] * (24 - len(transcript))
@@ -240,7 +241,7 @@ def test_text_records_keep_every_task_field_so_the_lm_learns_each_format(tok, tm
   cfg = data_config.default_data_config()
   cfg.tasks = ("summarize", "spoken_qa")
   examples = text_lm.text_lm_examples(from_source, tok, cfg)
-  prompts = tasks.PromptBuilder(tok)
+  prompts = prompts_lib.PromptBuilder(tok)
   assert len(examples) == prompts.num_instructions("summarize") + 1  # spoken_qa: the question is the prompt
   answers = [tok.decode(list(seq[-len(prompts.answer_ids(row, task)):-1])).strip()
              for seq, task in ((examples[0], "summarize"), (examples[-1], "spoken_qa"))]
@@ -252,12 +253,12 @@ def test_fast_tokenizer_path_and_answer_cache_match_the_hf_encoder(tok):
   # strings included, and a cached answer must be the one first computed.
   texts = ["turn on the lights in the kitchen", " allume les lumières", "</s> a beep <s>", "x\ny", ""]
   for text in texts:
-    assert tasks._encode(tok, text) == list(tok.encode(text, add_special_tokens=False))
-  builder = tasks.PromptBuilder(tok)
+    assert prompts_lib._encode(tok, text) == list(tok.encode(text, add_special_tokens=False))
+  builder = prompts_lib.PromptBuilder(tok)
   first = [builder.answer_ids(EXAMPLE, task, k) for task in ("asr", "translate") for k in range(2)]
   again = [builder.answer_ids(EXAMPLE, task, k) for task in ("asr", "translate") for k in range(2)]
   assert first == again
-  fresh = tasks.PromptBuilder(tok)
+  fresh = prompts_lib.PromptBuilder(tok)
   assert first[0] == fresh.answer_ids(EXAMPLE, "asr", 0)
   first[0].append(7)  # the caller's list is its own, not the cache's
   assert fresh.answer_ids(EXAMPLE, "asr", 0) == builder.answer_ids(EXAMPLE, "asr", 0)

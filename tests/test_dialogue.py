@@ -15,6 +15,7 @@ from test_speech_llm import _config, _random_variables
 import tiny_runs
 
 from speechjax.data import dialogue, sources, tasks, validate
+from speechjax.data import prompts as prompts_lib
 from speechjax.models.speech_llm import AUDIO_PLACEHOLDER_ID, SpeechLLM, init_inputs, num_audio_tokens
 
 PH = AUDIO_PLACEHOLDER_ID
@@ -22,14 +23,14 @@ TURNS = [{"role": "user", "samples": 100}, {"role": "assistant", "text": "lights
          {"role": "user", "samples": 50, "text": "and now"}, {"role": "assistant", "text": "lights off"}]
 
 
-@pytest.mark.parametrize("template", sorted(tasks.CHAT_FORMATS))
+@pytest.mark.parametrize("template", sorted(prompts_lib.CHAT_FORMATS))
 def test_each_turn_in_order_and_the_loss_on_the_answers_only(tiny_corpus, template):
   import transformers
 
   tok = transformers.PreTrainedTokenizerFast.from_pretrained(tiny_corpus[1])
-  prompts = tasks.PromptBuilder(tok, template)
-  prefix, suffix, answer_prefix = tasks.CHAT_FORMATS[template]
-  enc = lambda text: tasks._encode(tok, text)  # pylint: disable=protected-access
+  prompts = prompts_lib.PromptBuilder(tok, template)
+  prefix, suffix, answer_prefix = prompts_lib.CHAT_FORMATS[template]
+  enc = lambda text: prompts_lib._encode(tok, text)  # pylint: disable=protected-access
   first, second = enc(answer_prefix + "lights on") + [tok.eos_token_id], enc(answer_prefix + "lights off") + [
       tok.eos_token_id]
   # 3 segments for 2 clips: the empty one's 3 slots first, then each turn.
@@ -206,7 +207,7 @@ def test_a_batch_mixing_dialogues_and_single_clips(tiny_corpus):
   config = default_data_config()
   config.update(tasks=("asr", "dialogue"), task_weights=(1.0, 1.0), audio_buckets_seconds=(1.0,),
                 token_buckets=(128,))
-  prompts = tasks.PromptBuilder(tok)
+  prompts = prompts_lib.PromptBuilder(tok)
   maker = batching.BatchMaker(records, info, prompts, lambda frames: frames // 20, config, train=True)
   batch = maker(np.array([0, 1]), np.ones(2, np.float32), 0)
   m = 5  # 1 s = 100 mel frames -> 100 // 20 placeholders a clip

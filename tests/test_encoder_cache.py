@@ -167,9 +167,10 @@ def test_speed_perturbation_is_stored_once_per_factor(tiny_corpus, encoder_folde
   # A training batch draws one copy per example, again at every batch.
   from transformers import AutoTokenizer
 
-  from speechjax.data import batching, tasks
+  from speechjax.data import batching
+  from speechjax.data import prompts as prompts_lib
   _, info = sources.open_source(config.data, "train")
-  prompts = tasks.PromptBuilder(AutoTokenizer.from_pretrained(config.model.tokenizer), "plain", "French", True)
+  prompts = prompts_lib.PromptBuilder(AutoTokenizer.from_pretrained(config.model.tokenizer), "plain", "French", True)
   maker = batching.BatchMaker(source, info, prompts, lambda frames: 0, config.data, train=True,
                               audio_input=encoder.config.audio_input(), encoder_states=cache)
   seen = set()

@@ -11,6 +11,7 @@ import pytest
 
 from speechjax.data import config as data_config
 from speechjax.data import ctc_labels, pipeline, run_data, text_lm
+from speechjax.data import prompts as prompts_lib
 from speechjax.data import tasks as tasks_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +44,7 @@ def test_character_labels_are_one_based_and_skip_unknown_characters():
 
 
 def test_token_labels_are_the_asr_answer_shifted_past_the_blank(tokenizer):
-  prompts = tasks_lib.PromptBuilder(tokenizer)
+  prompts = prompts_lib.PromptBuilder(tokenizer)
   encode = ctc_labels.label_encoder("", prompts)
   text = "turn on the lights"
   assert encode(text) == [i + 1 for i in prompts.transcript_ids({"text": text})]
@@ -69,7 +70,7 @@ def test_default_lm_examples_leave_the_audio_slot_empty(tokenizer):
   cfg = data_config.default_data_config()
   cfg.tasks = ("asr", "classify")
   record = {"text": "turn on the lights", "label": "lights_on", "translation": None}
-  prompts = tasks_lib.PromptBuilder(tokenizer)
+  prompts = prompts_lib.PromptBuilder(tokenizer)
   examples = text_lm.text_lm_examples([record], tokenizer, cfg)
   expected = [prompts.prompt_ids_with_text_slot(record, task, [], k) + prompts.answer_ids(record, task, k)
               for task in cfg.tasks for k in range(prompts.num_instructions(task))]

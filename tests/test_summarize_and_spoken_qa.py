@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tiny_runs
 
+from speechjax.data import prompts as prompts_lib
 from speechjax.data import tasks
 from speechjax.evaluation import metrics, scoring
 
@@ -53,7 +54,7 @@ def test_summarize_prompts_with_its_instructions(tiny_corpus):
   spec = tasks.get_task("summarize")
   assert spec.fields == ("summary",) and spec.headline == ("rougeL",) and len(spec.instructions) == 4
   tok = transformers.PreTrainedTokenizerFast.from_pretrained(tiny_corpus[1])
-  prompts = tasks.PromptBuilder(tok)
+  prompts = prompts_lib.PromptBuilder(tok)
   example = {"summary": "kitchen lights on", "text": "turn on the kitchen lights"}
   assert tasks.supported_tasks(example) == ["asr", "summarize"]
   assert prompts.num_instructions("summarize") == 4
@@ -69,7 +70,7 @@ def test_the_question_follows_the_audio_and_the_answer_is_the_target(tiny_corpus
   spec = tasks.get_task("spoken_qa")
   assert spec.fields == ("question", "answer") and spec.headline == ("exact_match", "f1")
   tok = transformers.PreTrainedTokenizerFast.from_pretrained(tiny_corpus[1])
-  prompts = tasks.PromptBuilder(tok)
+  prompts = prompts_lib.PromptBuilder(tok)
   example = {"question": "which room is named", "answer": "the kitchen", "text": "turn on the kitchen lights"}
   assert tasks.supported_tasks(example) == ["asr", "spoken_qa"]
   assert not tasks.supports({"question": "which room", "answer": " "}, "spoken_qa")

@@ -11,6 +11,7 @@ import pytest
 
 from speechjax.data import batching, pipeline, sources, tasks
 from speechjax.data import config as data_config
+from speechjax.data import prompts as prompts_lib
 from speechjax.data.builders import manifest
 from speechjax.evaluation import scoring
 
@@ -94,7 +95,7 @@ def test_pipeline_trains_on_the_toy_task(registered, tiny_corpus):
                 shard_by_process=False, length_grouping_window=0, token_buckets=(64, 128))
   source, info = sources.open_source(config, "train")
   iterator = pipeline.make_train_iterator(source, info, tok, num_audio_tokens, config)
-  prompts = tasks.PromptBuilder(tok, language="French")
+  prompts = prompts_lib.PromptBuilder(tok, language="French")
   pool = [prompts.instruction({}, "count_words", k) for k in range(2)]
   assert pool[1] == "Count the words in French: <audio>"
   for k in range(3):

@@ -6,7 +6,9 @@
     builders/      TFDS builders writing array_record without TensorFlow:
                    manifest.py (JSONL manifests), librispeech.py (local copy)
     sources.py     random-access sources (TFDS split or manifest) + per-example info
-    tasks.py       prompt templates, chat formats, token layout with audio slots
+    tasks.py       the task registry: fields, instructions, answers, metrics
+    prompts.py     chat formats and the token layout with audio slots (`PromptBuilder`)
+    dialogue.py    multi-turn dialogue records (turns, clips) for the `dialogue` task
     augment.py     speed perturbation, additive noise, SpecAugment
     pipeline.py    the Grain pipeline and `default_data_config()`
     text_lm.py     text-only batches for pretraining the LLM (model.kind='lm')

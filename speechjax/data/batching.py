@@ -20,6 +20,7 @@ from speechjax.data import audio as audio_lib
 from speechjax.data import augment, encoder_cache
 from speechjax.data import dialogue as dialogue_lib
 from speechjax.data import features as features_lib
+from speechjax.data import prompts as prompts_lib
 from speechjax.data import tasks as tasks_lib
 from speechjax.data.builders import manifest as manifest_builder
 from speechjax.data.config import default_data_config
@@ -198,7 +199,7 @@ def take_rows(batch: dict[str, Any], rows: slice) -> dict[str, Any]:
 class BatchMaker:
   """source indices -> one Batch (numpy) plus '_stats' and optional '_meta'."""
 
-  def __init__(self, source, info, prompts: tasks_lib.PromptBuilder,
+  def __init__(self, source, info, prompts: prompts_lib.PromptBuilder,
                num_audio_tokens: Callable[[int], int], config, *, train: bool,
                task: str | None = None, generate: bool = False, audio_input=None,
                encoder_states=None):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from speechjax.data import tasks as tasks_lib
+from speechjax.data import prompts as prompts_lib
 
 LabelEncoder = Callable[[str], list[int]]
 
@@ -28,7 +28,7 @@ def encode_characters(text: str, vocab: str) -> list[int]:
   return [index[c] for c in text.lower() if c in index]
 
 
-def label_encoder(ctc_vocab: str, prompts: tasks_lib.PromptBuilder | None) -> LabelEncoder:
+def label_encoder(ctc_vocab: str, prompts: prompts_lib.PromptBuilder | None) -> LabelEncoder:
   """text -> label ids: over `ctc_vocab`'s characters, or, with `ctc_vocab`
   empty, over the tokenizer ids of the ASR answer `prompts` writes."""
   if ctc_vocab:

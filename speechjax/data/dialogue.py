@@ -18,7 +18,7 @@ its path, so a built dataset stores a dialogue like any other example.
 The model encodes each clip on its own (never across a turn boundary) and
 places its audio tokens at its own turn's placeholders; the loss covers every
 assistant turn's tokens and end token, nothing of the user turns. The token
-layout, in the chat formats of `tasks.CHAT_FORMATS` (prefix, suffix, answer
+layout, in the chat formats of `prompts.CHAT_FORMATS` (prefix, suffix, answer
 prefix):
 
     [pad slots]  [bos] prefix user_1 suffix | answer_prefix answer_1 EOS  prefix user_2 suffix | ... EOS
@@ -32,7 +32,7 @@ placeholder of a row still takes the k-th projected frame of its segments in
 order. A generation prompt stops where the last answer starts.
 
 This module reads and checks turns; `validate` loads a dialogue line's clips,
-`tasks.PromptBuilder.dialogue_ids` lays out its tokens and `batching` its
+`prompts.PromptBuilder.dialogue_ids` lays out its tokens and `batching` its
 audio segments.
 """
 

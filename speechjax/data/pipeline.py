@@ -47,7 +47,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from speechjax.data import tasks as tasks_lib
+from speechjax.data import prompts as prompts_lib
 from speechjax.data.batching import (
   BatchMaker,
   BatchPlanner,
@@ -237,14 +237,14 @@ def make_eval_iterator(source, info, tokenizer, num_audio_tokens, config, **kwar
 
 @functools.lru_cache(maxsize=8)
 def _cached_prompt_builder(tokenizer, template, language, add_bos):
-  return tasks_lib.PromptBuilder(tokenizer, template, language, add_bos)
+  return prompts_lib.PromptBuilder(tokenizer, template, language, add_bos)
 
 
-def _prompt_builder(tokenizer, config) -> tasks_lib.PromptBuilder:
+def _prompt_builder(tokenizer, config) -> prompts_lib.PromptBuilder:
   template = config_value(config, "template", "plain")
   language = config_value(config, "translation_language", "French")
   add_bos = bool(config_value(config, "add_bos", True))
   try:
     return _cached_prompt_builder(tokenizer, template, language, add_bos)
   except TypeError:  # unhashable tokenizer
-    return tasks_lib.PromptBuilder(tokenizer, template, language, add_bos)
+    return prompts_lib.PromptBuilder(tokenizer, template, language, add_bos)

@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from speechjax.data import batching, sources, validate
+from speechjax.data import prompts as prompts_lib
 from speechjax.data import tasks as tasks_lib
 
 ExampleBuilder = Callable[..., list[np.ndarray]]
@@ -63,12 +64,12 @@ def read_text_manifest(path: str) -> list[dict]:
   return records
 
 
-def prompt_builder(tokenizer, data_cfg) -> tasks_lib.PromptBuilder:
-  return tasks_lib.PromptBuilder(tokenizer, data_cfg.template, data_cfg.translation_language,
+def prompt_builder(tokenizer, data_cfg) -> prompts_lib.PromptBuilder:
+  return prompts_lib.PromptBuilder(tokenizer, data_cfg.template, data_cfg.translation_language,
                                  bool(data_cfg.add_bos))
 
 
-def text_example(prompts: tasks_lib.PromptBuilder, record: dict, task: str, slot_ids: Sequence[int],
+def text_example(prompts: prompts_lib.PromptBuilder, record: dict, task: str, slot_ids: Sequence[int],
                  instruction_index: int) -> np.ndarray:
   """Prompt with `slot_ids` where the audio goes + answer + EOS, as int32 ids."""
   return np.asarray(prompts.prompt_ids_with_text_slot(record, task, list(slot_ids), instruction_index)

@@ -153,7 +153,7 @@ def merge_audio_embeddings(token_embeds: jax.Array, audio: jax.Array, audio_mask
 def text_prediction_positions(input_ids: jax.Array, num_audio: int) -> jax.Array:
   """[B, T - num_audio + 1] positions (in order) whose next token is not an
   audio placeholder: the only ones a loss can supervise, since a target that
-  is a placeholder is never a label (data/tasks.py masks it). Each row has
+  is a placeholder is never a label (data/prompts.py masks it). Each row has
   num_audio placeholders, so T - num_audio or T - num_audio + 1 positions
   qualify (one more when the row starts with audio); a row with one fewer
   is topped up with a position that predicts audio, which carries no label.

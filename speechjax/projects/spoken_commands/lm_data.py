@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from speechjax.data import prompts as prompts_lib
 from speechjax.data import tasks as tasks_lib
 from speechjax.data import text_lm
 
@@ -86,7 +87,7 @@ def text_lm_examples(records: Iterable[dict], tokenizer, data_cfg,
   return out
 
 
-def random_copy_examples(records, count: int, prompts: tasks_lib.PromptBuilder, slot_length: int,
+def random_copy_examples(records, count: int, prompts: prompts_lib.PromptBuilder, slot_length: int,
                          rng: np.random.Generator) -> list[np.ndarray]:
   """ASR examples whose transcript is a random sequence of the corpus' words:
   no sentence prior predicts them, so the only way to lower their loss is to

@@ -39,6 +39,7 @@ DEMO_TASKS = ("asr", "translate", "classify")
 
 def domain_texts(repeat_instructions: int = 20) -> list[str]:
   """Spoken-command transcripts, labels, translations and every task instruction."""
+  from speechjax.data import prompts as prompts_lib
   from speechjax.data import tasks  # pylint: disable=g-import-not-at-top
   from speechjax.projects.spoken_commands import corpus  # pylint: disable=g-import-not-at-top
 
@@ -50,6 +51,6 @@ def domain_texts(repeat_instructions: int = 20) -> list[str]:
   for task in DEMO_TASKS:
     for text in tasks.get_task(task).instructions:
       texts += [text.replace("{language}", corpus.TRANSLATION_LANGUAGE)] * repeat_instructions
-  for prefix, suffix, _ in tasks.CHAT_FORMATS.values():
+  for prefix, suffix, _ in prompts_lib.CHAT_FORMATS.values():
     texts += [prefix + suffix] * repeat_instructions
   return texts
