@@ -82,7 +82,8 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
 def test_two_processes_evaluate_what_one_process_evaluates(runs):
   """evaluate on 2 hosts x 2 devices: each host decodes its half of the test
   rows, and process 0 writes the same predictions and scores, in the same
-  order, as one process with 4 devices writes."""
+  order, as one process with 4 devices writes; so it does with the tensor
+  axis across the hosts, where both decode every row."""
   workdir, env = runs["two"], tiny_runs.subprocess_env()
   common = ["--module", "speechjax.evaluate", "--", f"--workdir={workdir}", "--split=test",
             "--checkpoint=last", "--max_examples=24"]
@@ -113,6 +114,18 @@ def test_two_processes_evaluate_what_one_process_evaluates(runs):
   assert sorted(n for n in os.listdir(out) if n.startswith("two_hosts")) == [
       "two_hosts.json", "two_hosts.predictions.jsonl", "two_hosts.report.md"]
   assert '"num_examples"' not in open(runs["root"] / "eval_logs" / "process_1.log").read()
+
+  # Tensor parallelism across both hosts (batch axes of size 1): each host holds
+  # every row, so both decode all of them together, and the files are the same.
+  tiny_runs.run(["bash", LOCAL_SH, "-n", "2", "-d", "2", "--port", str(tiny_runs.free_port()),
+                 "--log_dir", str(runs["root"] / "eval_tp_logs")] + common + ["--name=tensor_across_hosts",
+                                                                              "--mesh=1,1,4"],
+                env=env, log_path=runs["root"] / "eval_tp.log")
+  tp, tp_rows = read("tensor_across_hosts")
+  assert tp_rows == one_rows
+  assert {k: v for k, v in tp.items() if k != "rows_decoded_per_host"} == \
+      {k: v for k, v in one.items() if k != "rows_decoded_per_host"}
+  assert tp["rows_decoded_per_host"] == [tp["num_examples"]] * 2
 
 
 @pytest.mark.slow

@@ -1,12 +1,17 @@
 """Scoring on several processes (the hosts of a TPU slice or a GPU cluster).
 
-Every host reads and feeds only its block of rows of each global batch (the
-same layout training uses: process i holds rows [i*b, (i+1)*b) of a batch
-of P*b rows, grain's ShardByJaxProcess), the compiled decode runs once over
-the whole mesh, and each host turns the rows it fed into answers. The
-answers are then exchanged (`gather`), so every host ends with every
-answer in dataset order: the metrics are the same on every host (the
-training loop's early stopping needs that) and process 0 writes the files.
+Every host reads and feeds only the block of rows of each global batch that
+its devices hold (`own_rows`: with the mesh's batch axes split over all P
+processes, process i holds rows [i*b, (i+1)*b) of a batch of P*b rows, the
+layout training uses). The compiled decode runs once over the whole mesh,
+and each host turns the rows it fed into answers. The answers are then
+exchanged (`gather`), so every host ends with every answer in dataset
+order: the metrics are the same on every host (the training loop's early
+stopping needs that) and process 0 writes the files.
+
+A mesh whose batch axes span fewer processes (tensor parallelism across
+hosts, e.g. `--mesh=1,1,-1`) makes some hosts hold the same rows: they read
+the same block, decode it together, and `gather` keeps one copy of each row.
 
 With one process nothing changes: the batch is the whole global batch and
 `gather` returns its input.
@@ -26,11 +31,21 @@ def multi_process() -> bool:
 
 
 def shard_options():
-  """Grain's sharding of evaluation rows: by process on several hosts, none on one."""
+  """Grain's sharding of evaluation rows: this host's block among the distinct
+  row blocks of the current mesh (several processes), none on one process."""
   import grain
-  if multi_process():
-    return grain.sharding.ShardByJaxProcess(drop_remainder=False)
-  return grain.sharding.NoSharding()
+  if not multi_process():
+    return grain.sharding.NoSharding()
+  from speechjax import parallel
+  mesh, rules = current_mesh_and_rules()
+  batch_axes = dict(rules).get("batch", ("data", "fsdp"))
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+  # One row per batch shard: each host's slice of it says which block it holds.
+  shards = int(np.prod([mesh.shape[axis] for axis in batch_axes if axis in mesh.shape]))
+  rows = parallel.process_batch_rows(mesh, rules, shards)
+  block = rows.stop - rows.start
+  return grain.sharding.ShardOptions(shard_index=rows.start // block, shard_count=shards // block,
+                                     drop_remainder=False)
 
 
 def current_mesh_and_rules():
@@ -53,7 +68,13 @@ def global_batch(batch: dict[str, Any], keys) -> dict[str, Any]:
     return {k: batch[k] for k in keys}
   from speechjax import parallel
   mesh, rules = current_mesh_and_rules()
-  return parallel.shard_batch({k: np.asarray(batch[k]) for k in keys}, mesh, rules)
+  blocks = shard_options().shard_count  # distinct row blocks; hosts holding the same block feed the same rows
+  out = {}
+  for k in keys:
+    rows = np.asarray(batch[k])
+    out[k] = jax.make_array_from_process_local_data(
+        parallel.batch_sharding(mesh, rules, rows.ndim), rows, (rows.shape[0] * blocks,) + rows.shape[1:])
+  return out
 
 
 def own_rows(num_global_rows: int) -> slice:

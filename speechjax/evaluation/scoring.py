@@ -212,9 +212,10 @@ def evaluate_task(bundle, variables, source, info, data_cfg, task: str, decode_c
         texts = decode_batch(bundle, variables, batch, decode_cfg)
       for i in range(len(meta["reference"])):
         out.append((first + i, texts[i], {key: _plain(values[i]) for key, values in meta.items()}))
-      on_batch(len(meta["reference"]) * jax.process_count())
+      on_batch(len(meta["reference"]) * iterator.global_batch_size // iterator.batch_size)
     decoded_here.append(len(out))
-    gathered = sorted(hosts.gather(out), key=lambda row: row[0])
+    # Hosts that hold the same rows (batch axes not split over every host) answer them alike: one copy each.
+    gathered = sorted({row[0]: row for row in hosts.gather(out)}.values(), key=lambda row: row[0])
     if [row[0] for row in gathered] != list(range(len(rows))):
       raise RuntimeError(f"scoring {task!r}: the hosts answered rows {[row[0] for row in gathered][:10]}..., "
                          f"expected each of the {len(rows)} rows once")
