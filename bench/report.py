@@ -107,12 +107,23 @@ def generated_section(res: dict) -> str:
               "then creates the training state and runs two steps (bench/memory_probe.py).", ""]
   dec = res.get("decode")
   if dec:
-    lines += ["### Greedy decoding with KV cache (LLM only)", "",
-              "| batch | prompt | new tokens | speechjax tok/s | transformers tok/s | speed-up | "
-              "identical greedy prefix |", "|---|---|---|---|---|---|---|",
-              f"| {dec['batch']} | {dec['prompt_tokens']} | {dec['new_tokens']} | "
-              f"{dec['tokens_per_s']['speechjax']:.0f} | {dec['tokens_per_s']['transformers']:.0f} "
-              f"| {_ratio(dec['speedup'])} | {dec['identical_prefix_fraction']:.0%} |", ""]
+    lines += ["### Decoding with KV cache", "",
+              "| what | batch | prompt | new tokens | speechjax tok/s | transformers tok/s | speed-up | "
+              "identical prefix | identical rows |", "|---|---|---|---|---|---|---|---|---|"]
+    speech = res.get("decode_speech")
+    rows = [("LLM, greedy", dec), (f"LLM, beam {dec['beam']['num_beams']}", dec.get("beam"))] if dec.get(
+        "beam") else [("LLM, greedy", dec)]
+    if speech:
+      rows.append((f"speech LLM, greedy ({speech['audio_frames']} mel frames -> {speech['audio_tokens']} "
+                   "audio tokens + text prompt)", speech))
+    for what, row in rows:
+      lines.append(f"| {what} | {row['batch']} | {row['prompt_tokens']} | {row['new_tokens']} | "
+                   f"{row['tokens_per_s']['speechjax']:.0f} | {row['tokens_per_s']['transformers']:.0f} | "
+                   f"{_ratio(row['speedup'])} | {row['identical_prefix_fraction']:.0%} | "
+                   f"{row.get('identical_rows_fraction', float('nan')):.0%} |")
+    lines += ["", "Tokens per second count the rows' generated tokens (a beam row counts once). EOS is off on "
+              "both sides, so every row generates all its tokens; fp32 on both sides. bench/decode_bench.py "
+              "says where the time goes.", ""]
   feat = res.get("features")
   if feat:
     lines += ["### Log-mel features", "",
@@ -130,7 +141,8 @@ def generated_section(res: dict) -> str:
   lines += ["Headline (bench/results.json): " + ", ".join(
       f"`{k}` {_f(res.get(k), '{:.3g}')}" for k in (
           "train_step_speedup", "train_step_speedup_vs_compile", "full_finetune_speedup",
-          "full_finetune_speedup_vs_compile", "decode_speedup", "features_speedup", "mfu",
+          "full_finetune_speedup_vs_compile", "decode_speedup", "beam_decode_speedup",
+          "speech_decode_speedup", "features_speedup", "mfu",
           "mfu_full_finetune")) + ".", "", END]
   return "\n".join(lines)
 

@@ -12,7 +12,8 @@ Writes bench/results.json and the generated part of BENCHMARKS.md. Sections:
             compile times.
   memory    per-framework peak RSS of a training step in fresh processes, and
             the exact training-state bytes (params, grads, optimizer state).
-  decode    batched greedy decoding with a KV cache vs transformers.generate.
+  decode    batched greedy and beam-4 decoding with a KV cache vs transformers'
+            generate, of the LM alone and (greedy) through the speech LLM.
   features  JAX log-mel vs WhisperFeatureExtractor (+ the data pipeline's own
             benchmark, bench/input_throughput.py, in the full run).
 
@@ -131,6 +132,7 @@ def run(plan_name: str = "full", *, size_name: str | None = None, torch_compile:
       results["memory_probes"] = memory_probes(plan["size"], folder)
     results["decode"] = decode_bench.run(size, hf_models[2], hf_models[4],
                                          reps=plan["decode_reps"], log=log)
+    results["decode_speech"] = decode_bench.run_speech(size, hf_models, reps=plan["decode_reps"], log=log)
   if plan["input_pipeline"]:
     from bench import input_throughput  # pylint: disable=import-outside-toplevel
     log("[input] bench/input_throughput.py (synthetic corpus, pipeline, log-mel)")
@@ -153,6 +155,8 @@ def headline(results: dict) -> dict:
       "full_finetune_speedup": pick(full, "speedup_vs_eager", "median"),
       "full_finetune_speedup_vs_compile": pick(full, "speedup_vs_compile", "median"),
       "decode_speedup": pick(results, "decode", "speedup", "median"),
+      "beam_decode_speedup": pick(results, "decode", "beam", "speedup", "median"),
+      "speech_decode_speedup": pick(results, "decode_speech", "speedup", "median"),
       "features_speedup": pick(results, "features", "speedup", "median"),
       "mfu": pick(lora, "mfu", "speechjax", "median"),
       "mfu_full_finetune": pick(full, "mfu", "speechjax", "median"),

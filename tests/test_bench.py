@@ -18,7 +18,8 @@ def test_harness_produces_every_key(tmp_path):
                         memory=False, input_pipeline=False, train_modes=("lora",),
                         # Unoptimised XLA compiles the tiny step ~3x faster.
                         jax_compiler_options={"xla_backend_optimization_level": 0})
-  for key in ("train_step_speedup", "decode_speedup", "features_speedup", "mfu"):
+  for key in ("train_step_speedup", "decode_speedup", "beam_decode_speedup", "speech_decode_speedup",
+              "features_speedup", "mfu"):
     assert results[key] is not None and results[key] > 0, key
   assert "train_step_speedup_vs_compile" in results  # None without torch.compile
   lora = results["train"]["lora"]
@@ -35,3 +36,6 @@ def test_harness_produces_every_key(tmp_path):
   report.write_markdown(path, results)  # rewriting keeps one generated section
   text = open(path, encoding="utf-8").read()
   assert text.count(report.BEGIN) == 1 and "Training step" in text
+  assert "LLM, beam 4" in text and "speech LLM, greedy" in text
+  # Both sides decode the same fp32 model greedily: the speech LLM's tokens agree.
+  assert results["decode_speech"]["identical_prefix_fraction"] > 0.5

@@ -78,6 +78,34 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = No
   return out.reshape(b, t, n, d)
 
 
+def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+                     scale: float | None = None) -> jax.Array:
+  """attend() for one query position (a decoding step): q [B,1,N,D], k/v
+  [B,S,K,D], mask [B|1, N|1, 1, S] -> [B,1,N,D].
+
+  Written as multiply-and-sum over the cache's own [B,S,K,D] layout: XLA
+  fuses each product with its reduction and reads the KV cache once where it
+  lies, where a batched matmul first copies every layer's keys into a
+  [B,K,D,S] layout (on CPU that copy costs as much as the attention).
+  """
+  b, _, n, d = q.shape
+  kv_heads = k.shape[2]
+  groups = n // kv_heads
+  scale = d ** -0.5 if scale is None else scale
+  qg = q.reshape(b, 1, kv_heads, groups, d).astype(jnp.float32)
+  logits = jnp.sum(qg * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * scale  # [B,S,K,G]
+  if mask is not None:
+    m = mask[:, :, 0, :]  # [B|1, N|1, S]
+    if m.shape[1] == 1:
+      m = jnp.swapaxes(m, 1, 2)[:, :, :, None]  # [B|1, S, 1, 1]
+    else:
+      m = jnp.transpose(m.reshape(m.shape[0], kv_heads, groups, -1), (0, 3, 1, 2))  # [B|1, S, K, G]
+    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=1)
+  out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B,K,G,D]
+  return out.reshape(b, 1, n, d).astype(q.dtype)
+
+
 def update_kv_cache(cache, k: jax.Array, v: jax.Array):
   """Writes k/v [B,t,K,D] into a stacked cache at (layer, :, index) and reads the layer back.
 
@@ -153,9 +181,12 @@ class Attention(nn.Module):
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0:
       dropout_rng = self.make_rng("dropout")
-    out = attend(q, k, v, mask, is_causal=self.causal, dropout_rate=self.dropout_rate,
-                 deterministic=deterministic, dropout_rng=dropout_rng,
-                 implementation=self.implementation)
+    if cache is not None and t == 1 and mask is not None and dropout_rng is None and self.implementation is None:
+      out = attend_one_query(q, k, v, mask)  # a decoding step
+    else:
+      out = attend(q, k, v, mask, is_causal=self.causal, dropout_rate=self.dropout_rate,
+                   deterministic=deterministic, dropout_rng=dropout_rng,
+                   implementation=self.implementation)
     out = proj(self.out_name, features, ("heads", "embed"), self.o_bias)(
         out.reshape(b, t, n * d), deterministic)
     return out if cache is None else (out, new_cache)
