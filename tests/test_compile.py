@@ -147,6 +147,13 @@ def test_batch_that_does_not_divide_the_mesh_is_refused():
     compile_report.compile_report(load_config("tiny.py", **{"data.batch_size": 12}), topology.resolve_target(""))
 
 
+def test_batch_rounds_up_to_the_batch_shards_when_asked():
+  # The recipe table's larger slices: 4 rows over 8 batch shards become 8.
+  report = compile_report.run(load_config("tiny.py", **{"data.batch_size": 4}), count_flops=False,
+                              round_batch_up=True)
+  assert report["batch_size"] == 8 and report["geometry"]["batch_size"] == 8
+
+
 def test_cli_prints_a_row_and_writes_json(tmp_path):
   out = tmp_path / "tiny.json"
   proc = subprocess.run([sys.executable, "-m", "speechjax.compile", "--config=configs/tiny.py",

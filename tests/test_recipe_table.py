@@ -36,7 +36,8 @@ def test_rows_header_and_a_failed_compile():
              recipe_table.Recipe("b.py:x", "v5e-16", ("v5e-8",)))
   calls = []
 
-  def run(config, *, topology, count_flops, max_batch, max_probes):
+  def run(config, *, topology, count_flops, max_batch, max_probes, round_batch_up):
+    assert round_batch_up == (topology not in ("v4-32", "v5e-16"))  # the other slices only
     calls.append((config, topology, count_flops, max_batch))
     if topology == "v4-64":
       raise ValueError("data.batch_size=64 does not divide | over 128 shards")

@@ -12,9 +12,10 @@ recipe's batch to 4x, `--max_probes` compiles), model over compiled FLOPs and th
 step time at the chip's peak bf16 rate (`speechjax.compilation.report`
 defines every figure). FLOPs are counted on the documented slice; the
 other rows give the model-FLOPs roofline only (a step's FLOPs do not depend
-on the slice). A compile that fails writes its error in the row and the
-table goes on. The file is rewritten atomically after every row, with the
-date and commit.
+on the slice), and a larger slice whose batch shards outnumber the recipe's
+batch gets the next multiple of them (the batch column says which). A
+compile that fails writes its error in the row and the table goes on. The
+file is rewritten atomically after every row, with the date and commit.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def markdown(rows: Sequence[Sequence[str]], *, command: str, commit: str, date: 
       "larger. Memory is XLA's per-chip account of the compiled step (arguments = weights, optimizer state and",
       "batch; temp = activations, gradients and collective buffers); a step fits when its total stays under",
       "the chip's HBM less 5 %. `max batch`: the largest global batch that fits on the documented slice,",
-      "doubling from the recipe's batch (`>= N`: every probe fitted). `model / compiled FLOPs`: model FLOPs",
+      "doubling from the recipe's batch (`>= N`: every probe fitted); a larger slice with more batch shards than the",
+      "recipe's batch runs the next multiple of them. `model / compiled FLOPs`: model FLOPs",
       "(6 per trained weight and token, 4 or 2 per frozen one) over XLA's count of the compiled step, which",
       "counts many sharded TPU matmuls below 2MNK, so values above 1 are expected. The rooflines are the step",
       "time at the chip's peak bf16 FLOP/s from the compiled and the model FLOPs (the latter = 100 % MFU);",
@@ -173,7 +175,8 @@ def build_rows(recipes: Sequence[Recipe], *, topologies: Sequence[str] = (), max
       documented = topology == recipe.topology
       try:
         report = run(load(recipe.config), topology=topology, count_flops=documented,
-                     max_batch=documented and max_probes > 0, max_probes=max_probes)
+                     max_batch=documented and max_probes > 0, max_probes=max_probes,
+                     round_batch_up=not documented)
       except Exception as e:  # noqa: BLE001  (one failed compile must not lose the others' rows)
         logging.getLogger(__name__).warning("%s on %s: %s", recipe.config, topology, e)
         rows.append(error_row(recipe.config, topology, e))

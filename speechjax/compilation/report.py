@@ -215,8 +215,7 @@ def find_max_batch(config, target: Target, *, max_probes: int = 10, hbm_margin: 
   halving until one does), then bisecting between the two. Each probe is one
   compile; at most `max_probes` of them. `known`: {batch: total bytes per chip}
   already compiled (the report's own batch), used instead of compiling again."""
-  mesh = mesh_for(config, target)
-  step = parallel.num_batch_shards(mesh, tuple(tuple(r) for r in config.mesh.rules))
+  step = batch_shards(config, target)
   probes = []
   known = dict(known or {})
 
@@ -290,17 +289,33 @@ def format_table(reports: list[dict]) -> str:
   return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
 
 
+def batch_shards(config, target: Target) -> int:
+  """How many ways the config's mesh on the target splits the global batch."""
+  return parallel.num_batch_shards(mesh_for(config, target), tuple(tuple(r) for r in config.mesh.rules))
+
+
+def batch_for_target(config, target: Target) -> int:
+  """The config's global batch, rounded up to a multiple of the target mesh's
+  batch shards (a larger slice than the recipe's needs at least one row per shard)."""
+  step = batch_shards(config, target)
+  return -(-int(config.data.batch_size) // step) * step
+
+
 def run(config, *, topology: str = "", num_slices: int = 0, hbm_gib: float = 0.0, peak_tflops: float = 0.0,
         hbm_margin: float = HBM_MARGIN, count_flops: bool = True, max_batch: bool = False,
-        max_probes: int = 10) -> dict:
+        max_probes: int = 10, round_batch_up: bool = False) -> dict:
   """What `python -m speechjax.compile` does: the report for the config's
   batch, plus the largest batch that fits when `max_batch`. `num_slices` 0
-  takes the slice count from the config's `mesh.dcn_shape`."""
+  takes the slice count from the config's `mesh.dcn_shape`. `round_batch_up`:
+  a batch that does not divide over the target's batch shards becomes the next
+  multiple (`batch_size` in the report) instead of an error."""
   from speechjax.compilation import topology as topology_lib
 
   if num_slices <= 0:
     num_slices = math.prod(config.mesh.get("dcn_shape", (1,))) if topology else 1
   target = topology_lib.resolve_target(topology, num_slices, hbm_gib, peak_tflops)
+  if round_batch_up and batch_for_target(config, target) != int(config.data.batch_size):
+    config = with_overrides(config, **{"data.batch_size": batch_for_target(config, target)})
   report = compile_report(config, target, count_flops=count_flops, hbm_margin=hbm_margin)
   if max_batch:
     report["max_batch"] = find_max_batch(config, target, max_probes=max_probes, hbm_margin=hbm_margin,
