@@ -75,7 +75,33 @@ def test_rows_header_and_a_failed_compile():
   assert len(table) == 1 + len(rows)
   assert "Not in this file yet (the run that wrote it ended before them): c.py." in text
   assert "Not in this file yet" not in recipe_table.markdown(rows, command="x", commit="y", date="z")
-  assert all(line.count("|") == len(recipe_table.COLUMNS) + 1 for line in table)
+  assert all(line.count("|") == len(recipe_table.COLUMNS) + 2 for line in table)  # + the commit column
+
+
+def test_update_keeps_the_rows_it_does_not_compile(tmp_path):
+  """--update: a file's rows (with their commits, or the header's in a file
+  from before the commit column) are kept unless this run compiles them again."""
+  old_style = tmp_path / "old.md"
+  row = lambda recipe, slice_, fits: (recipe, slice_) + ("1",) * 8 + (fits,) + ("-",) * 4
+  text = recipe_table.markdown([row("salmonn.py", "v4-64", "yes"), row("slam_asr.py", "v4-32", "yes"),
+                                row("qwen2_audio.py", "v5e-128", "failed: x")],
+                               command="c", commit="401a594", date="d")
+  # The file as it was written before the commit column: drop the last cell of every table line.
+  old_style.write_text("\n".join(line.rsplit("|", 2)[0] + "|" if line.startswith("|") else line
+                                 for line in text.splitlines()))
+  kept = recipe_table.read_rows(str(old_style))
+  assert [(r[:2], c) for r, c in kept] == [(("salmonn.py", "v4-64"), "401a594"),
+                                           (("slam_asr.py", "v4-32"), "401a594"),
+                                           (("qwen2_audio.py", "v5e-128"), "401a594")]
+  merged = recipe_table.merge_rows(kept, [(row("qwen2_audio.py", "v5e-128", "yes"), "abc1234")])
+  fits = recipe_table.COLUMNS.index("fits")
+  assert [(r[:2], r[fits], c) for r, c in merged] == [(("slam_asr.py", "v4-32"), "yes", "401a594"),
+                                                      (("salmonn.py", "v4-64"), "yes", "401a594"),
+                                                      (("qwen2_audio.py", "v5e-128"), "yes", "abc1234")]
+  new_style = tmp_path / "new.md"
+  new_style.write_text(recipe_table.markdown([r for r, _ in merged], command="c", commit="abc1234", date="d",
+                                             row_commits=[c for _, c in merged]))
+  assert recipe_table.read_rows(str(new_style)) == merged
 
 
 def test_a_lower_bound_when_every_probe_fits():

@@ -2,6 +2,7 @@ r"""The recipes' per-chip memory table (docs/recipe_memory.md), from one command
 
     python -m speechjax.compilation.recipe_table --out=docs/recipe_memory.md     # = make recipe-table
     python -m speechjax.compilation.recipe_table --recipes=slam_asr.py --topologies=v4-32 --out=/tmp/t.md
+    python -m speechjax.compilation.recipe_table --recipes=qwen2_audio.py --update   # redo one, keep the rest
 
 Each recipe under configs/ is compiled for the TPU slice its docstring names
 and for one slice smaller and one larger (`RECIPES`), with libtpu on this
@@ -26,6 +27,7 @@ import datetime
 import importlib.util
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -106,13 +108,16 @@ def error_row(recipe: str, topology: str, error: BaseException) -> tuple[str, ..
 
 
 def markdown(rows: Sequence[Sequence[str]], *, command: str, commit: str, date: str,
-             pending: Sequence[str] = ()) -> str:
-  """The document; `pending` names recipes the table was asked for and has no row of yet."""
+             pending: Sequence[str] = (), row_commits: Sequence[str] | None = None) -> str:
+  """The document; `pending` names recipes the table was asked for and has no
+  row of yet; `row_commits` the commit each row was compiled at (default: `commit`)."""
+  row_commits = [commit] * len(rows) if row_commits is None else list(row_commits)
   lines = [
       "# Recipes on their hardware: per-chip memory, fit, FLOPs",
       "",
       f"Generated on {date} at commit {commit} by `{command}` "
-      "(XLA's TPU compiler on a CPU with libtpu; no TPU, no weights).",
+      "(XLA's TPU compiler on a CPU with libtpu; no TPU, no weights). The last column names the commit",
+      "each row was compiled at (`--update` keeps the rows of recipes and slices a run does not compile).",
       "",
       "Each recipe's train step (its config as written: batch, mesh, remat, scan, bf16 frozen weights) is",
       "compiled by XLA's TPU compiler for the slice its docstring names and for one slice smaller and one",
@@ -126,10 +131,10 @@ def markdown(rows: Sequence[Sequence[str]], *, command: str, commit: str, date: 
       "time at the chip's peak bf16 FLOP/s from the compiled and the model FLOPs (the latter = 100 % MFU);",
       "FLOPs are counted on the documented slice only. speechjax/compilation/report.py defines every figure.",
       "",
-      "| " + " | ".join(COLUMNS) + " |",
-      "|" + "---|" * len(COLUMNS),
+      "| " + " | ".join(COLUMNS + ("commit",)) + " |",
+      "|" + "---|" * (len(COLUMNS) + 1),
   ]
-  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  lines += ["| " + " | ".join(tuple(row) + (row_commit,)) + " |" for row, row_commit in zip(rows, row_commits)]
   if pending:
     lines += ["", f"Not in this file yet (the run that wrote it ended before them): {', '.join(pending)}. "
               "`make recipe-table` compiles every recipe again and rewrites the table."]
@@ -137,6 +142,38 @@ def markdown(rows: Sequence[Sequence[str]], *, command: str, commit: str, date: 
             "them. `python -m speechjax.compile --config=...` there reports the same figures for the local devices.",
             ""]
   return "\n".join(lines)
+
+
+def read_rows(path: str) -> list[tuple[tuple[str, ...], str]]:
+  """(row, commit) for each table row of a file this module wrote; a file from
+  before the commit column gives its rows the header's commit. [] without the file."""
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  header = re.search(r"at commit (\S+) by", text)
+  out = []
+  for line in text.splitlines():
+    cells = tuple(cell.strip() for cell in line.strip().strip("|").split("|"))
+    if not line.startswith("| ") or cells[0] == COLUMNS[0]:
+      continue
+    if len(cells) == len(COLUMNS):
+      out.append((cells, header.group(1) if header else "unknown"))
+    elif len(cells) == len(COLUMNS) + 1:
+      out.append((cells[:-1], cells[-1]))
+  return out
+
+
+def merge_rows(kept, new) -> list[tuple[tuple[str, ...], str]]:
+  """`kept` (row, commit) pairs less the (recipe, slice) pairs `new` has, plus
+  `new`; ordered as RECIPES lists recipes and their slices."""
+  fresh = {row[:2] for row, _ in new}
+  rows = [pair for pair in kept if pair[0][:2] not in fresh] + list(new)
+  order = {}
+  for i, recipe in enumerate(RECIPES):
+    for j, topology in enumerate((recipe.topology,) + recipe.others):
+      order[(recipe.config, topology)] = (i, j)
+  return sorted(rows, key=lambda pair: order.get(pair[0][:2], (len(RECIPES), 0)))
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -198,6 +235,7 @@ def define_flags() -> None:
   flags.DEFINE_list("recipes", [], "Only these recipes (e.g. slam_asr.py,salmonn.py; default all).")
   flags.DEFINE_list("topologies", [], "Only these slices (e.g. v4-32; default each recipe's three).")
   flags.DEFINE_integer("max_probes", 2, "Compiles for the max-batch search (0 = skip it).")
+  flags.DEFINE_bool("update", False, "Keep --out's rows of the recipes and slices this run does not compile.")
 
 
 def main(argv):
@@ -220,13 +258,18 @@ def main(argv):
     command += f" --max_probes={FLAGS.max_probes}"
   commit = git_commit()
 
+  if FLAGS.update:
+    command += " --update"
   wanted = [r.config for r in recipes]
+  kept = read_rows(FLAGS.out) if FLAGS.update else []
 
   def write(rows):  # after every row: a run stopped half way leaves the rows it has, whole
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    done = {row[0] for row in rows}
+    merged = merge_rows(kept, [(row, commit) for row in rows])
+    done = {row[0] for row, _ in merged}
     pending = [name for name in wanted if name not in done]
-    write_atomically(FLAGS.out, markdown(rows, command=command, commit=commit, date=date, pending=pending))
+    write_atomically(FLAGS.out, markdown([row for row, _ in merged], command=command, commit=commit, date=date,
+                                         pending=pending, row_commits=[c for _, c in merged]))
 
   rows = build_rows(recipes, topologies=FLAGS.topologies, max_probes=FLAGS.max_probes, on_row=write)
   write(rows)
