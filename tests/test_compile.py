@@ -135,6 +135,23 @@ def test_topology_names_follow_cloud_tpu():
     topology.parse_topology("v5e:2x2x2")
 
 
+def test_gpu_hosts_are_named_by_part_and_count():
+  spec, count = topology.parse_gpu_topology("h100-16")
+  assert (spec.name, count, spec.peak_bf16_tflops) == ("h100", 16, 989.0)
+  assert topology.parse_gpu_topology("v5e-16") is None
+  with pytest.raises(ValueError, match="whole hosts of 8"):
+    topology.parse_gpu_topology("a100-12")
+  config = topology.gpu_target_config(topology.GPUS["a100"])
+  assert "core_count: 108" in config and "cuda_compute_capability { major: 8 minor: 0 }" in config
+  assert f"device_memory_size: {topology.GPUS['a100'].memory_bytes}" in config
+
+
+def test_without_the_cuda_plugin_a_gpu_host_asks_for_it(monkeypatch):
+  monkeypatch.setattr(topology, "cuda_plugin_available", lambda: False)
+  with pytest.raises(RuntimeError, match=r"pip install 'jax\[cuda13\]'"):
+    topology.resolve_target("h100-8")
+
+
 def test_without_libtpu_a_topology_asks_for_it(monkeypatch):
   monkeypatch.setattr(topology, "libtpu_available", lambda: False)
   with pytest.raises(RuntimeError, match=r"pip install libtpu.*speechjax\[tpu-compile\]"):

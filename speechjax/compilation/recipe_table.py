@@ -36,24 +36,37 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# One GPU host of each part: the recipe's mesh (fsdp over the devices) on 8 GPUs.
+GPU_HOSTS = ("a100-8", "h100-8")
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   config: str  # "slam_asr.py" or "slam_asr.py:hubert_xl", under configs/
   topology: str  # the slice its docstring names
   others: tuple[str, ...]  # one size smaller and one larger (where the generation has them)
+  gpus: tuple[str, ...] = ()  # GPU hosts
+
+  @property
+  def slices(self) -> tuple[str, ...]:
+    return (self.topology,) + tuple(self.others) + tuple(self.gpus)
 
 
-# A recipe's variants run on its slice; the smaller and larger ones are the recipe's default's.
+# A recipe's variants run on its slice; the smaller and larger ones, and the GPU hosts, are the recipe's default's.
 RECIPES = (
-    Recipe("slam_asr.py", "v4-32", ("v4-16", "v4-64")),
+    Recipe("slam_asr.py", "v4-32", ("v4-16", "v4-64"), GPU_HOSTS),
     Recipe("slam_asr.py:vicuna", "v4-32", ()),
     Recipe("slam_asr.py:hubert_xl", "v4-32", ()),
     Recipe("slam_asr.py:wavlm_large", "v4-32", ()),
-    Recipe("salmonn.py", "v4-64", ("v4-32", "v4-128")),
-    Recipe("qwen2_audio.py", "v5e-64", ("v5e-32", "v5e-128")),
-    Recipe("speech_translation.py", "v4-16", ("v4-8", "v4-32")),
-    Recipe("speech_classification.py", "v4-8", ("v4-16",)),
+    Recipe("salmonn.py", "v4-64", ("v4-32", "v4-128"), GPU_HOSTS),
+    Recipe("qwen2_audio.py", "v5e-64", ("v5e-32", "v5e-128"), GPU_HOSTS),
+    Recipe("speech_translation.py", "v4-16", ("v4-8", "v4-32"), GPU_HOSTS),
+    Recipe("speech_classification.py", "v4-8", ("v4-16",), GPU_HOSTS),
 )
+
+
+def is_gpu(topology: str) -> bool:
+  return topology in GPU_HOSTS or topology.split("-")[0] in ("a100", "h100")
 
 COLUMNS = ("recipe", "slice", "chips", "mesh (data, fsdp, tensor)", "batch", "GiB/chip", "argument", "output",
            "temp", "HBM GiB", "fits", "max batch", "model / compiled FLOPs", "roofline s/step",
@@ -108,9 +121,11 @@ def error_row(recipe: str, topology: str, error: BaseException) -> tuple[str, ..
 
 
 def markdown(rows: Sequence[Sequence[str]], *, command: str, commit: str, date: str,
-             pending: Sequence[str] = (), row_commits: Sequence[str] | None = None) -> str:
+             pending: Sequence[str] = (), row_commits: Sequence[str] | None = None,
+             skipped: Sequence[str] = ()) -> str:
   """The document; `pending` names recipes the table was asked for and has no
-  row of yet; `row_commits` the commit each row was compiled at (default: `commit`)."""
+  row of yet; `row_commits` the commit each row was compiled at (default: `commit`);
+  `skipped` the slices this machine has no compiler for."""
   row_commits = [commit] * len(rows) if row_commits is None else list(row_commits)
   lines = [
       "# Recipes on their hardware: per-chip memory, fit, FLOPs",
@@ -138,8 +153,12 @@ def markdown(rows: Sequence[Sequence[str]], *, command: str, commit: str, date: 
   if pending:
     lines += ["", f"Not in this file yet (the run that wrote it ended before them): {', '.join(pending)}. "
               "`make recipe-table` compiles every recipe again and rewrites the table."]
-  lines += ["", "GPU meshes (8x A100 / H100) are not in the table: XLA compiles for GPUs only on a machine that has",
-            "them. `python -m speechjax.compile --config=...` there reports the same figures for the local devices.",
+  if skipped:
+    lines += ["", f"Not compiled by this run (no compiler for them here): {', '.join(skipped)}."]
+  lines += ["", "GPU rows (a100-8, h100-8: one host of 8 SXM 80 GB GPUs, the recipe's mesh over them) come from",
+            "XLA's GPU compiler without a GPU: JAX's CUDA plugin (`pip install 'jax[cuda13]'`, a separate",
+            "environment: `make recipe-table` makes it) builds compile-only devices from the part's published",
+            "figures (speechjax/compilation/topology.py). Their HBM is what CUDA reports usable (79.1-79.2 GiB).",
             ""]
   return "\n".join(lines)
 
@@ -171,7 +190,7 @@ def merge_rows(kept, new) -> list[tuple[tuple[str, ...], str]]:
   rows = [pair for pair in kept if pair[0][:2] not in fresh] + list(new)
   order = {}
   for i, recipe in enumerate(RECIPES):
-    for j, topology in enumerate((recipe.topology,) + recipe.others):
+    for j, topology in enumerate(recipe.slices):
       order[(recipe.config, topology)] = (i, j)
   return sorted(rows, key=lambda pair: order.get(pair[0][:2], (len(RECIPES), 0)))
 
@@ -206,7 +225,7 @@ def build_rows(recipes: Sequence[Recipe], *, topologies: Sequence[str] = (), max
     run = report_lib.run
   rows = []
   for recipe in recipes:
-    for topology in (recipe.topology,) + tuple(recipe.others):
+    for topology in recipe.slices:
       if topologies and topology not in topologies:
         continue
       documented = topology == recipe.topology
@@ -242,7 +261,8 @@ def main(argv):
   del argv
   logging.getLogger("speechjax").setLevel(logging.INFO)
   from speechjax.compilation import topology as topology_lib
-  if not topology_lib.libtpu_available():
+  has_tpu, has_gpu = topology_lib.libtpu_available(), topology_lib.cuda_plugin_available()
+  if not has_tpu and not has_gpu:
     print(f"speechjax.compilation.recipe_table: {topology_lib.INSTALL_HINT}", file=sys.stderr)
     sys.exit(2)
   known = {r.config for r in RECIPES}
@@ -262,6 +282,12 @@ def main(argv):
     command += " --update"
   wanted = [r.config for r in recipes]
   kept = read_rows(FLAGS.out) if FLAGS.update else []
+  every = sorted({t for r in recipes for t in r.slices if not FLAGS.topologies or t in FLAGS.topologies})
+  skipped = [t for t in every if not (has_gpu if is_gpu(t) else has_tpu)]
+  compiled_here = [t for t in every if t not in skipped]
+  if not compiled_here:
+    raise app.UsageError(f"no compiler here for {every}: "
+                         f"{topology_lib.INSTALL_HINT if not has_tpu else topology_lib.GPU_INSTALL_HINT}")
 
   def write(rows):  # after every row: a run stopped half way leaves the rows it has, whole
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
@@ -269,9 +295,10 @@ def main(argv):
     done = {row[0] for row, _ in merged}
     pending = [name for name in wanted if name not in done]
     write_atomically(FLAGS.out, markdown([row for row, _ in merged], command=command, commit=commit, date=date,
-                                         pending=pending, row_commits=[c for _, c in merged]))
+                                         pending=pending, row_commits=[c for _, c in merged],
+                                         skipped=[t for t in skipped if not any(r[1] == t for r, _ in merged)]))
 
-  rows = build_rows(recipes, topologies=FLAGS.topologies, max_probes=FLAGS.max_probes, on_row=write)
+  rows = build_rows(recipes, topologies=compiled_here, max_probes=FLAGS.max_probes, on_row=write)
   write(rows)
   print(f"wrote {FLAGS.out} ({len(rows)} rows)")
 

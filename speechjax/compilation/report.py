@@ -99,10 +99,12 @@ def memory_per_chip(compiled) -> dict[str, int]:
   return parts
 
 
-def flops_per_chip(compiled) -> float:
+def flops_per_chip(compiled) -> float | None:
+  """XLA's FLOP count of one chip's program; None where the compiler gives no
+  cost analysis (XLA:GPU compiling without a GPU)."""
   cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0))
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  return float(cost.get("flops", 0.0)) if cost else None
 
 
 def _scanned_stacks(config) -> tuple[str, ...]:
@@ -191,7 +193,15 @@ def compile_report(config, target: Target, *, count_flops: bool = True, hbm_marg
   tokens = geometry["batch_size"] * (geometry["encoder_tokens"] if info["model_kind"] == "ctc" else geometry["tokens"])
   audio_seconds = geometry["batch_size"] * geometry["audio_seconds"]
   report.update(tokens_per_step=tokens, audio_seconds_per_step=audio_seconds)
+  model_roofline = (report["model_flops_per_step"] / (num_chips * target.peak_flops_per_chip)
+                    if target.peak_flops_per_chip else None)
   if not count_flops:
+    return report
+  if flops_per_chip(compiled) is None:
+    report.update(flops_per_chip_per_step=None, flops_per_step=None, model_flops_ratio=None,
+                  flops_counting=f"none: the compiler for {target.name} reports no cost analysis",
+                  roofline_step_seconds=None, tokens_per_second_at_roofline=None,
+                  audio_seconds_per_second_at_roofline=None, model_roofline_step_seconds=model_roofline)
     return report
   per_chip, method, extra = compiled_flops_per_chip(config, target, compiled)
   flops = per_chip * num_chips
@@ -202,8 +212,7 @@ def compile_report(config, target: Target, *, count_flops: bool = True, hbm_marg
       flops_counting=f"{method}; per chip x {num_chips} chips", extra_compiles=extra,
       model_flops_ratio=report["model_flops_per_step"] / flops if flops else None,
       roofline_step_seconds=roofline, tokens_per_second_at_roofline=_rate(tokens, roofline),
-      model_roofline_step_seconds=(report["model_flops_per_step"] / (num_chips * target.peak_flops_per_chip)
-                                   if target.peak_flops_per_chip else None),
+      model_roofline_step_seconds=model_roofline,
       audio_seconds_per_second_at_roofline=_rate(audio_seconds, roofline))
   return report
 

@@ -1,7 +1,8 @@
-"""Compile targets: a TPU slice named as Cloud TPU names it, or the local devices.
+"""Compile targets: a TPU slice named as Cloud TPU names it, NVIDIA GPUs, or the local devices.
 
     target = resolve_target("v5e-16")            # 16 abstract v5e chips, no TPU needed
     target = resolve_target("v5p-128", num_slices=2)
+    target = resolve_target("h100-8")            # one host of 8 H100s, no GPU needed
     target = resolve_target("")                  # jax.devices() of this process
 
 A TPU slice is described by libtpu (`pip install libtpu`, or the package's
@@ -14,6 +15,11 @@ Accelerator-type names count TensorCores on v4 and v5p (two per chip: v4-32 is
 16 chips, a 2x2x4 torus) and chips on v5e and v6e (v5e-16 is a 4x4 grid); the
 cores of a v4/v5p chip compile as one device ("megacore"), so one device is
 one chip on every generation. Chip figures are Cloud TPU's published ones.
+
+GPUs ('a100-8', 'h100-16': the part and the number of GPUs, hosts of 8)
+compile the same way through JAX's CUDA plugin (`pip install 'jax[cuda13]'`),
+which builds compile-only devices from a `GpuTargetConfig` (`gpu_target_config`,
+the part's published figures) when no GPU is present.
 """
 
 from __future__ import annotations
@@ -57,6 +63,34 @@ ALIASES = {"v5litepod": "v5e"}
 GPU_PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
 
 
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+  """An NVIDIA part as XLA's GPU compiler needs it (its `GpuTargetConfig`),
+  from the vendor's published figures; memory is what CUDA reports usable."""
+  name: str  # as --topology names it: h100
+  device_kind: str
+  memory_bytes: int
+  peak_bf16_tflops: float  # dense
+  compute_capability: tuple[int, int]
+  sm_count: int
+  clock_ghz: float
+  memory_bandwidth: float  # bytes/s
+  l2_bytes: int
+  shared_memory_per_sm: int
+  shared_memory_per_block_optin: int
+
+
+GPUS = {
+    "a100": GpuSpec("a100", "NVIDIA A100-SXM4-80GB", 85_051_572_224, 312.0, (8, 0), 108, 1.41, 2.039e12,
+                    40 * 2**20, 167_936, 166_912),
+    "h100": GpuSpec("h100", "NVIDIA H100 80GB HBM3", 84_929_347_584, 989.0, (9, 0), 132, 1.98, 3.352e12,
+                    50 * 2**20, 233_472, 232_448),
+}
+GPUS_PER_HOST = 8
+GPU_INSTALL_HINT = ("compiling for GPUs without one needs JAX's CUDA plugin on this machine: "
+                    "`pip install 'jax[cuda13]'` (a separate environment keeps the tests on the CPU)")
+
+
 @dataclasses.dataclass
 class Target:
   """What a step compiles for. `devices` are one per chip (all slices)."""
@@ -96,6 +130,76 @@ def parse_topology(name: str) -> tuple[ChipSpec, tuple[int, ...]]:
     raise ValueError(f"--topology={name!r}: no {chip.name} slice of that size (the number counts "
                      f"{chip.name_counts}); known: {sizes}")
   return chip, chip.shapes[count // cores_each]
+
+
+def parse_gpu_topology(name: str) -> tuple[GpuSpec, int] | None:
+  """'h100-8' | 'a100-16' -> (part, number of GPUs), hosts of 8; None for other names."""
+  match = re.fullmatch(r"([a-z]\d+)-(\d+)", name.strip().lower())
+  if not match or match.group(1) not in GPUS:
+    return None
+  count = int(match.group(2))
+  if count < 1 or (count > GPUS_PER_HOST and count % GPUS_PER_HOST) or count & (count - 1):
+    raise ValueError(f"--topology={name!r}: a power of two of GPUs, whole hosts of {GPUS_PER_HOST} past one "
+                     f"(e.g. {match.group(1)}-8, {match.group(1)}-16)")
+  return GPUS[match.group(1)], count
+
+
+def gpu_target_config(spec: GpuSpec) -> str:
+  """The GpuTargetConfig text proto XLA compiles for when no GPU is present."""
+  major, minor = spec.compute_capability
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: {spec.shared_memory_per_sm}
+  threads_per_core_limit: 2048
+  core_count: {spec.sm_count}
+  fpus_per_core: {128 if major >= 9 else 64}
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(spec.memory_bandwidth)}
+  l2_cache_size: {spec.l2_bytes}
+  clock_rate_ghz: {spec.clock_ghz}
+  device_memory_size: {spec.memory_bytes}
+  shared_memory_per_block_optin: {spec.shared_memory_per_block_optin}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 }}
+runtime_version {{ major: 13 minor: 0 }}
+device_description_str: "{spec.device_kind}"
+"""
+
+
+def cuda_plugin_available() -> bool:
+  if importlib.util.find_spec("jax_plugins") is None:  # the namespace JAX's plugins install into
+    return False
+  return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (13, 12))
+
+
+def gpu_topology_devices(spec: GpuSpec, count: int) -> list:
+  """Compile-only devices of `count` GPUs of that part (hosts of 8), no GPU needed."""
+  if not cuda_plugin_available():
+    raise RuntimeError(GPU_INSTALL_HINT)
+  # The plugin checks the CUDA runtime libraries' versions when it loads;
+  # compiling needs none of them at run time. Read when JAX first looks for backends.
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  # Triton GEMM tiling is autotuned on a device; without one, XLA:GPU fails to
+  # tile some dots ("Couldn't find output tile sizes"), so dots compile as cuBLAS calls.
+  if "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false").strip()
+  from jax.experimental import topologies
+
+  hosts, per_host = max(1, count // GPUS_PER_HOST), min(count, GPUS_PER_HOST)
+  try:
+    return list(topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(spec),
+                                             topology=f"1x{hosts}x{per_host}").devices)
+  except NotImplementedError as e:  # the plugin did not load (JAX's backends were set up before the variable)
+    raise RuntimeError(f"JAX's CUDA plugin is installed but did not load: {e}; set "
+                       "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 before JAX starts") from e
 
 
 def libtpu_available() -> bool:
@@ -154,7 +258,14 @@ def resolve_target(topology: str = "", num_slices: int = 1, hbm_gib: float = 0.0
   `peak_tflops` (> 0) replace the chip's figures."""
   if num_slices < 1:
     raise ValueError(f"--num_slices={num_slices}: must be >= 1")
-  if topology:
+  gpu = parse_gpu_topology(topology) if topology else None
+  if gpu:
+    spec, count = gpu
+    if num_slices > 1:
+      raise ValueError("--num_slices > 1 is for TPU slices; name more GPUs instead (e.g. h100-16)")
+    target = Target(topology, spec.name, gpu_topology_devices(spec, count), spec.memory_bytes,
+                    spec.peak_bf16_tflops * 1e12)
+  elif topology:
     chip, shape = parse_topology(topology)
     devices = topology_devices(chip, shape, num_slices)
     name = topology + (f" x{num_slices} slices" if num_slices > 1 else "")
