@@ -64,10 +64,18 @@ bench: $(VENV)/.installed-bench
 	$(PY) -m bench.run_all
 
 # docs/recipe_memory.md: every recipe compiled for its TPU slice (and one smaller and larger) on
-# this CPU with libtpu: per-chip memory, fit, max batch, FLOPs (tens of minutes on 2 cores).
+# this CPU with libtpu, then for one host of 8 A100s and of 8 H100s with JAX's CUDA plugin (its own
+# environment, so the tests' JAX stays CPU-only): per-chip memory, fit, max batch, FLOPs (an hour on 2 cores).
+GPU_COMPILE_VENV := .venv-gpu-compile
+$(GPU_COMPILE_VENV)/.installed: setup.py
+	test -x $(GPU_COMPILE_VENV)/bin/python || $(PYTHON) -m venv $(GPU_COMPILE_VENV)
+	$(GPU_COMPILE_VENV)/bin/python -m pip install -q -e '.[gpu-compile]'
+	touch $@
+
 .PHONY: recipe-table
-recipe-table: $(VENV)/.installed-test
+recipe-table: $(VENV)/.installed-test $(GPU_COMPILE_VENV)/.installed
 	$(PY) -m speechjax.compilation.recipe_table --out=docs/recipe_memory.md
+	$(GPU_COMPILE_VENV)/bin/python -m speechjax.compilation.recipe_table --update --out=docs/recipe_memory.md
 
 clean:
 	rm -rf runs/demo runs/demo_quick

@@ -48,6 +48,8 @@ setup(
         "cuda12": ["jax[cuda12]"],
         # Compiling for a TPU slice on any machine (speechjax compile --topology=...).
         "tpu-compile": ["jax[tpu]"],  # libtpu of the matching version
+        # Compiling for NVIDIA GPUs on any machine (--topology=h100-8): JAX's CUDA plugin.
+        "gpu-compile": ["jax[cuda13]"],
         "wandb": ["wandb>=0.17"],
         # PyTorch is the parity reference only; 2.13.0 is the CPU build on local disk.
         # The CPU demo: OpenAI Whisper tiny.en in CTranslate2 format (real pretrained

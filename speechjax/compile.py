@@ -1,12 +1,15 @@
-r"""Compiles a config's train step for a TPU slice (or the local devices) and
-reports per-chip memory, whether it fits, and FLOPs; no weights are read.
+r"""Compiles a config's train step for a TPU slice, NVIDIA GPUs (or the local
+devices) and reports per-chip memory, whether it fits, and FLOPs; no weights are read.
 
     python -m speechjax.compile --config=configs/slam_asr.py --topology=v5e-16 --json=/tmp/slam.json
     python -m speechjax.compile --config=configs/slam_asr.py --topology=v5p-128 --num_slices=2
+    python -m speechjax.compile --config=configs/slam_asr.py --topology=h100-8    # needs jax[cuda13], no GPU
     python -m speechjax.compile --config=configs/tiny.py --find_max_batch --hbm_gib=0.05
 
 A TPU topology needs libtpu (`pip install libtpu`, or `speechjax[tpu-compile]`)
-but no TPU: XLA's TPU compiler runs on this CPU. Without --topology the step
+but no TPU: XLA's TPU compiler runs on this CPU; GPUs (a100-8, h100-16: part
+and count, hosts of 8) need JAX's CUDA plugin (`speechjax[gpu-compile]`) but no
+GPU, and report no compiled FLOPs (the model FLOPs roofline stays). Without --topology the step
 compiles for this process' devices. The JSON keys and the FLOP formulas are
 described in speechjax/compilation/report.py. This file is intentionally
 kept short; the logic lives in speechjax.trainer.
@@ -24,8 +27,8 @@ from ml_collections import config_flags
 from speechjax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", "", "TPU slice: v5e-16, v5p-128, v4-32, v6e-8, v5e:4x4, ... "
-                                "(empty = the local devices).")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "TPU slice: v5e-16, v5p-128, v4-32, v6e-8, v5e:4x4, ... or "
+                                "GPUs: a100-8, h100-16 (empty = the local devices).")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 0, "Slices joined over DCN (0 = the config's mesh.dcn_shape).")
 _JSON = flags.DEFINE_string("json", "", "Write the report to this JSON file.")
 _FIND_MAX_BATCH = flags.DEFINE_bool("find_max_batch", False, "Also bisect for the largest global batch that fits.")
