@@ -136,3 +136,39 @@ def test_adversarial_training_loses_less_accuracy_under_attack():
   assert plain_clean > 0.9 and adv_clean > 0.8
   assert plain_clean - plain_attacked > (adv_clean - adv_attacked) + 0.15
   assert adv_attacked > plain_attacked + 0.15
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 8), (4, 8), (4, 2, 3, 8)], ids=["log_mel", "samples", "dialogue"])
+def test_the_attack_follows_every_input_layout(shape):
+  """Log-mel [B, C, F], raw samples [B, T] and a dialogue's segments
+  [B, S, C, F], each with its mask over the last axis: the step trains, the
+  adversarial input keeps the features' shape and padding is never perturbed."""
+  rng = np.random.default_rng(0)
+  features = rng.standard_normal(shape).astype(np.float32)
+  mask = np.ones(shape[:-2] + shape[-1:] if len(shape) != 2 else shape, np.float32)
+  mask[..., 5:] = 0.0
+  batch = {"features": features, "feature_mask": mask, "targets": rng.standard_normal(shape[0]).astype(np.float32)}
+  valid = step_lib.feature_validity(jnp.asarray(mask), jnp.asarray(features))
+  assert jnp.broadcast_shapes(valid.shape, features.shape) == features.shape
+
+  def loss(variables, b, rngs, deterministic, norms):
+    del rngs, deterministic, norms
+    pred = jnp.sum(jnp.tanh(b["features"] * variables["params"]["w"]).reshape(shape[0], -1), axis=1)
+    err = jnp.mean((pred - b["targets"]) ** 2)
+    return err, {"xent_sum": err}
+
+  objective = Objective(lambda b: {}, loss, input_field="features")
+  x_adv = step_lib.adversarial_input(
+      lambda x: loss({"params": {"w": jnp.ones(shape[1:])}}, {**batch, "features": x}, {}, True, {})[0],
+      jnp.asarray(features), valid, _adv_cfg("fgsm"), jax.random.PRNGKey(0))
+  delta = np.asarray(x_adv) - features
+  assert delta.shape == features.shape
+  assert np.all(delta[..., 5:] == 0) and np.abs(delta[..., :5]).max() == pytest.approx(EPSILON)
+  optim_cfg = ml_collections.ConfigDict(dict(name="adamw", lr=1e-2, schedule="constant", warmup_steps=0,
+                                             end_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9,
+                                             weight_decay=0.0, clip_norm=0.0))
+  opt, schedule = optim.make_optimizer(optim_cfg, num_steps=2)
+  state = step_lib.init_train_state({"params": {"w": jnp.ones(shape[1:])}}, opt, jax.random.PRNGKey(1))
+  train_cfg = ml_collections.ConfigDict(dict(grad_accum_steps=1, adversarial=_adv_cfg("pgd")))
+  state, metrics = jax.jit(step_lib.make_train_step(objective, opt, schedule, train_cfg))(state, {}, batch)
+  assert np.isfinite(float(metrics["adv_loss"])) and float(metrics["finite"]) == 1.0

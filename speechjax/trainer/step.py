@@ -30,6 +30,14 @@ def _split_micro(batch: dict, k: int) -> dict:
   return jax.tree_util.tree_map(split, batch)
 
 
+def feature_validity(feature_mask, x):
+  """The feature mask, 1 on real frames, broadcastable against the input
+  features: [B, F] for log-mel [B, C, F] -> [B, 1, F]; a dialogue's [B, S, F]
+  for [B, S, C, F] -> [B, S, 1, F]; raw samples [B, T] take it as it is."""
+  mask = feature_mask.astype(x.dtype)
+  return mask[..., None, :] if x.ndim == mask.ndim + 1 else mask
+
+
 def adversarial_input(loss_of_input: Callable, x, valid, cfg, rng):
   """FGSM (one signed-gradient step of size epsilon) or PGD (k steps of
   `step_size`, random start, projected back into the epsilon L-inf ball) on
@@ -70,7 +78,7 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     loss, stats = loss_with(trainable, micro)
     if use_adv:
       field = objective.input_field
-      valid = micro["feature_mask"][:, None, :].astype(micro[field].dtype)
+      valid = feature_validity(micro["feature_mask"], micro[field])
 
       def loss_of_input(x):
         return loss_with(jax.lax.stop_gradient(trainable), {**micro, field: x})[0]
