@@ -254,6 +254,10 @@ def run(clips: int = 16, reps: int = 15, threads: int = 1, log=print,
   """`python -m bench.features_bench` in a fresh process (thread pools sized
   before anything starts them, no state left by other benchmarks)."""
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  # One CPU device: with a forced device count (the test suite asks for 8) XLA
+  # starts a pool thread per device whatever the CPUs.
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
   cmd = [sys.executable, "-m", "bench.features_bench", f"--clips={clips}", f"--reps={reps}",
          f"--threads={threads}"]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout,

@@ -129,7 +129,8 @@ def generated_section(res: dict) -> str:
               f"{_f(feat.get('max_abs_diff_librosa'), '{:.1e}')} |", "",
               f"Threads per library: {feat.get('threads', 'n/a')} (XLA intra-op pool "
               f"{feat.get('xla_intra_op_threads', 'n/a')}, torch {feat.get('torch_threads', 'n/a')}); "
-              f"{feat.get('reps', 'n/a')} interleaved rounds; in CPU time the speed-ups are "
+              f"{feat.get('reps', 'n/a')} interleaved rounds, load average "
+              f"{_f((feat.get('loadavg') or [None])[0], '{:.1f}')}; in CPU time the speed-ups are "
               f"{_ratio(feat.get('cpu_speedup'))} and {_ratio(feat.get('cpu_speedup_vs_librosa'))} "
               "(bench/features_bench.py says why).", ""]
   pipe = res.get("input_pipeline")
