@@ -20,20 +20,25 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def interleaved_timings(fns: Mapping[str, Callable[[], Any]], reps: int,
-                        calls: int = 1) -> dict[str, list[float]]:
+def interleaved_timings(fns: Mapping[str, Callable[[], Any]], reps: int, calls: int = 1,
+                        cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
   """Seconds per call of each fn, `reps` rounds of A B C ... A B C.
 
   Each fn must block until its work is done (block_until_ready / .item()).
   One round times `calls` back-to-back calls of a variant and records their mean.
+  With `cpu` (a dict), also records there the process CPU seconds per call of
+  each round (all threads): unlike wall time, it barely moves when other
+  processes take turns on the cores.
   """
   times = {name: [] for name in fns}
   for _ in range(reps):
     for name, fn in fns.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       for _ in range(calls):
         fn()
       times[name].append((time.perf_counter() - start) / calls)
+      if cpu is not None:
+        cpu.setdefault(name, []).append((time.process_time() - start_cpu) / calls)
   return times
 
 

@@ -126,12 +126,24 @@ def generated_section(res: dict) -> str:
               "says where the time goes.", ""]
   feat = res.get("features")
   if feat:
+    x = feat["x_realtime"]
+    clips = feat.get("clip_seconds") or []
+    batch = (f"{len(clips)} clips of {min(clips):.1f}-{max(clips):.1f} s ({feat['audio_seconds']:.0f} s)"
+             if clips else f"{feat['batch_shape'][0]} x {feat['batch_shape'][1]} samples")
     lines += ["### Log-mel features", "",
-              "| batch x samples | speechjax (x real time) | WhisperFeatureExtractor (x real time) "
-              "| speed-up | max abs diff |", "|---|---|---|---|---|",
-              f"| {feat['batch_shape'][0]} x {feat['batch_shape'][1]} | "
-              f"{feat['x_realtime']['speechjax']:.0f} | {feat['x_realtime']['transformers']:.0f} "
-              f"| {_ratio(feat['speedup'])} | {feat['max_abs_diff']:.1e} |", ""]
+              "| clips | speechjax (x real time) | WhisperFeatureExtractor | librosa | speed-up vs "
+              "WhisperFeatureExtractor | speed-up vs librosa | max abs diff (WFE / librosa) |",
+              "|---|---|---|---|---|---|---|",
+              f"| {batch} | {x['speechjax']:.0f} | {x['transformers']:.0f} | "
+              f"{_f(x.get('librosa'), '{:.0f}')} | {_ratio(feat['speedup'])} | "
+              f"{_ratio(feat.get('speedup_vs_librosa'))} | {feat['max_abs_diff']:.1e} / "
+              f"{_f(feat.get('max_abs_diff_librosa'), '{:.1e}')} |", "",
+              f"Threads per library: {feat.get('threads', 'n/a')} (XLA intra-op pool "
+              f"{feat.get('xla_intra_op_threads', 'n/a')}, torch {feat.get('torch_threads', 'n/a')}); "
+              f"{feat.get('reps', 'n/a')} interleaved rounds, load average "
+              f"{_f((feat.get('loadavg') or [None])[0], '{:.1f}')}; in CPU time the speed-ups are "
+              f"{_ratio(feat.get('cpu_speedup'))} and {_ratio(feat.get('cpu_speedup_vs_librosa'))} "
+              "(bench/features_bench.py says why).", ""]
   pipe = res.get("input_pipeline")
   if pipe:
     speeds = ", ".join(f"{k.replace('pipeline_', '').replace('_x_realtime', '')} "
@@ -142,7 +154,7 @@ def generated_section(res: dict) -> str:
       f"`{k}` {_f(res.get(k), '{:.3g}')}" for k in (
           "train_step_speedup", "train_step_speedup_vs_compile", "full_finetune_speedup",
           "full_finetune_speedup_vs_compile", "decode_speedup", "beam_decode_speedup",
-          "speech_decode_speedup", "features_speedup", "mfu",
+          "speech_decode_speedup", "features_speedup", "features_speedup_vs_librosa", "mfu",
           "mfu_full_finetune")) + ".", "", END]
   return "\n".join(lines)
 

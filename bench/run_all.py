@@ -14,8 +14,10 @@ Writes bench/results.json and the generated part of BENCHMARKS.md. Sections:
             the exact training-state bytes (params, grads, optimizer state).
   decode    batched greedy and beam-4 decoding with a KV cache vs transformers'
             generate, of the LM alone and (greedy) through the speech LLM.
-  features  JAX log-mel vs WhisperFeatureExtractor (+ the data pipeline's own
-            benchmark, bench/input_throughput.py, in the full run).
+  features  JAX log-mel vs WhisperFeatureExtractor and librosa on 16 clips of
+            1-15 s, one thread per library, in a fresh process
+            (bench/features_bench.py; + the data pipeline's own benchmark,
+            bench/input_throughput.py, in the full run).
 
 Every comparison runs its variants interleaved (A B A B ...) after warm-up;
 a speed-up is the median of the per-round ratios.
@@ -53,11 +55,11 @@ import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PLANS = {
-    "full": dict(size="full", train_reps=5, train_calls=2, decode_reps=5, feature_reps=7,
+    "full": dict(size="full", train_reps=5, train_calls=2, decode_reps=5, feature_reps=15,
                  feature_batch=16, memory_probes=True, input_pipeline=True,
                  train_modes=("lora", "full")),
     # Smoke run: a smaller model, LoRA only (each torch.compile costs ~1 min).
-    "quick": dict(size="quick", train_reps=3, train_calls=1, decode_reps=3, feature_reps=3,
+    "quick": dict(size="quick", train_reps=3, train_calls=1, decode_reps=3, feature_reps=5,
                   feature_batch=8, memory_probes=False, input_pipeline=False,
                   train_modes=("lora",)),
 }
@@ -114,10 +116,10 @@ def run(plan_name: str = "full", *, size_name: str | None = None, torch_compile:
   log(f"[bench] plan {plan_name}: {plan}; machine {results['machine']['cpu']}, "
       f"{results['machine']['cores']} cores, load {results['machine']['loadavg_at_start']}")
   torch.manual_seed(0)
-  # Features first, in a fresh process state: measured after the training
-  # sections, both extractors ran slower and the ratio moved (1.19x there vs
-  # 2.6x for the same functions alone).
-  results["features"] = features_bench.run(batch=plan["feature_batch"],
+  # Features in a process of their own (bench/features_bench.py): its thread
+  # pools are sized before any library starts them, and nothing is left over
+  # from the other sections (after them both extractors ran slower in-process).
+  results["features"] = features_bench.run(clips=plan["feature_batch"],
                                            reps=plan["feature_reps"], log=log)
   peak = common.PeakMatmul(2048 if plan["size"] != "tiny" else 256)
 
@@ -158,6 +160,9 @@ def headline(results: dict) -> dict:
       "beam_decode_speedup": pick(results, "decode", "beam", "speedup", "median"),
       "speech_decode_speedup": pick(results, "decode_speech", "speedup", "median"),
       "features_speedup": pick(results, "features", "speedup", "median"),
+      "features_speedup_vs_librosa": pick(results, "features", "speedup_vs_librosa", "median"),
+      "features_speedup_range": _range(pick(results, "features", "speedup")),
+      "features_speedup_vs_librosa_range": _range(pick(results, "features", "speedup_vs_librosa")),
       "mfu": pick(lora, "mfu", "speechjax", "median"),
       "mfu_full_finetune": pick(full, "mfu", "speechjax", "median"),
       "compile_seconds": pick(lora, "compile_seconds", "speechjax_compile"),
@@ -179,6 +184,11 @@ def gpu_summaries(folder: str = GPU_RESULTS) -> dict:
         run = json.load(f)
       out[name[:-len(".json")]] = {"command": run.get("command"), **run.get("summary", {})}
   return out
+
+
+def _range(ratio: dict | None) -> list[float] | None:
+  """[min, max] of a paired speed-up's per-round ratios."""
+  return None if not ratio else [ratio["min"], ratio["max"]]
 
 
 def _dig(d, *keys):

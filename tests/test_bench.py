@@ -3,10 +3,11 @@
 One round of the LoRA training step, decoding and log-mel features (no
 torch.compile, no subprocess memory probes, no full fine-tuning: those only
 cost time here); checks the result keys, the step-0 loss agreement of the two
-frameworks and that optimizer state is sized by the trainables. Never asserts
-on timings.
+frameworks, that optimizer state is sized by the trainables and that the
+features process runs each library on one thread. Never asserts on timings.
 """
 
+import importlib.util
 import os
 
 from bench import report, run_all
@@ -22,6 +23,14 @@ def test_harness_produces_every_key(tmp_path):
               "features_speedup", "mfu"):
     assert results[key] is not None and results[key] > 0, key
   assert "train_step_speedup_vs_compile" in results  # None without torch.compile
+  features = results["features"]
+  # Its own process, one thread per library: XLA's intra-op pool and torch sized to 1.
+  assert features["xla_intra_op_threads"] == 1 and features["torch_threads"] == 1
+  assert features["max_abs_diff"] < 1e-3
+  if importlib.util.find_spec("librosa"):  # in the [bench] extra, not in [test]
+    assert results["features_speedup_vs_librosa"] > 0 and features["max_abs_diff_librosa"] < 1e-3
+  else:
+    assert results["features_speedup_vs_librosa"] is None
   lora = results["train"]["lora"]
   assert abs(lora["step0_loss"]["speechjax"] - lora["step0_loss"]["torch"]) < 1e-4
   # AdamW state = two moments of the trainables only, on both sides.
@@ -35,7 +44,7 @@ def test_harness_produces_every_key(tmp_path):
   report.write_markdown(path, results)
   report.write_markdown(path, results)  # rewriting keeps one generated section
   text = open(path, encoding="utf-8").read()
-  assert text.count(report.BEGIN) == 1 and "Training step" in text
+  assert text.count(report.BEGIN) == 1 and "Training step" in text and "speed-up vs librosa" in text
   assert "LLM, beam 4" in text and "speech LLM, greedy" in text
   # Both sides decode the same fp32 model greedily: the speech LLM's tokens agree.
   assert results["decode_speech"]["identical_prefix_fraction"] > 0.5

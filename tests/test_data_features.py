@@ -161,3 +161,36 @@ def test_log_mel_rejects_bad_shapes():
     features.log_mel(np.zeros((2, 3, 1000), np.float32))
   with pytest.raises(ValueError, match="lengths"):
     features.log_mel_with_mask(np.zeros((2, 1000), np.float32), np.array([5]))
+
+
+def _reference_features(row: np.ndarray, valid_frames: int) -> np.ndarray:
+  """Whisper features of one padded row in float64 numpy (centred frames,
+  reflect padding, periodic Hann, rfft, Slaney mels), clamped at the max over
+  its first `valid_frames` frames; later frames hold the floor."""
+  count = row.size // 160
+  padded = np.pad(row.astype(np.float64), 200, mode="reflect")
+  frames = np.stack([padded[i * 160:i * 160 + 400] for i in range(count)])
+  window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 400)
+  power = np.abs(np.fft.rfft(frames * window, axis=-1))**2
+  log_spec = np.log10(np.maximum(features.mel_filters(80).astype(np.float64) @ power.T, 1e-10))
+  peak = log_spec[:, :valid_frames].max() if valid_frames else -10.0
+  out = np.maximum(log_spec, peak - 8.0)
+  out[:, valid_frames:] = peak - 8.0
+  return (out + 4.0) / 4.0
+
+
+@pytest.mark.parametrize("frames", [384, 300])  # whole blocks of 128 frames; a last block overlapping
+def test_padded_batch_rows_match_a_numpy_reference_at_block_edges(frames):
+  # Rows end inside, just before and just after a 128-frame STFT block, and one row
+  # has no whole frame: skipped blocks must not change any row's features.
+  samples = frames * 160 + 77
+  lengths = np.array([samples, 100, 127 * 160 + 5, 128 * 160, 129 * 160 + 159, 256 * 160 + 1])
+  batch = np.zeros((lengths.size, samples), np.float32)
+  for row, n in enumerate(lengths):
+    batch[row, :n] = _speech_like(int(n), seed=10 + row)
+  feats, mask = features.log_mel_with_mask(batch, lengths)
+  feats = np.asarray(feats)
+  np.testing.assert_array_equal(np.asarray(mask).sum(1), lengths // 160)
+  for row, n in enumerate(lengths):
+    ref = _reference_features(batch[row], int(n) // 160)
+    assert np.abs(feats[row] - ref).max() <= 2e-4, row
