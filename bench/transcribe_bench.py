@@ -18,15 +18,18 @@ loading and compilation included).
      PyTorch    python -m bench.torch_transcribe --export=OUT --spec=SPEC --input=CLIPS --output=F.jsonl
    The speed-up is the median over rounds of t_torch / t_speechjax; both must
    give the same transcripts (fp32; the fraction of identical ones is reported).
-5. Reference, run once after the rounds: faster-whisper (CTranslate2) with the real
-   Whisper tiny.en (bench/faster_whisper_transcribe.py): another model, its
-   real-time factor for scale only.
+5. Reference, run once after the rounds on the first `faster_whisper_clips` clips:
+   faster-whisper (CTranslate2) with the real Whisper tiny.en
+   (bench/faster_whisper_transcribe.py): another model, its real-time factor for
+   scale only. It pads every clip to Whisper's 30 s window, so it costs ~5x the
+   others per clip; a subset keeps the bench short.
 
 Real-time factor = wall seconds of the whole process / seconds of audio.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -37,9 +40,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PLANS = {
-    # ~5 min on 2 cores: corpus ~20 s, encoder states + 250 steps ~2 min, rounds ~2-3 min.
-    "full": dict(num_clips=200, num_train=1000, train_steps=250, rounds=3, faster_whisper=True),
-    "quick": dict(num_clips=48, num_train=400, train_steps=100, rounds=2, faster_whisper=True),
+    # ~5 min on 2 quiet cores (10 min at load average 5): corpus ~20 s, encoder states and
+    # 250 steps ~2 min, 3 rounds ~2 min, faster-whisper ~30 s.
+    "full": dict(num_clips=200, num_train=1000, train_steps=250, rounds=3, faster_whisper_clips=64),
+    "quick": dict(num_clips=48, num_train=400, train_steps=100, rounds=2, faster_whisper_clips=16),
 }
 
 # The LLM and projector of the run (the encoder is Whisper tiny.en: d=384, 4 layers).
@@ -152,14 +156,16 @@ def timed(cmd: list[str], env: dict, timeout: float = 600.0) -> float:
   return seconds
 
 
-def commands(run: str, export: str, spec: str, clips_dir: str, out: str) -> dict[str, list[str]]:
+def commands(run: str, export: str, spec: str, clips_dir: str, out: str,
+             faster_whisper_clips: int | str = 0) -> dict[str, list[str]]:
   py = sys.executable
   return {
       "speechjax": [py, "-m", "speechjax.transcribe", f"--workdir={run}", f"--input={clips_dir}",
                     f"--output={out}", "--noprogress"],
       "torch": [py, "-m", "bench.torch_transcribe", f"--export={export}", f"--spec={spec}",
                 f"--input={clips_dir}", f"--output={out}"],
-      "faster_whisper": [py, "-m", "bench.faster_whisper_transcribe", f"--input={clips_dir}", f"--output={out}"],
+      "faster_whisper": [py, "-m", "bench.faster_whisper_transcribe", f"--input={clips_dir}", f"--output={out}",
+                         f"--limit={faster_whisper_clips}"],
   }
 
 
@@ -179,7 +185,7 @@ def parameter_counts(export: str) -> dict[str, int]:
 
 
 def time_pipelines(folder: str, run: str, export: str, spec_path: str, clips_dir: str, rounds: int,
-                   faster_whisper: bool) -> tuple[dict[str, list[float]], dict[str, dict[str, str]]]:
+                   faster_whisper_clips: int) -> tuple[dict[str, list[float]], dict[str, dict[str, str]]]:
   """-> ({pipeline: wall seconds per run}, {pipeline: {clip: text}} of its last run);
   RuntimeError if a pipeline's transcripts change between its runs."""
   from bench import clips  # pylint: disable=import-outside-toplevel
@@ -187,11 +193,11 @@ def time_pipelines(folder: str, run: str, export: str, spec_path: str, clips_dir
   env = subprocess_env()
   times: dict[str, list[float]] = {"speechjax": [], "torch": []}
   texts: dict[str, dict[str, str]] = {}
-  order = [("speechjax", "torch")] * rounds + ([("faster_whisper",)] if faster_whisper else [])
+  order = [("speechjax", "torch")] * rounds + ([("faster_whisper",)] if faster_whisper_clips else [])
   for index, names in enumerate(order):
     for name in names:
       out = os.path.join(folder, f"{name}_{index}.jsonl")  # a fresh file: speechjax resumes an existing one
-      seconds = timed(commands(run, export, spec_path, clips_dir, out)[name], env)
+      seconds = timed(commands(run, export, spec_path, clips_dir, out, faster_whisper_clips)[name], env)
       times.setdefault(name, []).append(seconds)
       got = clips.read_transcripts(out)
       if name in texts and got != texts[name]:
@@ -202,19 +208,25 @@ def time_pipelines(folder: str, run: str, export: str, spec_path: str, clips_dir
 
 
 def run(plan_name: str = "full", *, num_clips: int | None = None, num_train: int | None = None,
-        train_steps: int | None = None, rounds: int | None = None, faster_whisper: bool | None = None,
-        log=log) -> dict:
-  """Every step of the module docstring; arguments override the plan."""
+        train_steps: int | None = None, rounds: int | None = None, faster_whisper_clips: int | None = None,
+        keep: str = "", log=log) -> dict:
+  """Every step of the module docstring; arguments override the plan. keep: a
+  new folder to write the corpus, run, export and transcripts to and leave
+  (default: a temporary folder, deleted)."""
   from bench import common  # pylint: disable=import-outside-toplevel
   from speechjax.evaluation import metrics  # pylint: disable=import-outside-toplevel
   from speechjax.export import export_run  # pylint: disable=import-outside-toplevel
 
   plan = dict(PLANS[plan_name])
   overrides = dict(num_clips=num_clips, num_train=num_train, train_steps=train_steps, rounds=rounds,
-                   faster_whisper=faster_whisper)
+                   faster_whisper_clips=faster_whisper_clips)
   plan.update({k: v for k, v in overrides.items() if v is not None})
   start, load_at_start = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
-  with tempfile.TemporaryDirectory(prefix="transcribe_bench_") as folder:
+  if keep and os.path.exists(keep) and os.listdir(keep):
+    raise ValueError(f"bench.transcribe_bench: --keep={keep!r} is not empty (a run there would resume)")
+  if keep:
+    os.makedirs(keep, exist_ok=True)
+  with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="transcribe_bench_") as folder:
     log(f"[transcribe] corpus: {plan['num_train']} train utterances, {plan['num_clips']} test clips")
     corpus, tokenizer = build_corpus(folder, plan["num_train"], plan["num_clips"])
     log(f"[transcribe] training {plan['train_steps']} steps")
@@ -230,31 +242,36 @@ def run(plan_name: str = "full", *, num_clips: int | None = None, num_train: int
     with open(os.path.join(corpus, "test.jsonl"), encoding="utf-8") as f:
       manifest = [json.loads(line) for line in f if line.strip()]
     references = {os.path.join(corpus, r["audio"]): r["text"] for r in manifest}
-    audio_seconds = float(sum(r["duration"] for r in manifest))
+    durations = {os.path.join(corpus, r["audio"]): float(r["duration"]) for r in manifest}
     params = parameter_counts(export)
     times, texts = time_pipelines(folder, training["workdir"], export, spec_path, clips_dir, plan["rounds"],
-                                  plan["faster_whisper"])
-    shown = commands("RUN", "EXPORT", "SPEC", "CLIPS", "OUT.jsonl")
-  missing = [name for name, got in texts.items() if set(got) != set(references)]
+                                  plan["faster_whisper_clips"])
+    shown = commands("RUN", "EXPORT", "SPEC", "CLIPS", "OUT.jsonl", "N")
+  clip_order = sorted(references)  # the pipelines' order (one folder, sorted names)
+  # faster-whisper transcribes the first faster_whisper_clips of them.
+  expected = {name: clip_order[:plan["faster_whisper_clips"]] if name == "faster_whisper" else clip_order
+              for name in texts}
+  missing = [name for name, got in texts.items() if sorted(got) != expected[name]]
   if missing:
-    raise RuntimeError(f"bench.transcribe_bench: {', '.join(missing)} did not transcribe every clip")
-  clip_order = sorted(references)
+    raise RuntimeError(f"bench.transcribe_bench: {', '.join(missing)} did not transcribe the clips asked for")
+  audio_seconds = {name: sum(durations[c] for c in clip_list) for name, clip_list in expected.items()}
   identical = [texts["speechjax"][c] == texts["torch"][c] for c in clip_order]
   seconds = {name: common.spread(values) for name, values in times.items()}
   result = {
       "plan": {**plan, "name": plan_name},
-      "clips": len(references), "audio_seconds": audio_seconds,
-      "model": {"encoder": "Whisper tiny.en (frozen)", "projector": PROJECTOR, "llm": DECODER, "params": params},
+      "clips": {name: len(clip_list) for name, clip_list in expected.items()},
+      "audio_seconds": audio_seconds,
+      "model": {"encoder": "Whisper tiny.en encoder, frozen", "projector": PROJECTOR, "llm": DECODER, "params": params},
       "training": {k: v for k, v in training.items() if k != "workdir"},
       "decode": {"batch_size": spec["batch_size"], "max_new_tokens": spec["max_new_tokens"],
                  "method": "greedy"},
       "seconds": seconds, "raw_seconds": times,
-      "rtf": {name: s["median"] / audio_seconds for name, s in seconds.items()},
+      "rtf": {name: s["median"] / audio_seconds[name] for name, s in seconds.items()},
       "speedup": common.paired_speedup(times["torch"], times["speechjax"]),
       "identical_fraction": sum(identical) / len(identical),
-      "wer": {name: metrics.wer([got[c] for c in clip_order], [references[c] for c in clip_order])
+      "wer": {name: metrics.wer([got[c] for c in expected[name]], [references[c] for c in expected[name]])
               for name, got in texts.items()},
-      "commands": {name: " ".join(cmd[1:]).replace(REPO + os.sep, "") for name, cmd in shown.items()},
+      "commands": {name: " ".join(["python"] + cmd[1:]) for name, cmd in shown.items()},
       "total_seconds": time.perf_counter() - start,
       "loadavg": {"start": load_at_start, "end": [round(x, 2) for x in os.getloadavg()]},
   }
@@ -286,13 +303,15 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="48 clips, 100 training steps, 2 rounds")
   parser.add_argument("--json", default="", help="write the result here")
+  parser.add_argument("--keep", default="", help="a new folder to leave the corpus, run, export and "
+                      "transcripts in (default: a temporary folder)")
   parser.add_argument("--update", action="store_true",
                       help="put the result into bench/results.json (section 'transcribe', key "
                            "'transcribe_speedup') and regenerate BENCHMARKS.md's generated section")
   args = parser.parse_args(argv)
   for key, value in subprocess_env().items():
     os.environ.setdefault(key, value)
-  result = run("quick" if args.quick else "full")
+  result = run("quick" if args.quick else "full", keep=args.keep)
   from bench.run_all import measured_on  # pylint: disable=import-outside-toplevel
 
   result["command"] = " ".join(["python -m bench.transcribe_bench"] + (sys.argv[1:] if argv is None else argv))
