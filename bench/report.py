@@ -34,7 +34,7 @@ def _ratio(r):
 
 def generated_section(res: dict) -> str:
   m, mod, plan = res["machine"], res["model"], res["plan"]
-  lines = [BEGIN, "",
+  lines = [BEGIN, ""] + ([f"Measured on {res['measured']}.", ""] if res.get("measured") else []) + [
            f"Command: `{res.get('command', 'make bench')}` "
            f"(plan `{plan['name']}`, {res.get('total_seconds', 0):.0f} s in all).", "",
            f"Machine: {m['cpu']} ({', '.join(m['simd'])}), {m['cores']} cores (shared; load "
@@ -150,13 +150,66 @@ def generated_section(res: dict) -> str:
                        f"{v:.0f}x" for k, v in pipe.items() if k.endswith("_x_realtime"))
     lines += [f"Input pipeline (bench/input_throughput.py, audio seconds per wall second): "
               f"{speeds}.", ""]
+  lines += transcribe_section(res.get("transcribe"))
   lines += ["Headline (bench/results.json): " + ", ".join(
       f"`{k}` {_f(res.get(k), '{:.3g}')}" for k in (
           "train_step_speedup", "train_step_speedup_vs_compile", "full_finetune_speedup",
           "full_finetune_speedup_vs_compile", "decode_speedup", "beam_decode_speedup",
-          "speech_decode_speedup", "features_speedup", "features_speedup_vs_librosa", "mfu",
+          "speech_decode_speedup", "features_speedup", "features_speedup_vs_librosa", "transcribe_speedup", "mfu",
           "mfu_full_finetune")) + ".", "", END]
   return "\n".join(lines)
+
+
+def _s(spread):
+  if not spread:
+    return "n/a"
+  if spread["n"] == 1:
+    return f"{spread['median']:.1f} s (1 run)"
+  return f"{spread['median']:.1f} s [{spread['min']:.1f}-{spread['max']:.1f}] ({spread['n']} runs)"
+
+
+def transcribe_section(tr: dict | None) -> list[str]:
+  """The end-to-end table (bench/transcribe_bench.py), or nothing."""
+  if not tr:
+    return []
+  model, params, train = tr["model"], tr["model"]["params"], tr["training"]
+  llm, proj = model["llm"], model["projector"]
+  dec = tr["decode"]
+  seconds, rtf, wer = tr["seconds"], tr["rtf"], tr["wer"]
+  measured = (f" Measured by `{tr['command']}`" + (f" on {tr['measured']}" if tr.get("measured") else "")
+              if tr.get("command") else "")
+  load = tr.get("loadavg")
+  clips, audio = tr["clips"], tr["audio_seconds"]
+  lines = ["### End to end: transcribing a folder of clips", "",
+           f"{clips['speechjax']} clips ({audio['speechjax']:.0f} s of audio, 2-4.5 s each: the espeak-ng "
+           "spoken-command corpus' test split, held-out voices and sentences) transcribed by a fresh "
+           "process per run; wall time from start to exit: imports, loading, compiling and decoding. "
+           f"Real-time factor = wall seconds / audio seconds.{measured}"
+           + (f" (load average {load['start']} at start, {load['end']} at the end)." if load else
+              ("." if measured else "")), "",
+           f"Model: {model['encoder']} ({params['encoder'] / 1e6:.1f}M) + frame-stack projector "
+           f"(k={proj['stack_factor']}, hidden {proj['hidden_dim']}; {params['projector'] / 1e6:.1f}M) + "
+           f"Llama-style LLM ({llm['num_layers']} layers, d={llm['hidden_size']}, vocab "
+           f"{llm['vocab_size']}; {params['llm'] / 1e6:.1f}M), trained here for {train['steps']} steps "
+           f"({train['seconds']:.0f} s; final train loss {train['final_loss']:.2f}). Decoding: greedy, "
+           f"batch {dec['batch_size']}, fp32, at most {dec['max_new_tokens']} new tokens, stops at EOS.", "",
+           "| pipeline | wall time per run | real-time factor | speechjax speed-up (paired) | WER |",
+           "|---|---|---|---|---|",
+           f"| speechjax: `{tr['commands']['speechjax']}` | {_s(seconds.get('speechjax'))} | "
+           f"{rtf['speechjax']:.3f} | {_ratio(tr['speedup'])} | {wer['speechjax']:.1%} |",
+           f"| PyTorch + transformers, same exported weights: `{tr['commands']['torch']}` | "
+           f"{_s(seconds.get('torch'))} | {rtf['torch']:.3f} | 1 | {wer['torch']:.1%} |"]
+  if "faster_whisper" in rtf:
+    lines.append(f"| reference, another model: faster-whisper (CTranslate2) with Whisper tiny.en "
+                 f"(39M, 30 s windows, one clip at a time), the first {clips['faster_whisper']} clips "
+                 f"({audio['faster_whisper']:.0f} s): `{tr['commands']['faster_whisper']}` | "
+                 f"{_s(seconds.get('faster_whisper'))} | {rtf['faster_whisper']:.3f} | | "
+                 f"{wer['faster_whisper']:.1%} |")
+  lines += ["", f"speechjax and PyTorch give identical transcripts for {tr['identical_fraction']:.1%} "
+            f"of the clips. Runs interleaved (speechjax, PyTorch, speechjax, ...); the speed-up is the "
+            "median [min-max] over rounds of PyTorch's wall time / speechjax's. WER against the "
+            "corpus' transcripts (English normalizer).", ""]
+  return lines
 
 
 HEADER = """# Benchmarks

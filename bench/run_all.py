@@ -1,7 +1,7 @@
 r"""Every benchmark of speechjax against PyTorch + transformers + peft, one process.
 
-    make bench                          # = python -m bench.run_all  (~10-15 min, 2 cores)
-    python -m bench.run_all --quick     # smaller model, LoRA only, fewer rounds (~2 min)
+    make bench                          # = python -m bench.run_all  (~15-20 min, 2 cores)
+    python -m bench.run_all --quick     # smaller model, LoRA only, fewer rounds, no end to end (~2 min)
 
 Writes bench/results.json and the generated part of BENCHMARKS.md. Sections:
 
@@ -18,6 +18,11 @@ Writes bench/results.json and the generated part of BENCHMARKS.md. Sections:
             1-15 s, one thread per library, in a fresh process
             (bench/features_bench.py; + the data pipeline's own benchmark,
             bench/input_throughput.py, in the full run).
+  transcribe  (full run) a folder of 200 clips through `speechjax transcribe`
+            and through PyTorch + transformers on the same exported weights,
+            each a fresh process: wall time with start, loading and compiling,
+            real-time factors, identical transcripts; faster-whisper with
+            Whisper tiny.en as a reference (bench/transcribe_bench.py).
 
 Every comparison runs its variants interleaved (A B A B ...) after warm-up;
 a speed-up is the median of the per-round ratios.
@@ -57,11 +62,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLANS = {
     "full": dict(size="full", train_reps=5, train_calls=2, decode_reps=5, feature_reps=15,
                  feature_batch=16, memory_probes=True, input_pipeline=True,
-                 train_modes=("lora", "full")),
+                 train_modes=("lora", "full"), transcribe=True),
     # Smoke run: a smaller model, LoRA only (each torch.compile costs ~1 min).
     "quick": dict(size="quick", train_reps=3, train_calls=1, decode_reps=3, feature_reps=5,
                   feature_batch=8, memory_probes=False, input_pipeline=False,
-                  train_modes=("lora",)),
+                  train_modes=("lora",), transcribe=False),
 }
 
 
@@ -94,7 +99,7 @@ def run(plan_name: str = "full", *, size_name: str | None = None, torch_compile:
         decode_reps: int | None = None, feature_reps: int | None = None,
         feature_batch: int | None = None, memory: bool | None = None,
         input_pipeline: bool | None = None, train_modes: tuple[str, ...] | None = None,
-        jax_compiler_options: dict | None = None) -> dict:
+        transcribe: bool | None = None, jax_compiler_options: dict | None = None) -> dict:
   """All sections; arguments override the plan (the smoke test uses a tiny model)."""
   import torch  # pylint: disable=import-outside-toplevel
 
@@ -105,7 +110,7 @@ def run(plan_name: str = "full", *, size_name: str | None = None, torch_compile:
   overrides = dict(size=size_name, train_reps=train_reps, train_calls=train_calls,
                    decode_reps=decode_reps, feature_reps=feature_reps,
                    feature_batch=feature_batch, memory_probes=memory,
-                   input_pipeline=input_pipeline, train_modes=train_modes)
+                   input_pipeline=input_pipeline, train_modes=train_modes, transcribe=transcribe)
   plan.update({k: v for k, v in overrides.items() if v is not None})
   size = sm.SIZES[plan["size"]]
   start = time.perf_counter()
@@ -140,6 +145,10 @@ def run(plan_name: str = "full", *, size_name: str | None = None, torch_compile:
     log("[input] bench/input_throughput.py (synthetic corpus, pipeline, log-mel)")
     results["input_pipeline"] = input_throughput.run(num_utterances=80, batches=6, repeats=2,
                                                      batch_size=8)
+  if plan["transcribe"]:
+    from bench import transcribe_bench  # pylint: disable=import-outside-toplevel
+    log("[transcribe] bench/transcribe_bench.py (corpus, a trained run, timed subprocesses)")
+    results["transcribe"] = transcribe_bench.run("full", log=log)
   results.update(headline(results))
   results["total_seconds"] = time.perf_counter() - start
   results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -163,6 +172,7 @@ def headline(results: dict) -> dict:
       "features_speedup_vs_librosa": pick(results, "features", "speedup_vs_librosa", "median"),
       "features_speedup_range": _range(pick(results, "features", "speedup")),
       "features_speedup_vs_librosa_range": _range(pick(results, "features", "speedup_vs_librosa")),
+      "transcribe_speedup": pick(results, "transcribe", "speedup", "median"),
       "mfu": pick(lora, "mfu", "speechjax", "median"),
       "mfu_full_finetune": pick(full, "mfu", "speechjax", "median"),
       "compile_seconds": pick(lora, "compile_seconds", "speechjax_compile"),
@@ -191,6 +201,19 @@ def _range(ratio: dict | None) -> list[float] | None:
   return None if not ratio else [ratio["min"], ratio["max"]]
 
 
+def measured_on() -> str:
+  """Today's date and the checked-out commit ('+ changes' when the tree differs from it)."""
+  stamp = time.strftime("%Y-%m-%d")
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return stamp
+  return f"{stamp} at commit {commit}" + (" + changes" if dirty else "")
+
+
 def _dig(d, *keys):
   for k in keys:
     if not isinstance(d, dict) or k not in d:
@@ -214,6 +237,7 @@ def main(argv=None):
   command = "make bench" if plan == "full" and not args.no_torch_compile else (
       "python -m bench.run_all " + " ".join(a for a in (sys.argv[1:] if argv is None else argv)))
   results["command"] = command
+  results["measured"] = measured_on()
   results["gpu"] = gpu_summaries()
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1, default=float)

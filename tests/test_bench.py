@@ -48,3 +48,46 @@ def test_harness_produces_every_key(tmp_path):
   assert "LLM, beam 4" in text and "speech LLM, greedy" in text
   # Both sides decode the same fp32 model greedily: the speech LLM's tokens agree.
   assert results["decode_speech"]["identical_prefix_fraction"] > 0.5
+
+
+def test_torch_pipeline_reproduces_speechjax_transcription(tiny_corpus, tmp_path_factory, tmp_path):
+  """bench/torch_transcribe.py (the PyTorch side of bench/transcribe_bench.py) on a
+  run exported with speechjax.export: the audio slots of a padded batch equal
+  speechjax's on every valid slot (so the encoder's and projector's masking
+  is the same), and the transcripts equal `speechjax transcribe`'s."""
+  import json
+
+  import numpy as np
+  from trained_run import trained_tiny_run
+
+  from bench import torch_transcribe, transcribe_bench
+  from speechjax.data import batching
+  from speechjax.export import export_run
+  from speechjax.transcribe import Transcriber
+
+  workdir = trained_tiny_run(tmp_path_factory, tiny_corpus)
+  export = str(tmp_path / "export")
+  export_run(workdir, export, "hf")
+  _, _, root = tiny_corpus
+  with open(os.path.join(root, "test.jsonl")) as f:
+    paths = [os.path.join(root, json.loads(line)["audio"]) for line in f][:5]
+  spec = transcribe_bench.torch_spec(workdir)
+  pipeline = torch_transcribe.Pipeline(export, spec)
+  waves = [torch_transcribe.read_clip(p) for p in paths]
+  assert len({w.size for w in waves}) > 1  # a padded batch
+
+  transcriber = Transcriber(workdir)
+  lengths = np.array([w.size for w in waves])
+  bucket = min(b for b in spec["buckets_samples"] if b >= lengths.max())
+  padded = np.zeros((len(waves), bucket), np.float32)
+  for i, wave in enumerate(waves):
+    padded[i, :wave.size] = wave
+  features, feature_mask = batching.encoder_features(padded, lengths, transcriber.audio_input)
+  expected, expected_mask = transcriber.bundle.module.apply(transcriber.variables, features, feature_mask,
+                                                            method="encode_audio")
+  got, got_mask = (x.numpy() for x in pipeline.audio(waves))
+  np.testing.assert_array_equal(got_mask, np.asarray(expected_mask, bool))
+  assert 0 < got_mask.sum() < got_mask.size
+  np.testing.assert_allclose(got[got_mask], np.asarray(expected)[got_mask], atol=2e-4, rtol=0)
+
+  assert torch_transcribe.transcribe(export, spec, paths) == [text for _, text, _ in transcriber(paths)]
