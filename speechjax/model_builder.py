@@ -70,9 +70,10 @@ class ModelBundle:
   num_decoder_layers: int
   audio_input: AudioInput | None = None  # what the data pipeline must produce (None: text only)
 
-  def init_variables(self, rng, mesh, rules, dtypes: Callable[[str], Any] | None = None):
+  def init_variables(self, rng, mesh, rules, dtypes: Callable[[str], Any] | None = None,
+                     restored: frozenset[str] = frozenset()):
     """-> (variables, shardings): see `init_variables`."""
-    return init_variables(self, rng, mesh, rules, dtypes)
+    return init_variables(self, rng, mesh, rules, dtypes, restored)
 
 
 def lora_from_config(config) -> LoRAConfig:
@@ -128,7 +129,8 @@ def _under(path: str, subtree: str) -> bool:
   return not subtree or path == subtree or path.startswith(subtree + "/")
 
 
-def init_variables(bundle: ModelBundle, rng, mesh, rules, dtypes: Callable[[str], Any] | None = None):
+def init_variables(bundle: ModelBundle, rng, mesh, rules, dtypes: Callable[[str], Any] | None = None,
+                   restored: frozenset[str] = frozenset()):
   """The model's variables placed on their shardings -> (variables, shardings).
 
   Randomly initialised parameters are made on their devices by one jitted
@@ -137,6 +139,9 @@ def init_variables(bundle: ModelBundle, rng, mesh, rules, dtypes: Callable[[str]
   straight into their sharding and `dtypes(path)` ('params/...' or
   'lora/...' paths; default float32), so no device ever holds a whole
   tensor it does not own, nor a float32 copy of a frozen bf16 weight.
+  `restored`: paths the caller reads from a training checkpoint itself; they
+  come back as ShapeDtypeStructs with their sharding, neither initialised nor
+  loaded (a trained run's trainables are never computed twice).
   """
   from speechjax import parallel  # pylint: disable=import-outside-toplevel
   from speechjax.hf import load_extra_params, load_pretrained  # pylint: disable=import-outside-toplevel
@@ -159,13 +164,18 @@ def init_variables(bundle: ModelBundle, rng, mesh, rules, dtypes: Callable[[str]
         if path.startswith("params/") and _under(path[len("params/"):], subtree):
           loaded_from[path] = part.folder
 
-  random_paths = [p for p in abstract if p not in loaded_from]
+  for path in restored:
+    loaded_from.pop(path, None)
+  random_paths = [p for p in abstract if p not in loaded_from and p not in restored]
 
   def init_random(r):
     flat = flatten(nn.unbox(bundle.init_fn(r)), sep="/")
     return {p: flat[p].astype(dtype_of(p)) for p in random_paths}
 
-  out = jax.jit(init_random, out_shardings={p: flat_shardings[p] for p in random_paths})(rng)
+  out = jax.jit(init_random, out_shardings={p: flat_shardings[p] for p in random_paths})(rng) if random_paths else {}
+  for path in restored:
+    if path in abstract:
+      out[path] = jax.ShapeDtypeStruct(abstract[path].shape, dtype_of(path), sharding=flat_shardings[path])
   for part in bundle.pretrained:
     prefix = "params/" + (part.subtree + "/" if part.subtree else "")
     names = [p for p in abstract if p.startswith(prefix) and loaded_from.get(p) == part.folder

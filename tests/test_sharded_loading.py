@@ -133,3 +133,36 @@ def test_trained_weights_load_in_float32(checkpoint):
   report = _load(folder, "bfloat16", "full")
   assert report["dtypes"] == ["float32"]
   np.testing.assert_array_equal(report["q_sample"], q[:2, :3].ravel())
+
+
+def test_paths_a_checkpoint_restores_are_left_abstract_on_their_shardings():
+  """load_trained reads the trainables from the run's checkpoint: init_variables
+  neither initialises nor loads them, it gives their ShapeDtypeStruct with the
+  sharding the restore places them by; every other parameter is a real array."""
+  import importlib.util
+
+  import flax.linen as nn
+
+  from speechjax import model_builder
+  from speechjax.evaluation import run_loader
+  from speechjax.trainer import partition
+  from speechjax.tree import flatten
+
+  spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  bundle = model_builder.build(config)
+  mesh = run_loader.make_run_mesh(config)
+  abstract = nn.unbox(jax.eval_shape(bundle.init_fn, jax.random.PRNGKey(0)))
+  patterns = partition.trainable_patterns(config.train, bundle.num_decoder_layers)
+  restored = frozenset(flatten(partition.split_variables(abstract, patterns)[0], sep="/"))
+  assert restored and len(restored) < len(flatten(abstract, sep="/"))
+  variables, shardings = bundle.init_variables(jax.random.PRNGKey(0), mesh, run_loader.mesh_rules(config),
+                                               restored=restored)
+  flat, flat_shardings = flatten(variables, sep="/"), flatten(shardings, sep="/")
+  for path, leaf in flat.items():
+    if path in restored:
+      assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding == flat_shardings[path], path
+    else:
+      assert isinstance(leaf, jax.Array), path

@@ -28,6 +28,7 @@ import ml_collections
 from speechjax import model_builder, parallel, run_paths
 from speechjax.trainer import checkpoint as ckpt_lib
 from speechjax.trainer import partition
+from speechjax.tree import flatten
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,9 @@ def load_trained(workdir: str, which: str = "best", *, config=None, mesh_shape=N
   patterns = partition.trainable_patterns(config.train, bundle.num_decoder_layers)
   abstract = nn.unbox(jax.eval_shape(bundle.init_fn, rng))
   dtypes = partition.storage_dtypes(abstract, patterns, config.model.get("frozen_dtype", "float32"))
-  variables, _ = bundle.init_variables(rng, mesh, mesh_rules(config), dtypes)
+  # The trained weights come from the checkpoint: neither initialised nor loaded before it.
+  restored = frozenset(flatten(partition.split_variables(abstract, patterns)[0], sep="/"))
+  variables, _ = bundle.init_variables(rng, mesh, mesh_rules(config), dtypes, restored)
   trainable, frozen = partition.split_variables(variables, patterns)
   # The targets carry their shardings: orbax reads each shard onto its device.
   trainable, meta, step = ckpt_lib.restore_trainable(workdir, trainable, which)
