@@ -118,6 +118,30 @@ def test_find_max_batch_stops_at_the_memory_boundary():
   assert [p["compiled"] for p in again["probes"]][:2] == [False, True]
 
 
+def test_an_out_of_memory_compile_is_a_batch_that_does_not_fit(monkeypatch):
+  """XLA:TPU refuses to compile a step that exceeds HBM (RESOURCE_EXHAUSTED): the
+  search takes it as 'does not fit'; any other compile error still stops it."""
+  config = load_config("tiny.py", **{"data.batch_size": 8})
+  target = topology.resolve_target("", hbm_gib=1.0)
+
+  def compile_step(cfg, tgt, fail="RESOURCE_EXHAUSTED: Ran out of memory on HBM"):
+    batch = int(cfg.data.batch_size)
+    if batch > 16:
+      raise RuntimeError(fail)
+    return batch, {}, 0.1
+
+  monkeypatch.setattr(compile_report, "compile_train_step", compile_step)
+  monkeypatch.setattr(compile_report, "memory_per_chip", lambda batch: {"total": batch * 2**20})
+  result = compile_report.find_max_batch(config, target, max_probes=6)
+  assert result["max_batch_size"] == 16 and result["converged"]
+  refused = [p for p in result["probes"] if p["total_bytes_per_chip"] is None]
+  assert refused and all(p["batch_size"] > 16 and not p["fits"] for p in refused)
+  monkeypatch.setattr(compile_report, "compile_train_step",
+                      lambda cfg, tgt: compile_step(cfg, tgt, fail="INVALID_ARGUMENT: bad sharding"))
+  with pytest.raises(RuntimeError, match="bad sharding"):
+    compile_report.find_max_batch(config, target, max_probes=6)
+
+
 def test_topology_names_follow_cloud_tpu():
   assert topology.parse_topology("v5e-16")[1] == (4, 4)
   assert topology.parse_topology("v5litepod-8")[1] == (2, 4)

@@ -217,6 +217,12 @@ def compile_report(config, target: Target, *, count_flops: bool = True, hbm_marg
   return report
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+  """A compile the compiler refused for want of device memory (XLA:TPU checks it at compile time)."""
+  message = str(error)
+  return "RESOURCE_EXHAUSTED" in message or "Ran out of memory" in message
+
+
 def find_max_batch(config, target: Target, *, max_probes: int = 10, hbm_margin: float = HBM_MARGIN,
                    known: dict[int, int] | None = None) -> dict:
   """The largest global batch (a multiple of the data-parallel size) whose
@@ -231,14 +237,22 @@ def find_max_batch(config, target: Target, *, max_probes: int = 10, hbm_margin: 
   def fits(batch: int) -> bool:
     compiled = batch not in known
     if compiled:
-      program, _, seconds = compile_train_step(with_overrides(config, **{"data.batch_size": batch}), target)
-      total = memory_per_chip(program)["total"]
+      start = time.perf_counter()
+      try:
+        program, _, seconds = compile_train_step(with_overrides(config, **{"data.batch_size": batch}), target)
+        total = memory_per_chip(program)["total"]
+      except Exception as e:  # noqa: BLE001  (only an out-of-memory compile is an answer)
+        if not is_out_of_memory(e):
+          raise
+        # XLA:TPU refuses to compile a program whose buffers exceed the chip's HBM.
+        total, seconds = None, time.perf_counter() - start
     else:
       total, seconds = known.pop(batch), 0.0
-    ok = total <= target.hbm_bytes_per_chip * (1 - hbm_margin)
+    ok = total is not None and total <= target.hbm_bytes_per_chip * (1 - hbm_margin)
     probes.append({"batch_size": batch, "total_bytes_per_chip": total, "fits": ok, "compiled": compiled,
                    "compile_seconds": round(seconds, 1)})
-    log.info("batch %d: %.2f GiB per chip, %s", batch, total / 2**30, "fits" if ok else "does not fit")
+    log.info("batch %d: %s per chip, %s", batch, "out of memory" if total is None else f"{total / 2**30:.2f} GiB",
+             "fits" if ok else "does not fit")
     return ok
 
   # lo: largest known to fit (0: none), hi: smallest known not to fit (None: none); in units of `step`.
