@@ -132,6 +132,7 @@ def main(argv):
   if FLAGS.dry_run:
     return dry_run.print_dry_run(workdir=FLAGS.workdir, split=FLAGS.manifest or FLAGS.split)
   transcribe.check_mesh_flag(FLAGS.workdir, mesh_shape)
+  transcribe.use_run_compile_cache(FLAGS.workdir)
   summary = evaluate_run(FLAGS.workdir, FLAGS.split, FLAGS.manifest, FLAGS.name, FLAGS.tasks,
                          FLAGS.checkpoint, FLAGS.max_examples, decode=decode, mesh_shape=mesh_shape)
   if jax.process_index() != 0:

@@ -20,6 +20,17 @@ def define_distributed_flags() -> None:
   flags.DEFINE_integer("process_id", -1, "This process' index (-1 = auto-detect).")
 
 
+def use_compile_cache(cache_dir: str) -> None:
+  """XLA's compiled programs are kept in `cache_dir` (nothing when empty), so a
+  later process compiling the same program for the same devices reads it."""
+  if not cache_dir:
+    return
+  # A gs:// path works too (shared by the hosts of a pod); abspath would mangle it.
+  jax.config.update("jax_compilation_cache_dir", cache_dir if "://" in cache_dir else os.path.abspath(cache_dir))
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def setup(config, flags_values=None) -> None:
   from speechjax import parallel, run_paths
 
@@ -28,13 +39,7 @@ def setup(config, flags_values=None) -> None:
     parallel.initialize_distributed(
         getattr(flags_values, "coordinator_address", ""), getattr(flags_values, "num_processes", 0),
         getattr(flags_values, "process_id", -1))
-  cache_dir = config.get("compile_cache_dir", "")
-  if cache_dir:
-    # A gs:// path works too (shared by the hosts of a pod); abspath would mangle it.
-    jax.config.update("jax_compilation_cache_dir",
-                      cache_dir if "://" in cache_dir else os.path.abspath(cache_dir))
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  use_compile_cache(config.get("compile_cache_dir", ""))
   # Our progress at INFO; the libraries' (orbax, tfds) chatter only when it matters.
   logging.getLogger("speechjax").setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
   logging.getLogger("absl").setLevel(logging.WARNING)

@@ -89,6 +89,14 @@ def check_mesh_flag(workdir: str, mesh_shape) -> None:
     raise app.UsageError(str(e)) from None
 
 
+def use_run_compile_cache(workdir: str) -> None:
+  """Decoding programs compiled once per run are kept with it (run_loader.compile_cache_dir)."""
+  from speechjax import runtime
+  from speechjax.evaluation import run_loader
+
+  runtime.use_compile_cache(run_loader.compile_cache_dir(workdir))
+
+
 def define_flags() -> None:
   """Defined only when run as a program, so importing this module adds no flags."""
   flags.DEFINE_string("workdir", None, "Training folder (config.json + checkpoints).")
@@ -251,6 +259,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   check_mesh_flag(FLAGS.workdir, mesh_shape)
+  use_run_compile_cache(FLAGS.workdir)
   transcriber = Transcriber(FLAGS.workdir, FLAGS.checkpoint, decode=overrides, mesh_shape=mesh_shape,
                             split_pause_seconds=FLAGS.split_pause_seconds)
   if FLAGS.input:
@@ -286,6 +295,7 @@ def converse_main(paths) -> None:
     raise app.UsageError(str(e)) from None
   mesh_shape = mesh_flag_value()
   check_mesh_flag(FLAGS.workdir, mesh_shape)
+  use_run_compile_cache(FLAGS.workdir)
   transcriber = Transcriber(FLAGS.workdir, FLAGS.checkpoint, decode=overrides, mesh_shape=mesh_shape)
   try:
     answers = transcriber.converse(paths)

@@ -98,9 +98,11 @@ def test_command_line_reports_counts_and_refuses_a_bad_output_before_loading(fol
 
   workdir = trained_tiny_run(tmp_path_factory, tiny_corpus)
   out = tmp_path / "out.tsv"
+  # Every compiled program is stored (however fast it compiled): the run keeps its decoding programs.
   result = run([sys.executable, "-m", "speechjax.cli", "transcribe", f"--workdir={workdir}",
                 f"--input={folder}", f"--output={out}", "--decode.max_new_tokens=3", "--noprogress"],
-               env=subprocess_env())
+               env={**subprocess_env(), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+  assert any(name.startswith("jit__speech_generate") for name in os.listdir(os.path.join(workdir, "xla_cache")))
   assert f"{out}: transcribed 3, already there 0, skipped (unreadable) 1" in result.stdout
   assert f"skipped {folder / 'broken.wav'}: AudioError" in result.stdout
   assert len(out.read_text().splitlines()) == 3

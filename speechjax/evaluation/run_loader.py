@@ -11,6 +11,10 @@ Every weight is placed on the mesh the run trained on (`mesh.shape` and
 for one device is evaluated on the slice it trained on. `mesh_context(config)`
 makes that mesh and its rules current, so decoding shards each batch over the
 mesh's batch axes (`speechjax.generation.generate_speech`).
+
+`compile_cache_dir(W)` is where evaluate / transcribe / serve keep XLA's
+compiled programs: the run's `compile_cache_dir`, or W/xla_cache, so the
+second command on a run reads its decoding programs instead of compiling them.
 """
 
 from __future__ import annotations
@@ -129,6 +133,13 @@ def check_eval_batch(config) -> int:
                      f"mesh.shape={tuple(config.mesh.shape)} ({sizes}: {shards} shards); pass a --mesh "
                      f"whose batch axes multiply to a divisor of {rows}, e.g. --mesh=1,1,-1")
   return shards
+
+
+def compile_cache_dir(workdir: str) -> str:
+  """Where commands that decode with a run keep compiled programs: its
+  `compile_cache_dir` (as training used it), else W/xla_cache."""
+  workdir = run_paths.expand(workdir)
+  return load_config(workdir).get("compile_cache_dir", "") or os.path.join(workdir, "xla_cache")
 
 
 def load_trained(workdir: str, which: str = "best", *, config=None, mesh_shape=None):

@@ -34,6 +34,7 @@ def main(argv):
   from speechjax.serve.server import SpeechServer
 
   logging.getLogger("speechjax.serve.server").setLevel(logging.INFO)
+  transcribe.use_run_compile_cache(FLAGS.workdir)
   transcriber = Transcriber(FLAGS.workdir, FLAGS.checkpoint, decode=decode)
   server = SpeechServer(transcriber, FLAGS.host, FLAGS.port,
                         run_name=os.path.basename(os.path.normpath(FLAGS.workdir)),
