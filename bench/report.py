@@ -208,7 +208,9 @@ def transcribe_section(tr: dict | None) -> list[str]:
   lines += ["", f"speechjax and PyTorch give identical transcripts for {tr['identical_fraction']:.1%} "
             f"of the clips. Runs interleaved (speechjax, PyTorch, speechjax, ...); the speed-up is the "
             "median [min-max] over rounds of PyTorch's wall time / speechjax's. WER against the "
-            "corpus' transcripts (English normalizer).", ""]
+            "corpus' transcripts (English normalizer). speechjax's first run compiles its decoding "
+            "programs; the later ones read them from the run's compile cache (W/xla_cache), as a second "
+            "`speechjax transcribe` on a run does.", ""]
   return lines
 
 
