@@ -158,7 +158,8 @@ def markdown(rows: Sequence[Sequence[str]], *, command: str, commit: str, date: 
   lines += ["", "GPU rows (a100-8, h100-8: one host of 8 SXM 80 GB GPUs, the recipe's mesh over them) come from",
             "XLA's GPU compiler without a GPU: JAX's CUDA plugin (`pip install 'jax[cuda13]'`, a separate",
             "environment: `make recipe-table` makes it) builds compile-only devices from the part's published",
-            "figures (speechjax/compilation/topology.py). Their HBM is what CUDA reports usable (79.1-79.2 GiB).",
+            "figures (speechjax/compilation/topology.py). HBM: 79.1 GiB usable on the H100 (XLA's own H100",
+            "spec), 79.2 GiB taken for the A100.",
             ""]
   return "\n".join(lines)
 

@@ -66,7 +66,8 @@ GPU_PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
 @dataclasses.dataclass(frozen=True)
 class GpuSpec:
   """An NVIDIA part as XLA's GPU compiler needs it (its `GpuTargetConfig`),
-  from the vendor's published figures; memory is what CUDA reports usable."""
+  from the vendor's published figures. Memory: the H100's is XLA's own H100
+  spec (what CUDA reports usable); the A100's is taken alike, 79.2 GiB."""
   name: str  # as --topology names it: h100
   device_kind: str
   memory_bytes: int
