@@ -34,8 +34,10 @@ def test_each_turn_in_order_and_the_loss_on_the_answers_only(tiny_corpus, templa
   first, second = enc(answer_prefix + "lights on") + [tok.eos_token_id], enc(answer_prefix + "lights off") + [
       tok.eos_token_id]
   # 3 segments for 2 clips: the empty one's 3 slots first, then each turn.
+  # Llama 2 opens every user turn with BOS; the other formats only the first.
+  later_bos = [tok.bos_token_id] if template == "llama2" else []
   expected = ([PH] * 3 + [tok.bos_token_id] + enc(prefix) + [PH] * 3 + enc(suffix) + first
-              + enc(prefix) + [PH] * 3 + enc("\nand now" + suffix) + second)
+              + later_bos + enc(prefix) + [PH] * 3 + enc("\nand now" + suffix) + second)
   out = prompts.dialogue_ids(dialogue.check_turns(TURNS), 3, 3, generate=False)
   assert out["input_ids"].tolist() == expected
   assert out["targets"][:-1].tolist() == [tok.pad_token_id if t == PH else t for t in expected[1:]]

@@ -23,7 +23,9 @@ prefix):
 
     [pad slots]  [bos] prefix user_1 suffix | answer_prefix answer_1 EOS  prefix user_2 suffix | ... EOS
 
-where user_i is `<audio>` (A placeholders), `<audio>\n{text}` or `{text}`. A
+where user_i is `<audio>` (A placeholders), `<audio>\n{text}` or `{text}`.
+In the 'llama2' format each later user turn starts with its own [bos], as
+Llama 2's chat template has it (`<s>[INST] u1 [/INST] a1 </s><s>[INST] u2 ...`). A
 batch holding dialogues carries S audio segments per row (the most clips of
 any row, at most `data.max_audio_segments`), each padded to one bucket, and
 every row then holds S*A placeholders: a row with fewer clips puts the

@@ -180,8 +180,13 @@ class PromptBuilder:
     if self.add_bos and bos is not None:
       ids.append(int(bos))
       supervised.append(False)
+    # Llama 2's chat template opens every [INST] turn with BOS, the first and each later one.
+    bos_each_turn = self.template == "llama2" and self.add_bos and bos is not None
     prompt_length = 0
     for i, turn in enumerate(turns):
+      if turn["role"] == "user" and i > 0 and bos_each_turn:
+        ids.append(int(bos))
+        supervised.append(False)
       if turn["role"] == "user":
         # Text around the audio is tokenized in one piece per side: prefix, then
         # the turn's text after its audio and the chat suffix.
