@@ -50,11 +50,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = No
   """q [B,T,N,D], k/v [B,S,K,D] with N % K == 0 -> [B,T,N,D].
 
   Without dropout this is jax.nn.dot_product_attention (GQA handled inside,
-  fused kernels where the backend has them); with dropout the same math is
-  written out so probabilities can be dropped. Fully masked rows (padding
-  queries) give finite garbage, never NaN.
+  fused kernels where the backend has them), or `attend_one_query` for a
+  single masked query (a decoding step) when no implementation is asked for;
+  with dropout the same math is written out so probabilities can be dropped.
+  Fully masked rows (padding queries) give finite garbage, never NaN.
   """
-  if deterministic or dropout_rate == 0.0:
+  no_dropout = deterministic or dropout_rate == 0.0
+  if no_dropout and q.shape[1] == 1 and mask is not None and not implementation:
+    return attend_one_query(q, k, v, mask, scale=scale)
+  if no_dropout:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal and mask is None,
                                         scale=scale, implementation=implementation or None)
   b, t, n, d = q.shape
@@ -181,12 +185,9 @@ class Attention(nn.Module):
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0:
       dropout_rng = self.make_rng("dropout")
-    if cache is not None and t == 1 and mask is not None and dropout_rng is None and self.implementation is None:
-      out = attend_one_query(q, k, v, mask)  # a decoding step
-    else:
-      out = attend(q, k, v, mask, is_causal=self.causal, dropout_rate=self.dropout_rate,
-                   deterministic=deterministic, dropout_rng=dropout_rng,
-                   implementation=self.implementation)
+    out = attend(q, k, v, mask, is_causal=self.causal, dropout_rate=self.dropout_rate,
+                 deterministic=deterministic, dropout_rng=dropout_rng,
+                 implementation=self.implementation)
     out = proj(self.out_name, features, ("heads", "embed"), self.o_bias)(
         out.reshape(b, t, n * d), deterministic)
     return out if cache is None else (out, new_cache)

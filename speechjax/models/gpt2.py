@@ -96,13 +96,9 @@ class GPT2Attention(nn.Module):
     dropout_rng = None
     if not deterministic and cfg.attention_dropout > 0:
       dropout_rng = self.make_rng("dropout")
-    scale = None if cfg.scale_attn_weights else 1.0
-    if cache is not None and t == 1 and mask is not None and dropout_rng is None and not cfg.attention_impl:
-      out = attention.attend_one_query(q, k, v, mask, scale=scale)  # a decoding step
-    else:
-      out = attention.attend(q, k, v, mask, is_causal=True, scale=scale, dropout_rate=cfg.attention_dropout,
-                             deterministic=deterministic, dropout_rng=dropout_rng,
-                             implementation=cfg.attention_impl or None)
+    out = attention.attend(q, k, v, mask, is_causal=True, scale=None if cfg.scale_attn_weights else 1.0,
+                   dropout_rate=cfg.attention_dropout, deterministic=deterministic,
+                   dropout_rng=dropout_rng, implementation=cfg.attention_impl or None)
     out = Dense(e, kernel_axes=("heads", "embed"), lora=cfg.lora, dtype=dtype,
                 param_dtype=pdtype, name="c_proj")(out.reshape(b, t, e), deterministic)
     return out, new_kv
