@@ -38,11 +38,11 @@ import sys
 
 from absl import app, flags
 
+from speechjax.data.audio_files import find_audio_files
 from speechjax.transcriber import DECODE_FLAGS, Segment, Transcriber, check_decode_overrides, check_task
 
 FLAGS = flags.FLAGS
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
 FORMATS = ("jsonl", "tsv", "srt", "vtt")
 
 def define_decode_flags() -> None:
@@ -112,17 +112,6 @@ def define_flags() -> None:
   define_decode_flags()
   define_mesh_flag()
   flags.mark_flags_as_required(["workdir"])
-
-
-def find_audio_files(folder: str) -> list[str]:
-  """Audio files under `folder`, recursively, in a stable (sorted) order."""
-  if not os.path.isdir(folder):
-    raise ValueError(f"--input={folder!r} is not a folder")
-  found = []
-  for root, dirs, files in os.walk(folder):
-    dirs.sort()
-    found.extend(os.path.join(root, name) for name in sorted(files) if name.lower().endswith(AUDIO_SUFFIXES))
-  return found
 
 
 def _timestamp(seconds: float, separator: str) -> str:
@@ -252,9 +241,7 @@ def main(argv):
     overrides = check_decode_overrides(decode_flag_values())
     mesh_shape = mesh_flag_value()
     if FLAGS.input:  # a wrong folder or output fails before the model loads
-      found = find_audio_files(FLAGS.input)
-      if not found:
-        raise ValueError(f"--input={FLAGS.input!r} holds no audio files ({' '.join(AUDIO_SUFFIXES)})")
+      found = find_audio_files(FLAGS.input, required=True)
       FolderOutput(FLAGS.output, FLAGS.format, FLAGS.input, len(found))
   except ValueError as e:
     raise app.UsageError(str(e)) from None

@@ -1,6 +1,7 @@
 """The data layer: audio in, batches out.
 
     audio.py       decode any soundfile format, resample (soxr), mono float32 16 kHz
+    audio_files.py the audio files under a folder (transcribe --input; standard library only)
     features.py    Whisper log-mel in JAX (`log_mel`, `log_mel_with_mask`, `frame_mask`)
     validate.py    manifest reading and bad-input checks (skipped.jsonl reasons)
     builders/      TFDS builders writing array_record without TensorFlow:
