@@ -66,7 +66,8 @@ RECIPES = (
 
 
 def is_gpu(topology: str) -> bool:
-  return topology in GPU_HOSTS or topology.split("-")[0] in ("a100", "h100")
+  from speechjax.compilation import topology as topology_lib
+  return topology_lib.parse_gpu_topology(topology) is not None
 
 COLUMNS = ("recipe", "slice", "chips", "mesh (data, fsdp, tensor)", "batch", "GiB/chip", "argument", "output",
            "temp", "HBM GiB", "fits", "max batch", "model / compiled FLOPs", "roofline s/step",

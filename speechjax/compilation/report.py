@@ -112,10 +112,11 @@ def _scanned_stacks(config) -> tuple[str, ...]:
   return tuple(s for s in stacks if "num_layers" in config.model[s] and config.model[s].get("scan_layers", False))
 
 
-def compiled_flops_per_chip(config, target: Target, compiled) -> tuple[float, str, int]:
-  """-> (FLOPs of one chip per step, how they were counted, extra compiles)."""
+def compiled_flops_per_chip(config, target: Target, xla_flops: float) -> tuple[float, str, int]:
+  """-> (FLOPs of one chip per step, how they were counted, extra compiles);
+  `xla_flops`: the compiled step's own count (right unless layers are scanned)."""
   if not _scanned_stacks(config):
-    return flops_per_chip(compiled), "cost_analysis", 0
+    return xla_flops, "cost_analysis", 0
   stacks = [s for s in LAYER_STACKS[config.model.kind] if "num_layers" in config.model[s]]
   base = {f"model.{s}.{k}": v for s in stacks for k, v in (("scan_layers", False), ("num_layers", 1))}
   if config.train.mode == "top_n":
@@ -197,18 +198,19 @@ def compile_report(config, target: Target, *, count_flops: bool = True, hbm_marg
                     if target.peak_flops_per_chip else None)
   if not count_flops:
     return report
-  if flops_per_chip(compiled) is None:
+  xla_flops = flops_per_chip(compiled)  # as XLA reports it, loops counted once
+  if xla_flops is None:
     report.update(flops_per_chip_per_step=None, flops_per_step=None, model_flops_ratio=None,
                   flops_counting=f"none: the compiler for {target.name} reports no cost analysis",
                   roofline_step_seconds=None, tokens_per_second_at_roofline=None,
                   audio_seconds_per_second_at_roofline=None, model_roofline_step_seconds=model_roofline)
     return report
-  per_chip, method, extra = compiled_flops_per_chip(config, target, compiled)
+  per_chip, method, extra = compiled_flops_per_chip(config, target, xla_flops)
   flops = per_chip * num_chips
   roofline = flops / (num_chips * target.peak_flops_per_chip) if target.peak_flops_per_chip else None
   report.update(
       flops_per_chip_per_step=per_chip, flops_per_step=flops,
-      cost_analysis_flops_per_chip=flops_per_chip(compiled),  # as XLA reports it, loops counted once
+      cost_analysis_flops_per_chip=xla_flops,
       flops_counting=f"{method}; per chip x {num_chips} chips", extra_compiles=extra,
       model_flops_ratio=report["model_flops_per_step"] / flops if flops else None,
       roofline_step_seconds=roofline, tokens_per_second_at_roofline=_rate(tokens, roofline),
@@ -337,8 +339,10 @@ def run(config, *, topology: str = "", num_slices: int = 0, hbm_gib: float = 0.0
   if num_slices <= 0:
     num_slices = math.prod(config.mesh.get("dcn_shape", (1,))) if topology else 1
   target = topology_lib.resolve_target(topology, num_slices, hbm_gib, peak_tflops)
-  if round_batch_up and batch_for_target(config, target) != int(config.data.batch_size):
-    config = with_overrides(config, **{"data.batch_size": batch_for_target(config, target)})
+  if round_batch_up:
+    batch = batch_for_target(config, target)
+    if batch != int(config.data.batch_size):
+      config = with_overrides(config, **{"data.batch_size": batch})
   report = compile_report(config, target, count_flops=count_flops, hbm_margin=hbm_margin)
   if max_batch:
     report["max_batch"] = find_max_batch(config, target, max_probes=max_probes, hbm_margin=hbm_margin,

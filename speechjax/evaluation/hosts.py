@@ -38,10 +38,8 @@ def shard_options():
     return grain.sharding.NoSharding()
   from speechjax import parallel
   mesh, rules = current_mesh_and_rules()
-  batch_axes = dict(rules).get("batch", ("data", "fsdp"))
-  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
   # One row per batch shard: each host's slice of it says which block it holds.
-  shards = int(np.prod([mesh.shape[axis] for axis in batch_axes if axis in mesh.shape]))
+  shards = parallel.num_batch_shards(mesh, rules)
   rows = parallel.process_batch_rows(mesh, rules, shards)
   block = rows.stop - rows.start
   return grain.sharding.ShardOptions(shard_index=rows.start // block, shard_count=shards // block,
