@@ -91,7 +91,8 @@ def _jax(size, folder: str, mode: str):
   del variables
   step = step_lib.make_train_step(speech_llm_objective(model), opt, schedule, tcfg)
   batch = jax.tree_util.tree_map(jnp.asarray, sm.make_batch(size))
-  init = jax.jit(lambda t: step_lib.init_train_state(t, opt, jax.random.key(1)))
+  # As speechjax.train does it: the state takes over the weights' buffers (donated).
+  init = jax.jit(lambda t: step_lib.init_train_state(t, opt, jax.random.key(1)), donate_argnums=(0,))
   abstract_state = jax.eval_shape(init, trainable)
   compiled = jax.jit(step, donate_argnums=(0,)).lower(abstract_state, frozen, batch).compile()
   init_compiled = init.lower(trainable).compile()

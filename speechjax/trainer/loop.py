@@ -177,8 +177,10 @@ class Trainer:
         "step": repl, "trainable": trainable_shardings, "opt_state": opt_shardings,
         "rng": repl, "skipped": repl, "bad_in_a_row": repl,
     }
+    # Donated: the state takes over the weights' buffers instead of holding a second copy.
     self.state = jax.jit(lambda t, r: step_lib.init_train_state(t, self.optimizer, r),
-                         out_shardings=self.state_shardings)(trainable, state_rng)
+                         out_shardings=self.state_shardings, donate_argnums=(0,))(trainable, state_rng)
+    del variables, trainable
     self.frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.frozen)
 
     train_step = step_lib.make_train_step(bundle.objective, self.optimizer, self.schedule, cfg.train,
