@@ -90,7 +90,13 @@ def resolve_folder(path_or_hub_id: str, allow_patterns: Sequence[str] | None = N
 
 
 def load_tokenizer(path_or_hub_id: str):
-  """transformers.AutoTokenizer for a local folder or hub id (no remote code)."""
-  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+  """The tokenizer of a local folder or hub id (no remote code): a
+  `JsonTokenizer` where tokenizer.json defines it completely (no transformers
+  import), else transformers.AutoTokenizer."""
+  from speechjax.hf.json_tokenizer import JsonTokenizer  # pylint: disable=import-outside-toplevel
   folder = resolve_folder(path_or_hub_id, required=("tokenizer*",))
+  tokenizer = JsonTokenizer.from_folder(folder)
+  if tokenizer is not None:
+    return tokenizer
+  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
   return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
