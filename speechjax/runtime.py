@@ -28,7 +28,9 @@ def use_compile_cache(cache_dir: str) -> None:
   # A gs:// path works too (shared by the hosts of a pod); abspath would mangle it.
   jax.config.update("jax_compilation_cache_dir", cache_dir if "://" in cache_dir else os.path.abspath(cache_dir))
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # JAX's default (1 s) leaves out the log-mel programs of each audio bucket
+    # (0.4-0.6 s each on 2 CPU cores), which every decoding start would then compile again.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def setup(config, flags_values=None) -> None:
