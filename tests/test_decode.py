@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from speechjax import generation, hf
-from speechjax.generation import search, token_loops
+from speechjax.generation import model_steps, search, token_loops
 
 VOCAB, PAD, N_NEW = 96, 0, 12
 PROMPT_LENGTHS = (9, 4, 6)
@@ -138,6 +138,17 @@ def test_beam_search_matches_transformers(llama, num_beams, length_penalty, earl
                                length_penalty=length_penalty, early_stopping=early_stopping)
   assert_same_tokens(out, ref, eos, PAD)
   np.testing.assert_allclose(out.scores, ref_scores, rtol=1e-5)
+
+
+def test_beam_search_matches_transformers_gpt2(gpt2):
+  # GPT-2's attention reads the cache through its own code path (slot rows included).
+  torch_model, model, params = gpt2
+  ids, mask = left_padded_prompts(pad_id=VOCAB - 1)
+  eos = stopping_eos(torch_model, ids, mask, VOCAB - 1)
+  ref = hf_generate(torch_model, ids, mask, num_beams=3, eos_token_id=eos, pad_token_id=VOCAB - 1)
+  out = generation.generate_lm(model, params, ids, mask, max_new_tokens=N_NEW, eos_id=eos, pad_id=VOCAB - 1,
+                               method="beam", num_beams=3)
+  assert_same_tokens(out, ref, eos, VOCAB - 1)
 
 
 def test_beam_one_is_greedy_and_sampling_at_zero_temperature_is_greedy(llama):
@@ -313,6 +324,18 @@ def test_speech_llm_generate_equals_uncached_greedy():
   assert out.tokens.shape == (2, n_new) and out.lengths.shape == (2,)
   assert_same_tokens(out, ref, eos, 0)
   assert int(out.lengths[1]) <= 3
+
+  # Beam search through the speech LLM reads the beams' slots through `rows`;
+  # the same search copying the cache into the beams' order gives the same answer.
+  beam = generation.generate_speech(model, variables, batch, max_new_tokens=n_new, eos_id=eos, pad_id=0,
+                                    method="beam", num_beams=3)
+  embeds, embeds_mask = model.apply(variables, features, feature_mask, input_ids, attention_mask,
+                                    method="embed_inputs")
+  step_fn, init_cache_fn = model_steps.speech_decode_fns(model)
+  copied = search.generate(step_fn, init_cache_fn, variables, embeds, embeds_mask, max_new_tokens=n_new,
+                           eos_id=eos, pad_id=0, method="beam", num_beams=3, slot_rows=False)
+  np.testing.assert_array_equal(beam.tokens, copied.tokens)
+  np.testing.assert_allclose(beam.scores, copied.scores, rtol=1e-5)
   with pytest.raises(ValueError, match="batch lacks"):
     generation.generate_speech(model, variables, {"input_ids": input_ids}, max_new_tokens=2,
                                eos_id=eos, pad_id=0)

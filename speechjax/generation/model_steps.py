@@ -82,7 +82,7 @@ def generate_lm(model, params, input_ids, attention_mask=None, **kwargs) -> Gene
   check_position_range(model.config, attention_mask, kwargs.get("max_new_tokens", 0))
   step_fn, init_cache_fn = lm_decode_fns(model)
   return generate(step_fn, init_cache_fn, _as_variables(params), input_ids, attention_mask,
-                  **kwargs)
+                  slot_rows=True, **kwargs)
 
 
 @functools.lru_cache(maxsize=64)
@@ -107,11 +107,11 @@ def _speech_generate(model, variables, features, feature_mask, input_ids, attent
                              method="embed_inputs")
   step_fn, init_cache_fn = speech_decode_fns(model)
   return generate_core(step_fn, init_cache_fn, variables, embeds, mask, options,
-                       cache_batch_axis=1, **static)
+                       cache_batch_axis=1, slot_rows=True, **static)
 
 
 _SPEECH_STATIC_ARGNAMES = ("model",) + tuple(
-    a for a in STATIC_ARGNAMES if a not in ("step_fn", "init_cache_fn", "cache_batch_axis"))
+    a for a in STATIC_ARGNAMES if a not in ("step_fn", "init_cache_fn", "cache_batch_axis", "slot_rows"))
 _speech_generate_jit = jax.jit(_speech_generate, static_argnames=_SPEECH_STATIC_ARGNAMES)
 
 

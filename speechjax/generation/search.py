@@ -21,6 +21,10 @@ decoder contract: a call with T new tokens writes slots [index, index+T);
 `attention_mask` is [B, max_length] over cache slots; leaves other than the
 scalar 'index' carry the batch on axis `cache_batch_axis` (1 for the decoder's
 [layers, batch, slots, heads, dim] k/v), which beam search tiles and reorders.
+With `slot_rows=True` the cache is a dict of speechjax's decoders
+(speechjax.models.transformer): beam search adds `rows` [B, S] and reorders
+that alone, and each step reads a beam's slots from the rows that wrote them,
+instead of copying the whole cache into the surviving beams' order every step.
 
 Padding never changes results: prompts are rolled so each row's last real
 token is the last column (right- or inner-padded rows become left-padded),
@@ -116,7 +120,7 @@ def _prefill(step_fn, init_cache_fn, variables, prompt, prompt_mask, max_new_tok
 
 def generate_core(step_fn, init_cache_fn, variables, prompt, prompt_mask, options, *,
                   method, max_new_tokens, num_beams, length_penalty, early_stopping, top_k,
-                  cache_batch_axis):
+                  cache_batch_axis, slot_rows=False):
   """Prefill and token loop, traceable; `options` holds the traced settings:
   eos_ids [E], pad_id, temperature, top_p (None = off), rng."""
   logits, cache, mask, next_position = _prefill(
@@ -127,7 +131,8 @@ def generate_core(step_fn, init_cache_fn, variables, prompt, prompt_mask, option
     return beam_loop(step_fn, variables, logits, cache, mask, next_position,
                      max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
                      num_beams=num_beams, length_penalty=length_penalty,
-                     early_stopping=early_stopping, cache_batch_axis=cache_batch_axis)
+                     early_stopping=early_stopping, cache_batch_axis=cache_batch_axis,
+                     slot_rows=slot_rows)
   return sample_loop(step_fn, variables, logits, cache, mask, next_position,
                     max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
                     greedy=method == "greedy", temperature=options["temperature"],
@@ -139,7 +144,7 @@ def generate_core(step_fn, init_cache_fn, variables, prompt, prompt_mask, option
 # has no lax.cond (on GPU a conditional costs a host sync per token): greedy,
 # sampling and sampling with top-p are separate programs.
 STATIC_ARGNAMES = ("step_fn", "init_cache_fn", "method", "max_new_tokens", "num_beams",
-                   "length_penalty", "early_stopping", "top_k", "cache_batch_axis")
+                   "length_penalty", "early_stopping", "top_k", "cache_batch_axis", "slot_rows")
 _generate_jit = jax.jit(generate_core, static_argnames=STATIC_ARGNAMES)
 
 
@@ -191,14 +196,14 @@ def decoding_settings(*, max_new_tokens: int, eos_id, pad_id: int, method: str =
 
 
 def generate_from_prompt(step_fn: StepFn, init_cache_fn: InitCacheFn, variables, prompt,
-                         prompt_mask, *, cache_batch_axis: int = 1, **settings):
+                         prompt_mask, *, cache_batch_axis: int = 1, slot_rows: bool = False, **settings):
   """Traceable `generate` (no jit, no bucketing), to call inside your own jit.
 
   `settings` as in `generate`; they are all static here.
   """
   options, static = decoding_settings(**settings)
   return generate_core(step_fn, init_cache_fn, variables, prompt, prompt_mask, options,
-                       cache_batch_axis=cache_batch_axis, **static)
+                       cache_batch_axis=cache_batch_axis, slot_rows=slot_rows, **static)
 
 
 def generate(step_fn: StepFn, init_cache_fn: InitCacheFn, variables, prompt, prompt_mask=None,
@@ -206,7 +211,7 @@ def generate(step_fn: StepFn, init_cache_fn: InitCacheFn, variables, prompt, pro
              method: str = "greedy", num_beams: int = 4, length_penalty: float = 1.0,
              early_stopping: bool | str = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, rng: jax.Array | None = None, length_bucket: int = 32,
-             cache_batch_axis: int = 1) -> GenerationOutput:
+             cache_batch_axis: int = 1, slot_rows: bool = False) -> GenerationOutput:
   """Generates up to `max_new_tokens` per row; one compiled program per shape bucket.
 
   Args:
@@ -220,6 +225,8 @@ def generate(step_fn: StepFn, init_cache_fn: InitCacheFn, variables, prompt, pro
     method: 'greedy' | 'beam' (num_beams, length_penalty, early_stopping as in
       transformers) | 'sample' (temperature — 0 means greedy —, top_k, top_p; needs rng).
     length_bucket: prompts are left-padded to a multiple of this.
+    slot_rows: the cache reads slots through `rows` (see the module docstring;
+      speechjax's decoders do).
   """
   options, static = decoding_settings(
       max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, method=method,
@@ -230,7 +237,7 @@ def generate(step_fn: StepFn, init_cache_fn: InitCacheFn, variables, prompt, pro
   pad_value = pad_id if np.ndim(prompt) == 2 else 0
   prompt, prompt_mask = pad_to_bucket(prompt, prompt_mask, length_bucket, pad_value)
   return _generate_jit(step_fn, init_cache_fn, variables, prompt, prompt_mask, options,
-                       cache_batch_axis=cache_batch_axis, **static)
+                       cache_batch_axis=cache_batch_axis, slot_rows=slot_rows, **static)
 
 
 # --------------------------------------------------------------------------- outputs

@@ -117,8 +117,14 @@ class _BeamState(NamedTuple):
 
 
 def beam_loop(step_fn, variables, logits, cache, mask, next_position, *, max_new_tokens,
-              eos_ids, pad_id, num_beams, length_penalty, early_stopping, cache_batch_axis):
-  """Beam search as transformers does it; returns each row's best finished hypothesis."""
+              eos_ids, pad_id, num_beams, length_penalty, early_stopping, cache_batch_axis,
+              slot_rows=False):
+  """Beam search as transformers does it; returns each row's best finished hypothesis.
+
+  slot_rows: the cache is a speechjax decoder cache that reads slots through
+  `rows` (speechjax.models.transformer); the beams' reorder then moves those
+  [B*K, S] indices instead of copying every layer's K/V each step.
+  """
   batch, vocab = logits.shape
   k, n = num_beams, max_new_tokens
   keep = max(2, 1 + eos_ids.shape[0]) * k
@@ -129,6 +135,9 @@ def beam_loop(step_fn, variables, logits, cache, mask, next_position, *, max_new
   tile = lambda x: jnp.repeat(x, k, axis=0)
   # Prefill ran once per prompt; the beams start as copies of its cache.
   cache = _map_batch(lambda x: jnp.repeat(x, k, axis=axis), cache, axis)
+  if slot_rows:  # every slot read from its own row until the beams diverge
+    rows, slots = cache["k"].shape[1:3]
+    cache = {**cache, "rows": jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], (rows, slots))}
   mask, next_position = tile(mask), tile(next_position)
   gather = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), 1)
   in_top_k = jnp.arange(keep) < k
@@ -160,7 +169,10 @@ def beam_loop(step_fn, variables, logits, cache, mask, next_position, *, max_new
         [s.lengths, jnp.broadcast_to(s.i + 1, (batch, keep))], 1), best)
     is_finished = gather(jnp.concatenate([s.is_finished, just_finished], 1), best)
 
-    cache = _map_batch(lambda x: jnp.take(x, beam_rows, axis=axis), s.cache, axis)
+    if slot_rows:
+      cache = {**s.cache, "rows": jnp.take(s.cache["rows"], beam_rows, axis=0)}
+    else:
+      cache = _map_batch(lambda x: jnp.take(x, beam_rows, axis=axis), s.cache, axis)
     i = s.i + 1
     if early_stopping == "never" and length_penalty > 0.0:
       best_len = jnp.float32(n)

@@ -113,11 +113,12 @@ def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
 def update_kv_cache(cache, k: jax.Array, v: jax.Array):
   """Writes k/v [B,t,K,D] into a stacked cache at (layer, :, index) and reads the layer back.
 
-  cache = (k_all [L,B,S,K,D], v_all, layer, index). dynamic_update_slice on
+  cache = (k_all [L,B,S,K,D], v_all, layer, index[, rows]). dynamic_update_slice on
   the whole stack lets XLA update the buffer in place instead of copying a
-  layer's cache per step. Returns (k_layer, v_layer, (k_all, v_all)).
+  layer's cache per step. With rows [B,S] (speechjax.models.transformer), slot
+  j of row b is read from row rows[b, j]. Returns (k_layer, v_layer, (k_all, v_all)).
   """
-  k_all, v_all, layer, index = cache
+  k_all, v_all, layer, index, *rows = cache
   layer = jnp.asarray(layer, jnp.int32)
   index = jnp.asarray(index, jnp.int32)
   zero = jnp.zeros((), jnp.int32)
@@ -126,6 +127,9 @@ def update_kv_cache(cache, k: jax.Array, v: jax.Array):
   v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
   k_layer = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(k.dtype)
   v_layer = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(v.dtype)
+  if rows:
+    slots = jnp.arange(k_layer.shape[1])[None, :]
+    k_layer, v_layer = k_layer[rows[0], slots], v_layer[rows[0], slots]
   return k_layer, v_layer, (k_all, v_all)
 
 

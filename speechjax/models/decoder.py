@@ -33,7 +33,14 @@ import jax.numpy as jnp
 from speechjax.models import attention
 from speechjax.models import layers as L
 from speechjax.models.lora import Dense, LoRAConfig, as_lora_config
-from speechjax.models.transformer import build_mask, check_inputs, finish_outputs, make_layers, run_layers
+from speechjax.models.transformer import (
+  build_mask,
+  cache_slots,
+  check_inputs,
+  finish_outputs,
+  make_layers,
+  run_layers,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,13 +115,13 @@ class DecoderConfig:
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block. Scan-shaped: (carry, mask, rope, cache_index, deterministic)
+  """Pre-norm block. Scan-shaped: (carry, mask, rope, slots, deterministic)
   -> (carry, None), carry = (x, k_all, v_all, layer_index)."""
 
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, carry, mask, rope, cache_index, deterministic: bool = True):
+  def __call__(self, carry, mask, rope, slots, deterministic: bool = True):
     cfg = self.config
     x, k_all, v_all, layer = carry
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -122,7 +129,7 @@ class DecoderLayer(nn.Module):
     dropout = nn.Dropout(cfg.residual_dropout)
 
     h = L.RMSNorm(**norm, name="input_layernorm")(x)
-    cache = None if k_all is None else (k_all, v_all, layer, cache_index)
+    cache = None if k_all is None else (k_all, v_all, layer, *slots)
     qkv_bias = cfg.qkv_bias or cfg.attention_bias
     out = attention.Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -192,14 +199,14 @@ class Decoder(nn.Module):
     mask = build_mask(length, attention_mask, cache, cfg.sliding_window)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    k_all = v_all = cache_index = None
+    k_all = v_all = slots = None
     if cache is not None:
-      k_all, v_all, cache_index = cache["k"], cache["v"], cache["index"]
+      k_all, v_all, slots = cache["k"], cache["v"], cache_slots(cache, length)
     carry = (x, k_all, v_all, jnp.zeros((), jnp.int32))
-    x, k_all, v_all, _ = run_layers(self.layers, carry, mask, rope, cache_index, deterministic)
+    x, k_all, v_all, _ = run_layers(self.layers, carry, mask, rope, slots, deterministic)
 
     hidden = self.norm(x)
     if hidden_only:  # the caller applies lm_logits where it needs logits
       return hidden
     logits = self.lm_logits(hidden, deterministic)
-    return finish_outputs(logits, hidden, cache, (k_all, v_all), length, return_hidden)
+    return finish_outputs(logits, hidden, cache, (k_all, v_all), length, return_hidden, slots)

@@ -25,7 +25,14 @@ import jax.numpy as jnp
 from speechjax.models import attention
 from speechjax.models import layers as L
 from speechjax.models.lora import Dense, LoRAConfig, as_lora_config
-from speechjax.models.transformer import build_mask, check_inputs, finish_outputs, make_layers, run_layers
+from speechjax.models.transformer import (
+  build_mask,
+  cache_slots,
+  check_inputs,
+  finish_outputs,
+  make_layers,
+  run_layers,
+)
 
 GPT2_LORA_TARGETS = (r"^(?!encoder/).*attn/c_attn$",)
 
@@ -110,7 +117,7 @@ class GPT2Block(nn.Module):
   config: GPT2Config
 
   @nn.compact
-  def __call__(self, carry, mask, rope, cache_index, deterministic: bool = True):
+  def __call__(self, carry, mask, rope, slots, deterministic: bool = True):
     del rope  # learned absolute positions are added once, before the blocks
     cfg = self.config
     x, k_all, v_all, layer = carry
@@ -118,7 +125,7 @@ class GPT2Block(nn.Module):
     norm = dict(eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype)
     dropout = nn.Dropout(cfg.residual_dropout)
 
-    cache = None if k_all is None else (k_all, v_all, layer, cache_index)
+    cache = None if k_all is None else (k_all, v_all, layer, *slots)
     h, new_kv = GPT2Attention(cfg, name="attn")(L.LayerNorm(**norm, name="ln_1")(x), mask, cache,
                                                 layer, deterministic)
     if new_kv is not None:
@@ -194,14 +201,14 @@ class GPT2(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     mask = build_mask(length, attention_mask, cache)
 
-    k_all = v_all = cache_index = None
+    k_all = v_all = slots = None
     if cache is not None:
-      k_all, v_all, cache_index = cache["k"], cache["v"], cache["index"]
+      k_all, v_all, slots = cache["k"], cache["v"], cache_slots(cache, length)
     carry = (x, k_all, v_all, jnp.zeros((), jnp.int32))
-    x, k_all, v_all, _ = run_layers(self.h, carry, mask, None, cache_index, deterministic)
+    x, k_all, v_all, _ = run_layers(self.h, carry, mask, None, slots, deterministic)
 
     hidden = self.ln_f(x)
     if hidden_only:  # the caller applies lm_logits where it needs logits
       return hidden
     logits = self.lm_logits(hidden, deterministic)
-    return finish_outputs(logits, hidden, cache, (k_all, v_all), length, return_hidden)
+    return finish_outputs(logits, hidden, cache, (k_all, v_all), length, return_hidden, slots)

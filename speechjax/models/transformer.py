@@ -4,6 +4,10 @@ stack (unrolled or one nn.scan) and the return convention.
 
 The KV cache is one array per k/v, [L, B, S, K, D], plus an int32 `index` =
 next free slot; a call with t tokens writes slots [index, index + t).
+Optionally `rows` [B, S] int32: slot j of row b is read from row rows[b, j]
+(beam search: a beam reads its parents' slots where they were written instead
+of every step copying the whole cache into the surviving beams' order); a call
+points its own new slots at their own rows.
 """
 
 from __future__ import annotations
@@ -75,19 +79,33 @@ def make_layers(layer_cls, cfg):
   return [block(cfg) for _ in range(cfg.num_layers)]
 
 
-def run_layers(layers, carry, mask, rope, cache_index, deterministic):
-  """Runs what make_layers built; carry = (x, k_all, v_all, layer_index)."""
+def cache_slots(cache, length: int) -> tuple:
+  """What each layer's attention needs of the cache besides the K/V stacks:
+  (index,), or (index, rows) with this call's `length` new slots pointing at
+  their own rows (attention.update_kv_cache)."""
+  if "rows" not in cache:
+    return (cache["index"],)
+  rows = cache["rows"]
+  own = jnp.broadcast_to(jnp.arange(rows.shape[0], dtype=rows.dtype)[:, None], (rows.shape[0], length))
+  return cache["index"], jax.lax.dynamic_update_slice(rows, own, (jnp.zeros((), jnp.int32), cache["index"]))
+
+
+def run_layers(layers, carry, mask, rope, slots, deterministic):
+  """Runs what make_layers built; carry = (x, k_all, v_all, layer_index);
+  slots: cache_slots(...) or None without a cache."""
   if isinstance(layers, (list, tuple)):
     for layer in layers:
-      carry = layer(carry, mask, rope, cache_index, deterministic)[0]
+      carry = layer(carry, mask, rope, slots, deterministic)[0]
     return carry
-  return layers(carry, mask, rope, cache_index, deterministic)[0]
+  return layers(carry, mask, rope, slots, deterministic)[0]
 
 
-def finish_outputs(logits, hidden, cache, new_kv, length, return_hidden):
+def finish_outputs(logits, hidden, cache, new_kv, length, return_hidden, slots=None):
   """Shared return convention of Decoder and GPT2 (see the module docstring)."""
   logits = logits.astype(jnp.float32)
   if cache is None:
     return (logits, hidden) if return_hidden else logits
   new_cache = {"k": new_kv[0], "v": new_kv[1], "index": cache["index"] + length}
+  if slots is not None and len(slots) > 1:
+    new_cache["rows"] = slots[1]
   return (logits, new_cache, hidden) if return_hidden else (logits, new_cache)
