@@ -69,6 +69,7 @@ SLOW_TESTS = (
     "test_trainer.py::test_mesh_2x2x2_matches_one_device",
     "test_trainer.py::test_nan_guard_stops_with_last_good_checkpoint",
     "test_trainer.py::test_optimizer_state_holds_only_trainables",
+    "test_trainer.py::test_one_cpu_device_step_compiles_with_the_memory_optimised_schedule",
     "test_trainer.py::test_resume_after_hard_kill_is_exact",
     "test_trainer.py::test_sigterm_checkpoints_and_exits_cleanly",
     "test_training_modes.py::test_mode_moves_exactly_what_it_names",
