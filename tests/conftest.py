@@ -47,6 +47,7 @@ SLOW_TESTS = (
     "test_sharded_loading.py",
     "test_compile.py::test_cli_prints_a_row_and_writes_json",
     "test_compile.py::test_find_max_batch_stops_at_the_memory_boundary",
+    "test_compile.py::test_one_cpu_device_report_compiles_the_step_as_the_trainer_does",
     "test_compile.py::test_reduced_slam_asr_fits_a_v5e_16_slice",
     "test_compile.py::test_reduced_slam_asr_wave_encoder_variants_fit_a_v5e_16_slice",
     "test_compile.py::test_scanned_layers_flops_are_extrapolated_from_unrolled_compiles",
