@@ -94,7 +94,8 @@ def _jax(size, folder: str, mode: str):
   # As speechjax.train does it: the state takes over the weights' buffers (donated).
   init = jax.jit(lambda t: step_lib.init_train_state(t, opt, jax.random.key(1)), donate_argnums=(0,))
   abstract_state = jax.eval_shape(init, trainable)
-  compiled = jax.jit(step, donate_argnums=(0,)).lower(abstract_state, frozen, batch).compile()
+  compiled = jax.jit(step, donate_argnums=(0,)).lower(abstract_state, frozen, batch).compile(
+      step_lib.compiler_options(jax.devices()[:1]))
   init_compiled = init.lower(trainable).compile()
   gc.collect()
 

@@ -93,7 +93,9 @@ def jax_train_step(model, variables, batch_np, mode: str,
   lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch)
   lower_seconds = time.perf_counter() - start
   start = time.perf_counter()
-  compiled = lowered.compile(compiler_options)
+  # As speechjax.train compiles it (the memory-optimised schedule on one CPU device).
+  options = {**step_lib.compiler_options(jax.devices()[:1]), **(compiler_options or {})}
+  compiled = lowered.compile(options)
   compile_seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -252,3 +252,15 @@ def test_two_slices_put_the_data_axis_across_them():
                               count_flops=False)
   assert report["num_chips"] == 16 and report["num_slices"] == 2
   assert report["mesh"] == {"data": 16, "fsdp": 1, "tensor": 1}
+
+
+def test_one_cpu_device_report_compiles_the_step_as_the_trainer_does():
+  # The trainer compiles with trainer.step.compiler_options (the memory-optimised
+  # schedule on one CPU device); the report must measure that program, not XLA's default.
+  config = load_config("tiny.py", **{"mesh.shape": (1, 1, 1), "train.mode": "full"})
+  target = topology.resolve_target("")
+  compiled, _, _ = compile_report.compile_train_step(config, target)
+  lowered, _ = lowering.lower_train_step(config, compile_report.mesh_for(config, target))
+  xla_default = lowered.compile({"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"})
+  ours = compile_report.memory_per_chip(compiled)["temp"]
+  assert ours < 0.85 * xla_default.memory_analysis().temp_size_in_bytes

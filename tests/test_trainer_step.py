@@ -318,3 +318,10 @@ def test_lr_multipliers_scale_each_parameter_update(name):
 def test_lr_multipliers_refuse_a_malformed_rule():
   with pytest.raises(ValueError, match=r"optim.lr_multipliers\[1\]"):
     optim.lr_multipliers(((r"^encoder/", 0.1), (r"^decoder/",)))
+
+
+def test_compiler_options_ask_for_the_memory_optimised_schedule_on_one_cpu_device():
+  cpus = jax.devices("cpu")
+  assert step_lib.compiler_options(cpus[:1]) == {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+  # With collectives (several devices) XLA keeps its own choice.
+  assert step_lib.compiler_options(cpus[:2]) == {}

@@ -47,6 +47,7 @@ import time
 from speechjax import parallel
 from speechjax.compilation import lowering
 from speechjax.compilation.topology import Target
+from speechjax.trainer import step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,9 @@ def with_overrides(config, **overrides):
 def compile_train_step(config, target: Target):
   """-> (compiled, info from lowering.lower_train_step, seconds spent)."""
   start = time.perf_counter()
-  lowered, info = lowering.lower_train_step(config, mesh_for(config, target))
-  compiled = lowered.compile()
+  mesh = mesh_for(config, target)
+  lowered, info = lowering.lower_train_step(config, mesh)
+  compiled = lowered.compile(step_lib.compiler_options(mesh.devices.flat))  # as the trainer compiles it
   seconds = time.perf_counter() - start
   log.info("compiled the train step for %s (batch %d) in %.0f s", target.name, info["geometry"]["batch_size"], seconds)
   return compiled, info, seconds

@@ -187,7 +187,8 @@ class Trainer:
                                           self.update_mask)
     self.train_step = jax.jit(
         train_step, in_shardings=(self.state_shardings, self.frozen_shardings, None),
-        out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        out_shardings=(self.state_shardings, None), donate_argnums=(0,),
+        compiler_options=step_lib.compiler_options(self.mesh.devices.flat))
     self.eval_step = jax.jit(step_lib.make_eval_step(bundle.objective),
                              in_shardings=(trainable_shardings, self.frozen_shardings, None))
 
