@@ -155,8 +155,8 @@ def generated_section(res: dict) -> str:
       f"`{k}` {_f(res.get(k), '{:.3g}')}" for k in (
           "train_step_speedup", "train_step_speedup_vs_compile", "full_finetune_speedup",
           "full_finetune_speedup_vs_compile", "decode_speedup", "beam_decode_speedup",
-          "speech_decode_speedup", "features_speedup", "features_speedup_vs_librosa", "transcribe_speedup", "mfu",
-          "mfu_full_finetune")) + ".", "", END]
+          "speech_decode_speedup", "features_speedup", "features_speedup_vs_librosa", "transcribe_speedup",
+          "lora_step_memory_ratio", "full_step_memory_ratio", "mfu", "mfu_full_finetune")) + ".", "", END]
   return "\n".join(lines)
 
 

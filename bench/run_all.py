@@ -155,8 +155,16 @@ def run(plan_name: str = "full", *, size_name: str | None = None, torch_compile:
   return results
 
 
+def _memory_ratio(probes: dict, mode: str) -> float | None:
+  """speechjax's step peak RSS delta over PyTorch's (bench/memory_probe.py); None without both."""
+  ours = _dig(probes, f"jax_{mode}", "step_peak_delta_bytes")
+  theirs = _dig(probes, f"torch_{mode}", "step_peak_delta_bytes")
+  return ours / theirs if ours and theirs else None
+
+
 def headline(results: dict) -> dict:
-  """The top-level keys: each a median of paired ratios (or of per-round MFU)."""
+  """The top-level keys: each a median of paired ratios (or of per-round MFU),
+  and the step memory ratios (below 1: speechjax peaks lower)."""
   train = results.get("train", {})
   lora, full = train.get("lora", {}), train.get("full", {})
   pick = lambda d, *keys: _dig(d, *keys)
@@ -173,6 +181,8 @@ def headline(results: dict) -> dict:
       "features_speedup_range": _range(pick(results, "features", "speedup")),
       "features_speedup_vs_librosa_range": _range(pick(results, "features", "speedup_vs_librosa")),
       "transcribe_speedup": pick(results, "transcribe", "speedup", "median"),
+      "lora_step_memory_ratio": _memory_ratio(results.get("memory_probes", {}), "lora"),
+      "full_step_memory_ratio": _memory_ratio(results.get("memory_probes", {}), "full"),
       "mfu": pick(lora, "mfu", "speechjax", "median"),
       "mfu_full_finetune": pick(full, "mfu", "speechjax", "median"),
       "compile_seconds": pick(lora, "compile_seconds", "speechjax_compile"),
