@@ -50,7 +50,6 @@ class JsonTokenizer:
   def __init__(self, folder: str, backend, special_tokens: dict[str, str | None]):
     self.name_or_path = folder
     self.backend_tokenizer = backend
-    self._special = special_tokens
     for field, token in special_tokens.items():
       setattr(self, field, token)
       setattr(self, f"{field}_id", None if token is None else backend.token_to_id(token))
@@ -78,14 +77,16 @@ class JsonTokenizer:
     if isinstance(extra, dict):
       extra = list(extra.values())
     named = [t for t in specials.values() if t is not None] + [_content(t) for t in extra]
-    definition = _read_json(paths["tokenizer.json"])
+    with open(paths["tokenizer.json"], encoding="utf-8") as f:
+      text = f.read()  # read once: checked here, then built by `tokenizers`
+    definition = json.loads(text)
     if definition.get("post_processor") is None:
       return None  # transformers builds one on load
     added = {t["content"]: t for t in definition.get("added_tokens", [])}
     if not all(token in added and added[token].get("special") for token in named):
       return None  # transformers would add or re-mark these tokens on load
     from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-    return cls(folder, Tokenizer.from_file(paths["tokenizer.json"]), specials)
+    return cls(folder, Tokenizer.from_str(text), specials)
 
   def __len__(self) -> int:
     return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
