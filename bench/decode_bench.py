@@ -123,18 +123,26 @@ def run(size: sm.BenchSize, lm, lm_dir: str, *, reps: int = 5, log=print, dtype=
   return result
 
 
-def run_speech(size: sm.BenchSize, hf_models, *, reps: int = 5, log=print) -> dict[str, Any]:
-  """Greedy decoding through the speech LLM (fp32): `size.decode_batch` rows of
+def run_speech(size: sm.BenchSize, hf_models, *, reps: int = 5, log=print, dtype=jnp.float32,
+               device=None) -> dict[str, Any]:
+  """Greedy decoding through the speech LLM: `size.decode_batch` rows of
   `size.audio_frames` mel frames (-> size.audio_tokens audio tokens) followed
   by a `size.decode_prompt`-token text prompt; hf_models as
-  speech_models.build_hf_models returns them."""
+  speech_models.build_hf_models returns them. dtype: speechjax's weights and
+  compute (the torch models are used as given, features cast to their
+  dtype); device: where the torch inputs go (None: CPU)."""
+  import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   encoder, projector, lm, enc_dir, lm_dir = hf_models
   b, t, n, m = size.decode_batch, size.decode_prompt, size.decode_new_tokens, size.audio_tokens
   rs = np.random.RandomState(2)
   features = rs.randn(b, size.mel_bins, size.audio_frames).astype(np.float32)
   text = rs.randint(3, size.vocab, (b, t)).astype(np.int32)
-  model, variables = sm.jax_speech_llm(size, enc_dir, lm_dir, projector, lora=False)
+  model, variables = sm.jax_speech_llm(size, enc_dir, lm_dir, projector, lora=False,
+                                       dtype=jnp.dtype(dtype).name)
+  if jnp.dtype(dtype) != jnp.float32:  # weights stored as the torch side stores them
+    variables = jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, variables)
   batch = {"features": features, "feature_mask": np.ones((b, size.audio_frames), np.int32),
            "input_ids": np.concatenate([np.full((b, m), sm.AUDIO_PLACEHOLDER_ID, np.int32), text], 1),
            "attention_mask": np.ones((b, m + t), np.int32)}
@@ -146,12 +154,15 @@ def run_speech(size: sm.BenchSize, hf_models, *, reps: int = 5, log=print) -> di
     return np.asarray(out.tokens)
 
   hf, enc, proj = _hf_lm(lm), copy.deepcopy(encoder).eval(), copy.deepcopy(projector).eval()
-  features_t, text_t = torch.from_numpy(features), torch.from_numpy(text).long()
-  mask_t = torch.ones((b, m + t), dtype=torch.long)
+  device = device or "cpu"
+  features_t = torch.from_numpy(features).to(device=device, dtype=next(enc.parameters()).dtype)
+  text_t = torch.from_numpy(text).long().to(device)
+  mask_t = torch.ones((b, m + t), dtype=torch.long, device=device)
 
   def theirs():
     with torch.inference_mode():
-      audio = proj(enc(features_t).last_hidden_state)
+      audio = proj(enc(features_t).last_hidden_state.to(next(proj.parameters()).dtype))
+      audio = audio.to(next(hf.parameters()).dtype)
       embeds = torch.cat([audio, hf.get_input_embeddings()(text_t)], dim=1)
       out = hf.generate(inputs_embeds=embeds, attention_mask=mask_t, max_new_tokens=n, min_new_tokens=0,
                         do_sample=False, num_beams=1, use_cache=True)

@@ -37,11 +37,12 @@ counted on an XLA-attention twin of the model: attention as the full T x S
 products (the PaLM convention, causal half not discounted), LoRA mode without
 frozen-weight gradients. The same count is used for the torch side.
 
-Attention: speechjax's decoder uses cuDNN flash attention
-(`attention_impl='cudnn'`); the encoder stays on XLA because its [B,1,1,S]
-padding mask is not a shape jax's cuDNN path accepts (it wants a [.., T, S]
-bias). If the cuDNN step does not compile, XLA attention is used throughout
-and the error is recorded. torch uses SDPA (flash) in both.
+Attention: speechjax's encoder and decoder use cuDNN flash attention
+(`attention_impl='cudnn'`: padding reaches the kernel as sequence lengths,
+speechjax.models.attention); if that step does not compile, the encoder, then
+both, fall back to XLA attention and the errors are recorded.
+--xla_attention_twin also times the LoRA step with XLA attention throughout.
+torch uses SDPA (flash) in both.
 
 Memory: JAX does not preallocate (XLA_PYTHON_CLIENT_PREALLOCATE=false), so
 both frameworks share the card; on an 80 GB card full fine-tuning runs at half
@@ -251,6 +252,8 @@ def _jax_step(size, hf, torch_model, batch_np, mode: str, setup: Setup, attentio
   from speechjax.models.speech_llm import SpeechLLM  # pylint: disable=import-outside-toplevel
   enc_attn, dec_attn = attention
   tries = [(enc_attn, dec_attn)]
+  if enc_attn == "cudnn" and dec_attn == "cudnn":
+    tries.append(("", "cudnn"))  # where only the encoder's cuDNN call fails, keep the decoder's
   if "cudnn" in (enc_attn, dec_attn):
     tries.append(("", ""))
   errors = []
@@ -284,7 +287,7 @@ def _jax_step(size, hf, torch_model, batch_np, mode: str, setup: Setup, attentio
 
 def train_part(out: dict, rec: Recorder, setup: Setup, size, hf, mode: str, peak, *,
                reps: int, calls: int, torch_compile: bool, attention: tuple,
-               scan_layers: bool = False) -> None:
+               scan_layers: bool = False, xla_twin: bool = False) -> None:
   import torch  # pylint: disable=import-outside-toplevel
 
   from bench import common  # pylint: disable=import-outside-toplevel
@@ -334,6 +337,19 @@ def train_part(out: dict, rec: Recorder, setup: Setup, size, hf, mode: str, peak
     out["speechjax_error"] = _error(e)
     log(f"[{mode}] speechjax FAILED: {out['speechjax_error']['error'][:500]}")
   _free(setup)
+  if xla_twin and jax_step is not None and attention != ("", ""):
+    log(f"[{mode}] speechjax with XLA attention: load, trace, compile")
+    try:
+      twin = {}
+      variants["speechjax_xla"] = _jax_step(size, hf, torch_model, batch_np, mode, setup, ("", ""), twin,
+                                            scan_layers)
+      out["speechjax_xla"] = {"compile_seconds": variants["speechjax_xla"].compile_seconds,
+                              "memory": variants["speechjax_xla"].memory,
+                              "step0_loss": variants["speechjax_xla"].step0_loss}
+    except Exception as e:  # pylint: disable=broad-except
+      out["speechjax_xla_error"] = _error(e)
+      log(f"[{mode}] speechjax XLA twin FAILED: {out['speechjax_xla_error']['error'][:500]}")
+    _free(setup)
   rec.write()
 
   out.setdefault("compile_seconds", {})
@@ -404,6 +420,8 @@ def train_part(out: dict, rec: Recorder, setup: Setup, size, hf, mode: str, peak
     out["speedup_vs_eager"] = common.paired_speedup(times["torch_eager"], times["speechjax"])
   if "speechjax" in variants and "torch_compile" in variants:
     out["speedup_vs_compile"] = common.paired_speedup(times["torch_compile"], times["speechjax"])
+  if "speechjax" in variants and "speechjax_xla" in variants:
+    out["speedup_vs_xla_attention"] = common.paired_speedup(times["speechjax_xla"], times["speechjax"])
   flops = out.get("model_flops_per_step")
   if flops:
     out["achieved_flops_per_s"] = {k: flops / v for k, v in med.items()}
@@ -425,7 +443,7 @@ def train_part(out: dict, rec: Recorder, setup: Setup, size, hf, mode: str, peak
   log(f"[{mode}] " + "; ".join(parts)
       + (f"; speed-up vs eager {out['speedup_vs_eager']['median']:.2f}x"
          if "speedup_vs_eager" in out else ""))
-  del jax_step, variants, torch_model
+  del jax_step, variants, torch_model  # the XLA twin goes with the variants
   _free(setup)
 
 
@@ -436,6 +454,12 @@ def decode_part(out: dict, setup: Setup, size, hf, reps: int) -> None:
   dtype = jnp.bfloat16 if setup.jax_dtype == "bfloat16" else jnp.float32
   out.update(decode_bench.run(size, hf[2], hf[4], reps=reps, log=log, dtype=dtype,
                               device=setup.torch_device))
+  _free(setup)
+  try:
+    out["speech"] = decode_bench.run_speech(size, hf, reps=reps, log=log, dtype=dtype, device=setup.torch_device)
+  except Exception as e:  # pylint: disable=broad-except
+    out["speech"] = _error(e)
+    log(f"speech decode FAILED: {out['speech']['error'][:500]}")
   _free(setup)
 
 
@@ -453,11 +477,11 @@ def summary(results: dict) -> dict:
       "peak_matmul_tflops_measured": (dig(results, "peak_matmul", "flops_per_s") or 0) / 1e12,
       "peak_tflops_nominal": (dig(results, "machine", "nominal_bf16_flops_per_s") or 0) / 1e12,
   }
-  for mode in ("lora", "full"):
-    r = results.get(f"train_{mode}")
-    if not r:
+  for key in [k for k in results if k.startswith("train_")]:
+    r = results[key]
+    if not r or "skipped" in r:
       continue
-    out[mode] = {
+    out[key.removeprefix("train_")] = {
         "batch": r.get("batch"), "seq_len": r.get("seq_len"),
         "steps_per_s": r.get("steps_per_s"), "tokens_per_s": r.get("tokens_per_s"),
         "model_tflops_per_step": (r.get("model_flops_per_step") or 0) / 1e12,
@@ -466,6 +490,7 @@ def summary(results: dict) -> dict:
         "mfu_vs_nominal": r.get("mfu_vs_nominal"),
         "speedup_vs_eager": dig(r, "speedup_vs_eager", "median"),
         "speedup_vs_compile": dig(r, "speedup_vs_compile", "median"),
+        "speedup_vs_xla_attention": dig(r, "speedup_vs_xla_attention", "median"),
         "step0_loss": r.get("step0_loss"), "step0_loss_rel_diff": r.get("step0_loss_rel_diff"),
         "speechjax_compile_seconds": dig(r, "compile_seconds", "speechjax_compile"),
         "speechjax_attention": r.get("speechjax_attention_impl"),
@@ -476,6 +501,8 @@ def summary(results: dict) -> dict:
   if results.get("decode") and "tokens_per_s" in results["decode"]:
     out["decode_tokens_per_s"] = results["decode"]["tokens_per_s"]
     out["decode_speedup"] = dig(results, "decode", "speedup", "median")
+    out["beam_decode_speedup"] = dig(results, "decode", "beam", "speedup", "median")
+    out["speech_decode_speedup"] = dig(results, "decode", "speech", "speedup", "median")
   return out
 
 
@@ -487,7 +514,8 @@ def parse_args(argv=None):
   p.add_argument("--size", default="gpu_1b", help="bench.speech_models.SIZES key")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                  help="compute and frozen-weight dtype (float32: the CPU bench's set-up)")
-  p.add_argument("--modes", default="lora,full", help="comma-separated: lora, full")
+  p.add_argument("--modes", default="lora,full",
+                 help="comma-separated: lora, full; MODE:N runs it at batch N (results key train_MODE_bN)")
   p.add_argument("--full_batch", type=int, default=0,
                  help="batch of full fine-tuning (0: the size's batch, halved on GPUs "
                       "under 100 GB so both frameworks fit at once)")
@@ -496,8 +524,10 @@ def parse_args(argv=None):
   p.add_argument("--peak_n", type=int, default=0, help="peak matmul size (0: 8192 GPU, 256 CPU)")
   p.add_argument("--decoder_attention", default="auto", choices=("auto", "cudnn", "xla"),
                  help="speechjax decoder attention (auto: cudnn on GPU, xla on CPU)")
-  p.add_argument("--encoder_attention", default="xla", choices=("cudnn", "xla"),
-                 help="speechjax encoder attention (cudnn rejects its padding-mask shape)")
+  p.add_argument("--encoder_attention", default="auto", choices=("auto", "cudnn", "xla"),
+                 help="speechjax encoder attention (auto: cudnn on GPU, xla on CPU)")
+  p.add_argument("--xla_attention_twin", action="store_true",
+                 help="LoRA mode: also time speechjax with XLA attention throughout ('speechjax_xla')")
   p.add_argument("--scan_layers", action="store_true",
                  help="speechjax layers as one nn.scan (compiles several times faster; "
                       "default: unrolled, as HF checkpoints load)")
@@ -561,16 +591,18 @@ def run(args, command: str | None = None) -> dict:
   with rec.part("build") as out:
     hf = build_part(out, setup, size, folder)
 
-  dec_attn = args.decoder_attention
-  if dec_attn == "auto":
-    dec_attn = "cudnn" if setup.on_gpu else "xla"
-  attention = tuple("" if a == "xla" else a for a in (args.encoder_attention, dec_attn))
+  attention = tuple("" if a == "xla" or (a == "auto" and not setup.on_gpu) else "cudnn" if a == "auto" else a
+                    for a in (args.encoder_attention, args.decoder_attention))
   mode_seconds = None
-  for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+  for spec in [m.strip() for m in args.modes.split(",") if m.strip()]:
     if hf is None:
       break
+    mode, _, batch = spec.partition(":")
+    key = f"train_{mode}" + (f"_b{batch}" if batch else "")
     mode_size = size
-    if mode == "full":
+    if batch:
+      mode_size = dataclasses.replace(size, batch=int(batch))
+    elif mode == "full":
       full_batch = args.full_batch or (
           size.batch // 2 if setup.on_gpu and (setup.device_memory_bytes or 0) < 100 * 2**30
           else size.batch)
@@ -578,16 +610,16 @@ def run(args, command: str | None = None) -> dict:
     elapsed = time.perf_counter() - _START
     estimate = mode_seconds or 120.0
     if elapsed + estimate > args.budget_s:
-      results[f"train_{mode}"] = {"skipped": f"time budget: {elapsed:.0f}s elapsed + ~"
-                                             f"{estimate:.0f}s > {args.budget_s:.0f}s"}
-      log(f"skipping train_{mode}: {results[f'train_{mode}']['skipped']}")
+      results[key] = {"skipped": f"time budget: {elapsed:.0f}s elapsed + ~"
+                                 f"{estimate:.0f}s > {args.budget_s:.0f}s"}
+      log(f"skipping {key}: {results[key]['skipped']}")
       rec.write()
       continue
     start = time.perf_counter()
-    with rec.part(f"train_{mode}") as out:
+    with rec.part(key) as out:
       train_part(out, rec, setup, mode_size, hf, mode, peak, reps=args.reps, calls=args.calls,
                  torch_compile=args.torch_compile, attention=attention,
-                 scan_layers=args.scan_layers)
+                 scan_layers=args.scan_layers, xla_twin=args.xla_attention_twin and mode == "lora")
     mode_seconds = time.perf_counter() - start
     _free(setup)
 

@@ -277,3 +277,68 @@ def test_gelu_exact_backward_keeps_fewer_temporaries_than_autodiff():
 
   ours, autodiff = temp_bytes(L.gelu_exact), temp_bytes(plain)
   assert ours < 0.8 * autodiff, (ours, autodiff)
+
+
+@pytest.fixture
+def cudnn_as_xla(monkeypatch):
+  """On CPU, XLA's attention stands in for cuDNN's kernel: the model code around
+  it (padding moved to sequence lengths) runs as it does on a GPU."""
+  fused = jax.nn.dot_product_attention
+
+  def standin(*args, implementation=None, **kwargs):
+    return fused(*args, implementation="xla" if implementation == "cudnn" else implementation, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", standin)
+
+
+def test_seq_lengths_attention_equals_the_boolean_mask():
+  rng = np.random.RandomState(1)
+  q = jnp.asarray(rng.randn(2, 6, 4, 8), jnp.float32)
+  k = jnp.asarray(rng.randn(2, 6, 2, 8), jnp.float32)
+  v = jnp.asarray(rng.randn(2, 6, 2, 8), jnp.float32)
+  lengths = attention.SeqLengths(jnp.asarray([6, 4], jnp.int32))
+  real = np.arange(6)[None, :] < np.asarray(lengths.lengths)[:, None]
+  for causal in (True, False):
+    dense = attention.seq_lengths_mask(lengths, 6, causal)
+    want = attention.attend(q, k, v, dense)
+    got = attention.attend(q, k, v, lengths, is_causal=causal)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+    assert np.all(np.asarray(got)[~real] == 0)  # padded queries: zeros
+    written = attention.attend(q, k, v, lengths, is_causal=causal, dropout_rate=1e-9, deterministic=False,
+                               dropout_rng=jax.random.key(0, impl="unsafe_rbg"))
+    np.testing.assert_allclose(np.asarray(written)[real], np.asarray(want)[real], atol=1e-5)
+  with pytest.raises(ValueError, match="SeqLengths masks self-attention"):
+    attention.attend(q, k[:, :5], v[:, :5], lengths)
+
+
+def test_real_slots_first_round_trip():
+  x = jnp.arange(2 * 5 * 3).reshape(2, 5, 3)
+  real = jnp.asarray([[0, 1, 0, 1, 1], [1, 1, 1, 0, 0]])
+  packed, lengths, order = attention.real_slots_first(x, real)
+  assert lengths.lengths.tolist() == [3, 3]
+  np.testing.assert_array_equal(packed[0, :3], x[0, jnp.asarray([1, 3, 4])])  # real slots, in order
+  np.testing.assert_array_equal(packed[1, :3], x[1, :3])
+  np.testing.assert_array_equal(attention.restore_slots(packed, order), x)
+
+
+def test_cudnn_decoder_with_padding_holes_equals_the_masked_decoder(cudnn_as_xla):
+  """attention_impl='cudnn' moves real slots to the front and passes lengths; at every
+  real position logits and gradients equal those of the boolean-mask decoder."""
+  cfg = dataclasses.replace(LLAMA, sliding_window=0)
+  params = init(cfg)
+  ids, _ = tokens(length=9)
+  mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1, 1],  # left padding
+                      [1, 1, 1, 0, 0, 1, 1, 1, 0]])  # holes (padded audio slots) and right padding
+  real = np.asarray(mask, bool)
+
+  def loss_and_logits(cfg, p):
+    logits = Decoder(cfg).apply({"params": p}, ids, attention_mask=mask)
+    return jnp.sum(jnp.where(mask[..., None] > 0, jnp.tanh(logits), 0.0)), logits
+
+  grad = jax.jit(jax.grad(loss_and_logits, argnums=1, has_aux=True), static_argnums=0)
+  want_g, want = grad(cfg, params)
+  got_g, got = grad(dataclasses.replace(cfg, attention_impl="cudnn"), params)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
+  for g, w in zip(jax.tree_util.tree_leaves(got_g), jax.tree_util.tree_leaves(want_g)):
+    np.testing.assert_allclose(g, w, atol=2e-4, rtol=1e-4)
+  assert np.abs(np.asarray(got)[real] - np.asarray(want)[real]).max() < 2e-5

@@ -353,3 +353,20 @@ def test_frame_stack_low_frame_rate_masks_and_export(tmp_path):
                                                       for k, v in params["conv1"].items()}})
   with open(os.path.join(plain, "config.json")) as f:
     assert "frame_stack" not in json.load(f)
+
+
+def test_cudnn_encoder_with_padding_equals_the_masked_encoder(hf_whisper_model, monkeypatch):
+  """attention_impl='cudnn' runs the layers on real frames moved to the front with
+  sequence lengths; XLA's attention stands in for cuDNN's kernel on CPU."""
+  fused = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, implementation=None, **k: fused(
+      *a, implementation="xla" if implementation == "cudnn" else implementation, **k))
+  path, _ = hf_whisper_model
+  model, params = _load(path)
+  features = np.random.default_rng(5).standard_normal((2, 80, 300)).astype(np.float32)
+  mask = (np.arange(300)[None] < np.array([[300], [137]])).astype(np.int32)
+  want = np.asarray(jax.jit(model.apply)({"params": params}, features, mask))
+  cudnn = WhisperEncoder(dataclasses.replace(model.config, attention_impl="cudnn"))
+  got = np.asarray(jax.jit(cudnn.apply)({"params": params}, features, mask))
+  real = np.asarray(encoder_output_mask(mask), bool)
+  np.testing.assert_allclose(got[real], want[real], atol=1e-5, rtol=0)

@@ -3,14 +3,24 @@
 `Attention` is general: causal or not, grouped-query heads, optional q/k
 RMSNorm, rotary embeddings and a KV cache. Pass either a complete boolean
 `mask` [B, 1|N, T, S] (e.g. `padding_mask(key_mask)` for a bidirectional
-encoder with padded keys) or no mask, in which case the module's `causal`
-flag decides between plain causal and full attention. Logits and softmax run
-in float32 whatever the compute dtype.
+encoder with padded keys), `SeqLengths` (the first lengths[b] slots of row b
+are real: see `real_slots_first`), or no mask; with `SeqLengths` or no mask
+the module's `causal` flag decides between causal and full attention. Logits
+and softmax run in float32 whatever the compute dtype.
+
+Why `SeqLengths`: cuDNN's fused attention takes a padding mask only as
+sequence lengths. A boolean mask reaches it as an additive bias, which it
+reads at every tile and differentiates (a dbias output nobody uses), and a
+mask that already holds the causal triangle stops it from skipping the tiles
+above the diagonal. Models that use cuDNN attention therefore move each
+row's real slots to the front before their layers (`real_slots_first`) and
+put them back after (`restore_slots`); attention is the only operation that
+mixes slots, so every real slot's output is unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -43,7 +53,48 @@ def causal_mask(query_slots: jax.Array, key_slots: jax.Array,
   return mask
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+class SeqLengths(NamedTuple):
+  """A padding mask as sequence lengths: in row b, query and key slots
+  [0, lengths[b]) are real and the rest padding (right padding). Self-attention
+  over one sequence only (T == S, no KV cache). Outputs at padded query slots
+  are zeros."""
+
+  lengths: jax.Array  # [B] int32
+
+
+def real_slots_first(x: jax.Array, real: jax.Array) -> tuple[jax.Array, SeqLengths, jax.Array]:
+  """x [B,T,...], real [B,T] (1 = real slot) -> (x with each row's real slots
+  moved to the front in their order, SeqLengths, order [B,T]): slot i of the
+  result is slot order[b, i] of x. Undo with restore_slots(y, order)."""
+  real = real.astype(bool)
+  order = jnp.argsort(~real, axis=1, stable=True)
+  lengths = jnp.sum(real, axis=1, dtype=jnp.int32)
+  return take_slots(x, order), SeqLengths(lengths), order
+
+
+def take_slots(x: jax.Array, order: jax.Array) -> jax.Array:
+  """x [B,T,...] -> x[b, order[b, i]] for every row b and slot i."""
+  index = order.reshape(order.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def restore_slots(x: jax.Array, order: jax.Array) -> jax.Array:
+  """Inverse of real_slots_first's permutation: y[b, order[b, i]] = x[b, i]."""
+  return take_slots(x, jnp.argsort(order, axis=1))
+
+
+def seq_lengths_mask(mask: SeqLengths, length: int, causal: bool) -> jax.Array:
+  """SeqLengths -> the equivalent boolean mask [B,1,T,T] (queries and keys
+  real, and key <= query if causal)."""
+  slots = jnp.arange(length)
+  real = slots[None, :] < mask.lengths[:, None]  # [B,T]
+  dense = real[:, None, :, None] & real[:, None, None, :]
+  if causal:
+    dense = dense & (slots[None, :] <= slots[:, None])[None, None]
+  return dense
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | SeqLengths | None = None, *,
            is_causal: bool = False, scale: float | None = None, dropout_rate: float = 0.0,
            deterministic: bool = True, dropout_rng: jax.Array | None = None,
            implementation: str | None = None) -> jax.Array:
@@ -56,6 +107,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = No
   Fully masked rows (padding queries) give finite garbage, never NaN.
   """
   no_dropout = deterministic or dropout_rate == 0.0
+  if isinstance(mask, SeqLengths):
+    if q.shape[1] != k.shape[1]:
+      raise ValueError(f"attend: SeqLengths masks self-attention over one sequence; got {q.shape[1]} "
+                       f"queries and {k.shape[1]} keys")
+    if not no_dropout:
+      mask = seq_lengths_mask(mask, q.shape[1], is_causal)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
+                                         query_seq_lengths=mask.lengths, key_value_seq_lengths=mask.lengths,
+                                         implementation=implementation or None)
+      real = jnp.arange(q.shape[1])[None, :] < mask.lengths[:, None]
+      return jnp.where(real[:, :, None, None], out, 0).astype(out.dtype)
   if no_dropout and q.shape[1] == 1 and mask is not None and not implementation:
     return attend_one_query(q, k, v, mask, scale=scale)
   if no_dropout:
@@ -163,7 +226,8 @@ class Attention(nn.Module):
                deterministic: bool = True):
     """x [B,T,E] -> [B,T,E], or (out, (k_all, v_all)) when `cache` is given.
 
-    mask: complete boolean mask [B|1, N|1, T, S] or None (then `causal`).
+    mask: complete boolean mask [B|1, N|1, T, S], SeqLengths (no cache) or None
+    (then `causal` alone).
     rope: (cos, sin) [B,T,D/2] from rope_cos_sin. cache: see update_kv_cache.
     """
     b, t, features = x.shape

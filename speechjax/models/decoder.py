@@ -49,7 +49,9 @@ class DecoderConfig:
   means "same as num_heads" / "hidden_size // num_heads"; sliding_window 0 =
   full attention. dtype is the compute dtype, param_dtype the storage dtype
   (strings such as 'bfloat16' are fine). remat_policy: see
-  layers.REMAT_POLICY_NAMES. attention_impl: '' (JAX picks), 'xla' or 'cudnn'.
+  layers.REMAT_POLICY_NAMES. attention_impl: '' (JAX picks), 'xla' or 'cudnn'
+  (cuDNN's fused kernel; a padded full-sequence call then runs with each row's
+  real slots moved to the front, the padding given as sequence lengths).
   """
 
   model_type: str = "llama"  # llama | mistral | qwen2 | qwen3 (used by HF export)
@@ -195,8 +197,14 @@ class Decoder(nn.Module):
     if positions is None:
       positions = L.default_positions(attention_mask, batch, length, offset)
       num_positions = length if cache is None else cache["k"].shape[2]
+    order = None
+    if cfg.attention_impl == "cudnn" and cache is None and attention_mask is not None and not cfg.sliding_window:
+      # cuDNN takes padding as sequence lengths (attention module docstring).
+      x, mask, order = attention.real_slots_first(x, attention_mask)
+      positions = attention.take_slots(jnp.broadcast_to(positions, (batch, length)), order)
+    else:
+      mask = build_mask(length, attention_mask, cache, cfg.sliding_window)
     rope = L.rope_cos_sin(positions, self.inv_freq, self.rope_scale, num_positions=num_positions)
-    mask = build_mask(length, attention_mask, cache, cfg.sliding_window)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     k_all = v_all = slots = None
@@ -204,6 +212,8 @@ class Decoder(nn.Module):
       k_all, v_all, slots = cache["k"], cache["v"], cache_slots(cache, length)
     carry = (x, k_all, v_all, jnp.zeros((), jnp.int32))
     x, k_all, v_all, _ = run_layers(self.layers, carry, mask, rope, slots, deterministic)
+    if order is not None:
+      x = attention.restore_slots(x, order)
 
     hidden = self.norm(x)
     if hidden_only:  # the caller applies lm_logits where it needs logits

@@ -38,7 +38,9 @@ class WhisperEncoderConfig:
 
   dtype is the compute dtype, param_dtype the storage dtype (either may be a
   string such as 'bfloat16'). remat_policy: see layers.REMAT_POLICY_NAMES.
-  attention_impl: '' (JAX picks), 'xla' or 'cudnn'.
+  attention_impl: '' (JAX picks), 'xla' or 'cudnn' (cuDNN's fused kernel;
+  with a feature mask the layers then run on each row's real frames moved to
+  the front, the padding given as sequence lengths).
   """
 
   model_type: str = "whisper"
@@ -230,6 +232,10 @@ class WhisperEncoder(nn.Module):
                                     name="embed_positions")(length)
     x = x + positions.astype(dtype)
     x = nn.Dropout(cfg.residual_dropout)(x, deterministic=deterministic)
+    order = None
+    if cfg.attention_impl == "cudnn" and attention_mask is not None:
+      # cuDNN takes padding as sequence lengths (speechjax.models.attention).
+      x, attention_mask, order = attention.real_slots_first(x, encoder_output_mask(frame_mask))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     layer_cls = L.maybe_remat(WhisperEncoderLayer, cfg.remat_policy, static_argnums=(3,),
@@ -243,4 +249,6 @@ class WhisperEncoder(nn.Module):
     else:
       for i in range(cfg.num_layers):
         x, _ = layer_cls(cfg, name=f"layers_{i}")(x, attention_mask, deterministic)
+    if order is not None:
+      x = attention.restore_slots(x, order)
     return L.LayerNorm(LAYER_NORM_EPS, dtype=dtype, param_dtype=pdtype, name="layer_norm")(x)
