@@ -287,7 +287,7 @@ def _jax_step(size, hf, torch_model, batch_np, mode: str, setup: Setup, attentio
 
 def train_part(out: dict, rec: Recorder, setup: Setup, size, hf, mode: str, peak, *,
                reps: int, calls: int, torch_compile: bool, attention: tuple,
-               scan_layers: bool = False, xla_twin: bool = False) -> None:
+               scan_layers: bool = False, xla_twin: bool = False, options_twin: dict | None = None) -> None:
   import torch  # pylint: disable=import-outside-toplevel
 
   from bench import common  # pylint: disable=import-outside-toplevel
@@ -349,6 +349,18 @@ def train_part(out: dict, rec: Recorder, setup: Setup, size, hf, mode: str, peak
     except Exception as e:  # pylint: disable=broad-except
       out["speechjax_xla_error"] = _error(e)
       log(f"[{mode}] speechjax XLA twin FAILED: {out['speechjax_xla_error']['error'][:500]}")
+    _free(setup)
+  if options_twin and jax_step is not None:
+    log(f"[{mode}] speechjax compiled with {options_twin}: load, trace, compile")
+    try:
+      twin_setup = dataclasses.replace(setup, compiler_options={**(setup.compiler_options or {}), **options_twin})
+      variants["speechjax_opts"] = _jax_step(size, hf, torch_model, batch_np, mode, twin_setup, attention, {},
+                                             scan_layers)
+      out["speechjax_opts"] = {"compiler_options": options_twin,
+                               "compile_seconds": variants["speechjax_opts"].compile_seconds}
+    except Exception as e:  # pylint: disable=broad-except
+      out["speechjax_opts_error"] = _error(e)
+      log(f"[{mode}] speechjax options twin FAILED: {out['speechjax_opts_error']['error'][:500]}")
     _free(setup)
   rec.write()
 
@@ -422,6 +434,8 @@ def train_part(out: dict, rec: Recorder, setup: Setup, size, hf, mode: str, peak
     out["speedup_vs_compile"] = common.paired_speedup(times["torch_compile"], times["speechjax"])
   if "speechjax" in variants and "speechjax_xla" in variants:
     out["speedup_vs_xla_attention"] = common.paired_speedup(times["speechjax_xla"], times["speechjax"])
+  if "speechjax" in variants and "speechjax_opts" in variants:
+    out["opts_speedup"] = common.paired_speedup(times["speechjax"], times["speechjax_opts"])
   flops = out.get("model_flops_per_step")
   if flops:
     out["achieved_flops_per_s"] = {k: flops / v for k, v in med.items()}
@@ -445,6 +459,66 @@ def train_part(out: dict, rec: Recorder, setup: Setup, size, hf, mode: str, peak
          if "speedup_vs_eager" in out else ""))
   del jax_step, variants, torch_model  # the XLA twin goes with the variants
   _free(setup)
+
+
+def cudnn_parity_part(out: dict) -> None:
+  """cuDNN attention (padding as sequence lengths) against XLA attention on a
+  small random bf16 decoder whose attention mask has holes and padding at
+  both ends, and a Whisper-shaped encoder with padded frames: the largest
+  difference at real positions, next to the XLA model's own bf16-vs-fp32
+  difference for scale."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from speechjax.models.decoder import Decoder, DecoderConfig  # pylint: disable=import-outside-toplevel
+  from speechjax.models.encoders.whisper import WhisperEncoder, WhisperEncoderConfig, encoder_output_mask  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.RandomState(0)
+
+  def random_params(model, *inputs):
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *inputs))["params"]
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(0, 0.05, x.shape), jnp.float32), shapes)
+
+  def compare(make, params, inputs, real):
+    got = {}
+    for name, impl, dtype in (("cudnn", "cudnn", "bfloat16"), ("xla", "", "bfloat16"), ("xla_fp32", "", "float32")):
+      got[name] = np.asarray(jax.jit(make(impl, dtype).apply)({"params": params}, *inputs), np.float32)[real]
+    return {"max_abs_diff_cudnn_vs_xla": float(np.abs(got["cudnn"] - got["xla"]).max()),
+            "max_abs_diff_xla_bf16_vs_fp32": float(np.abs(got["xla"] - got["xla_fp32"]).max()),
+            "max_abs_value": float(np.abs(got["xla_fp32"]).max())}
+
+  cfg = DecoderConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
+                      num_kv_heads=2)
+  ids = jnp.asarray(rng.randint(0, 512, (3, 96)), jnp.int32)
+  mask = np.ones((3, 96), np.int32)
+  mask[0, :7] = 0  # left padding
+  mask[1, 20:33] = 0  # a hole (padded audio slots)
+  mask[1, 80:] = 0  # right padding
+  mask = jnp.asarray(mask)
+  make = lambda impl, dtype: Decoder(dataclasses.replace(cfg, attention_impl=impl, dtype=dtype))
+  params = random_params(make("", "float32"), ids)
+  out["decoder"] = compare(lambda impl, dtype: _MaskedCall(make(impl, dtype), mask), params, (ids,),
+                           np.asarray(mask, bool))
+  enc_cfg = WhisperEncoderConfig(num_mel_bins=80, d_model=256, num_layers=2, num_heads=4, ffn_dim=512,
+                                 max_source_positions=750)
+  features = jnp.asarray(rng.randn(2, 80, 1500), jnp.float32)
+  feature_mask = jnp.asarray(np.arange(1500)[None] < np.array([[1500], [611]]), jnp.int32)
+  make_enc = lambda impl, dtype: WhisperEncoder(dataclasses.replace(enc_cfg, attention_impl=impl, dtype=dtype))
+  enc_params = random_params(make_enc("", "float32"), features, feature_mask)
+  out["encoder"] = compare(make_enc, enc_params, (features, feature_mask),
+                           np.asarray(encoder_output_mask(feature_mask), bool))
+  log(f"cuDNN vs XLA attention: {json.dumps(out)}")
+
+
+class _MaskedCall:
+  """model.apply(v, ids) -> model.apply(v, ids, attention_mask=mask)."""
+
+  def __init__(self, model, mask):
+    self.model, self.mask = model, mask
+
+  def apply(self, variables, ids):
+    return self.model.apply(variables, ids, attention_mask=self.mask)
 
 
 def decode_part(out: dict, setup: Setup, size, hf, reps: int) -> None:
@@ -491,6 +565,7 @@ def summary(results: dict) -> dict:
         "speedup_vs_eager": dig(r, "speedup_vs_eager", "median"),
         "speedup_vs_compile": dig(r, "speedup_vs_compile", "median"),
         "speedup_vs_xla_attention": dig(r, "speedup_vs_xla_attention", "median"),
+        "opts_speedup": dig(r, "opts_speedup", "median"),
         "step0_loss": r.get("step0_loss"), "step0_loss_rel_diff": r.get("step0_loss_rel_diff"),
         "speechjax_compile_seconds": dig(r, "compile_seconds", "speechjax_compile"),
         "speechjax_attention": r.get("speechjax_attention_impl"),
@@ -528,6 +603,9 @@ def parse_args(argv=None):
                  help="speechjax encoder attention (auto: cudnn on GPU, xla on CPU)")
   p.add_argument("--xla_attention_twin", action="store_true",
                  help="LoRA mode: also time speechjax with XLA attention throughout ('speechjax_xla')")
+  p.add_argument("--options_twin", default="",
+                 help="LoRA mode: also time speechjax compiled with these XLA options, a JSON object "
+                      "('speechjax_opts'; opts_speedup = its speed over the plain step)")
   p.add_argument("--scan_layers", action="store_true",
                  help="speechjax layers as one nn.scan (compiles several times faster; "
                       "default: unrolled, as HF checkpoints load)")
@@ -585,6 +663,10 @@ def run(args, command: str | None = None) -> dict:
   with rec.part("peak_matmul") as out:
     peak = peak_part(out, setup, args.peak_n or (8192 if setup.on_gpu else 256), reps=20)
 
+  if setup.on_gpu:
+    with rec.part("cudnn_parity") as out:
+      cudnn_parity_part(out)
+
   folder = tempfile.mkdtemp(prefix="gpu_bench_")
   atexit.register(shutil.rmtree, folder, ignore_errors=True)
   hf = None
@@ -619,7 +701,9 @@ def run(args, command: str | None = None) -> dict:
     with rec.part(key) as out:
       train_part(out, rec, setup, mode_size, hf, mode, peak, reps=args.reps, calls=args.calls,
                  torch_compile=args.torch_compile, attention=attention,
-                 scan_layers=args.scan_layers, xla_twin=args.xla_attention_twin and mode == "lora")
+                 scan_layers=args.scan_layers, xla_twin=args.xla_attention_twin and mode == "lora" and not batch,
+                 options_twin=json.loads(args.options_twin) if args.options_twin and mode == "lora" and not batch
+                 else None)
     mode_seconds = time.perf_counter() - start
     _free(setup)
 
