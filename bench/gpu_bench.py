@@ -4,6 +4,9 @@ and with PyTorch + transformers + peft on the same GPU, with MFU.
     python -m bench.gpu_bench --out /tmp/gpu_results.json             # H100/H200, ~5 min
     python -m bench.gpu_bench --size tiny --out /tmp/gpu_smoke.json   # CPU smoke, < 1 min
 
+Imports: JAX, Flax, optax, ml_collections (speechjax's train step), torch,
+transformers and peft; nothing of speechjax's data stack.
+
 One run, written for a single short session on a lent GPU: every part is
 wrapped, so a failure (say, on the torch side) is recorded as an error string
 and the rest still runs, and the JSON is rewritten after every part, so a run
