@@ -342,3 +342,18 @@ def test_cudnn_decoder_with_padding_holes_equals_the_masked_decoder(cudnn_as_xla
   for g, w in zip(jax.tree_util.tree_leaves(got_g), jax.tree_util.tree_leaves(want_g)):
     np.testing.assert_allclose(g, w, atol=2e-4, rtol=1e-4)
   assert np.abs(np.asarray(got)[real] - np.asarray(want)[real]).max() < 2e-5
+
+
+def test_cudnn_decoder_decodes_one_token_without_the_fused_kernel():
+  """A decoding step (one query against the KV cache) takes the one-query path
+  with attention_impl='cudnn' too: on CPU, where no cuDNN exists, it runs and
+  matches the default decoder's step."""
+  cfg = dataclasses.replace(LLAMA, sliding_window=0)
+  params = init(cfg)
+  ids, mask = tokens(length=6)
+  slot_mask = jnp.pad(mask, ((0, 0), (0, 2)))
+  cache = init_cache(cfg, 2, 8, jnp.float32)
+  cache = dict(cache, index=jnp.asarray(5, jnp.int32))
+  step = lambda c: Decoder(c).apply({"params": params}, ids[:, 5:6], attention_mask=slot_mask, cache=cache)[0]
+  np.testing.assert_allclose(jax.jit(step, static_argnums=0)(dataclasses.replace(cfg, attention_impl="cudnn")),
+                             jax.jit(step, static_argnums=0)(cfg), atol=1e-6)

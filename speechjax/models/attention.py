@@ -102,7 +102,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | SeqLength
 
   Without dropout this is jax.nn.dot_product_attention (GQA handled inside,
   fused kernels where the backend has them), or `attend_one_query` for a
-  single masked query (a decoding step) when no implementation is asked for;
+  single masked query (a decoding step) unless 'xla' is asked for by name;
   with dropout the same math is written out so probabilities can be dropped.
   Fully masked rows (padding queries) give finite garbage, never NaN.
   """
@@ -119,7 +119,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | SeqLength
                                          implementation=implementation or None)
       real = jnp.arange(q.shape[1])[None, :] < mask.lengths[:, None]
       return jnp.where(real[:, :, None, None], out, 0).astype(out.dtype)
-  if no_dropout and q.shape[1] == 1 and mask is not None and not implementation:
+  # One masked query (a decoding step): no fused kernel pays for itself there,
+  # and cuDNN's would take the mask as a bias.
+  if no_dropout and q.shape[1] == 1 and mask is not None and implementation != "xla":
     return attend_one_query(q, k, v, mask, scale=scale)
   if no_dropout:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal and mask is None,
