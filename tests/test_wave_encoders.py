@@ -376,3 +376,20 @@ def test_pipeline_keeps_log_mel_by_default_and_refuses_spec_augment_on_waves(cor
                                  audio_input=Wav2Vec2Config().audio_input())
   with pytest.raises(ValueError, match="audio_input.kind='raw'; valid: mel, wave"):
     batching.bucket_sizes_samples(config, types.SimpleNamespace(kind="raw"))
+
+
+def test_cudnn_attention_takes_the_padding_as_lengths(variant, monkeypatch):
+  """attention_impl='cudnn' passes the frame mask as sequence lengths (WavLM's
+  gated position bias beside them); XLA's attention stands in for cuDNN on CPU.
+  Real frames equal the boolean-mask encoder's, padded frames' attention is zero."""
+  fused = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, implementation=None, **k: fused(
+      *a, implementation="xla" if implementation == "cudnn" else implementation, **k))
+  model, params = load_pretrained(variant["folder"], dtype=jnp.float32)
+  waves, mask = padded_batch()
+  want = np.asarray(jax.jit(model.apply)({"params": params}, waves, mask))
+  cudnn = type(model)(dataclasses.replace(model.config, attention_impl="cudnn"))
+  got = np.asarray(jax.jit(cudnn.apply)({"params": params}, waves, mask))
+  real = np.asarray(model.config.output_mask(mask), bool)
+  assert not real.all()
+  np.testing.assert_allclose(got[real], want[real], atol=1e-5, rtol=0)

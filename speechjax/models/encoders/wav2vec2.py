@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from speechjax.models import attention
 from speechjax.models import layers as L
 from speechjax.models.encoders.base import AudioInput
 from speechjax.models.encoders.wav2vec2_layers import (
@@ -49,6 +50,8 @@ class Wav2Vec2Config:
   normalize: whether the utterance is scaled to zero mean, unit variance
   before the encoder (the checkpoint's feature extractor `do_normalize`).
   residual_dropout is HF's hidden_dropout, applied to each residual branch.
+  attention_impl: '' (JAX picks), 'xla' or 'cudnn' (cuDNN's fused kernel, the
+  padding given as sequence lengths).
   """
 
   model_type: str = "wav2vec2"
@@ -189,20 +192,20 @@ class Wav2Vec2EncoderLayer(nn.Module):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     norm = dict(eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype)
-    attention = WaveSelfAttention(cfg.num_heads, gated_bias=position_bias is not None,
-                                  dropout_rate=cfg.attention_dropout, lora=cfg.lora, dtype=dtype,
-                                  param_dtype=pdtype, implementation=cfg.attention_impl or None,
-                                  name="attention")
+    self_attention = WaveSelfAttention(cfg.num_heads, gated_bias=position_bias is not None,
+                                       dropout_rate=cfg.attention_dropout, lora=cfg.lora, dtype=dtype,
+                                       param_dtype=pdtype, implementation=cfg.attention_impl or None,
+                                       name="attention")
     dropout = nn.Dropout(cfg.residual_dropout)
     feed_forward = FeedForward(cfg, name="feed_forward")
     attention_norm = L.LayerNorm(**norm, name="layer_norm")
     final_norm = L.LayerNorm(**norm, name="final_layer_norm")
     if cfg.do_stable_layer_norm:
-      h = attention(attention_norm(x), attention_mask, position_bias, deterministic)
+      h = self_attention(attention_norm(x), attention_mask, position_bias, deterministic)
       x = x + dropout(h, deterministic=deterministic)
       x = x + feed_forward(final_norm(x), deterministic)
     else:
-      h = attention(x, attention_mask, position_bias, deterministic)
+      h = self_attention(x, attention_mask, position_bias, deterministic)
       x = attention_norm(x + dropout(h, deterministic=deterministic))
       x = final_norm(x + feed_forward(x, deterministic))
     return x, None
@@ -238,7 +241,10 @@ class Wav2Vec2Encoder(nn.Module):
       x = jnp.where(input_mask.astype(bool), x, 0.0)
       lengths = jnp.sum(input_mask.astype(jnp.int32), axis=-1)
       frame_mask = cfg.output_mask(input_mask)
-      attention_mask = frame_mask[:, None, None, :]
+      if cfg.attention_impl == "cudnn":  # a prefix mask: cuDNN takes it as lengths (models.attention)
+        attention_mask = attention.SeqLengths(jnp.sum(frame_mask, axis=-1, dtype=jnp.int32))
+      else:
+        attention_mask = frame_mask[:, None, None, :]
     x = FeatureExtractor(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride, cfg.conv_bias,
                          cfg.feat_extract_norm, cfg.feat_extract_activation, dtype, pdtype,
                          name="feature_extractor")(x.astype(dtype), lengths)

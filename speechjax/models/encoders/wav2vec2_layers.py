@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from speechjax.models import attention
 from speechjax.models import layers as L
 from speechjax.models.lora import Dense, LoRAConfig
 
@@ -215,7 +216,16 @@ class RelativePositionBias(nn.Module):
 
 def attend_with_bias(q, k, v, bias, mask, *, dropout_rate: float, dropout_rng,
                      implementation: str | None):
-  """q/k/v [B,T,N,D], bias [B,N,T,S] or None, mask [B,1,1,S] or None -> [B,T,N,D]."""
+  """q/k/v [B,T,N,D], bias [B,N,T,S] or None, mask [B,1,1,S], attention.SeqLengths
+  (outputs at padded frames are then zeros) or None -> [B,T,N,D]."""
+  if isinstance(mask, attention.SeqLengths):
+    if dropout_rng is None or dropout_rate == 0.0:
+      bias = None if bias is None else bias.astype(q.dtype)
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias, query_seq_lengths=mask.lengths,
+                                         key_value_seq_lengths=mask.lengths, implementation=implementation or None)
+      real = jnp.arange(q.shape[1])[None, :] < mask.lengths[:, None]
+      return jnp.where(real[:, :, None, None], out, 0).astype(out.dtype)
+    mask = attention.seq_lengths_mask(mask, q.shape[1], causal=False)
   if dropout_rng is None or dropout_rate == 0.0:
     bias = None if bias is None else bias.astype(q.dtype)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
