@@ -321,10 +321,11 @@ def test_real_slots_first_round_trip():
   np.testing.assert_array_equal(attention.restore_slots(packed, order), x)
 
 
-def test_cudnn_decoder_with_padding_holes_equals_the_masked_decoder(cudnn_as_xla):
+@pytest.mark.parametrize("stack", [{}, {"scan_layers": True, "remat_policy": "full"}], ids=["unrolled", "scan_remat"])
+def test_cudnn_decoder_with_padding_holes_equals_the_masked_decoder(cudnn_as_xla, stack):
   """attention_impl='cudnn' moves real slots to the front and passes lengths; at every
   real position logits and gradients equal those of the boolean-mask decoder."""
-  cfg = dataclasses.replace(LLAMA, sliding_window=0)
+  cfg = dataclasses.replace(LLAMA, sliding_window=0, **stack)
   params = init(cfg)
   ids, _ = tokens(length=9)
   mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1, 1],  # left padding
