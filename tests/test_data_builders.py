@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from speechjax.data import build as build_cli
-from speechjax.data import sources, validate
+from speechjax.data import fields, sources, validate
 from speechjax.data.builders import covost2, instructions, librispeech, manifest
 
 
@@ -106,7 +106,7 @@ def test_manifest_builder_keeps_good_and_lists_every_bad_kind(corpus_dir):
   meta = manifest.dataset_metadata(dataset_dir)
   assert meta["label_names"] == ["lights_on"]
   assert meta["num_samples"]["train"] == [16000, 24000, 8000]
-  mask = manifest.field_mask
+  mask = fields.field_mask
   assert meta["fields"]["train"] == [
       mask(["text", "label"]), mask(["text", "translation"]), mask(["text", "prompt", "target"])
   ]
@@ -242,7 +242,7 @@ def test_instruction_builder_makes_one_example_per_turn(tmp_path):
        "target": "Light."},
       {"id": "a-1", "text": "", "translation": "", "prompt": "<audio> Polite?", "target": "No."},
       {"id": "train-000002", "text": "play jazz", "translation": "", "prompt": "", "target": ""}]
-  mask = manifest.field_mask
+  mask = fields.field_mask
   assert manifest.dataset_metadata(result["dataset_dir"])["fields"]["train"] == [
       mask(["text", "translation", "prompt", "target"]), mask(["prompt", "target"]), mask(["text"])]
   _write_manifest(tmp_path / "bad.jsonl", [{"audio": "a.wav", "turns": [{"instruction": "Q?"}]}])

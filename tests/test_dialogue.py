@@ -192,8 +192,7 @@ def test_a_batch_mixing_dialogues_and_single_clips(tiny_corpus):
   segments, its placeholders for the empty segment come first and are masked."""
   import transformers
 
-  from speechjax.data import batching
-  from speechjax.data.builders import manifest as manifest_builder
+  from speechjax.data import batching, fields
   from speechjax.data.config import default_data_config
 
   tok = transformers.PreTrainedTokenizerFast.from_pretrained(tiny_corpus[1])
@@ -205,7 +204,7 @@ def test_a_batch_mixing_dialogues_and_single_clips(tiny_corpus):
   records = [{"id": "a", "text": "turn on the lights", "audio": clip(4000)},
              {"id": "d", "dialogue": json.dumps(turns), "audio": np.concatenate([first, second])}]
   info = sources.SourceInfo(np.array([r["audio"].size for r in records]),
-                            np.array([manifest_builder.field_bits(r) for r in records], np.int32))
+                            np.array([fields.field_bits(r) for r in records], np.int32))
   config = default_data_config()
   config.update(tasks=("asr", "dialogue"), task_weights=(1.0, 1.0), audio_buckets_seconds=(1.0,),
                 token_buckets=(128,))

@@ -82,11 +82,11 @@ def test_skipped_lines_are_listed_once_in_the_run_folder(tmp_path):
 
 
 def test_evaluation_counts_each_skipped_line_once(tmp_path):
-  from speechjax.data.builders import manifest as manifest_builder
+  from speechjax.data import fields
   from speechjax.evaluate import count_skipped
 
   # 5 lines left out when the source was read, 4 usable examples, scored on 3 tasks.
-  bits = manifest_builder.field_bits
+  bits = fields.field_bits
   fields = [bits({"text": "a", "translation": "b", "label": "c"})] * 3 + [bits({"text": "a"})]
   info = sources.SourceInfo(np.full(4, 16000, np.int64), np.asarray(fields, np.int32), ("c",), 5)
   data_cfg = {"max_audio_seconds": 30.0}

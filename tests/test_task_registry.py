@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from speechjax.data import batching, pipeline, sources, tasks
+from speechjax.data import batching, fields, pipeline, sources, tasks
 from speechjax.data import config as data_config
 from speechjax.data import prompts as prompts_lib
 from speechjax.data.builders import manifest
@@ -152,10 +152,10 @@ def test_builder_stores_and_requires_the_fields_of_the_tasks_in_use(registered, 
           {"audio": audio[1], "text": "play some jazz", "emotion": "happy"},
           {"audio": audio[2], "text": "stop", "label": "stop"}]
   path = _write_manifest(str(tmp_path), rows)
-  assert manifest.fields_required_by(("classify",)) == ("label",)
-  assert manifest.fields_required_by(("asr", "count_words")) == ("text",)
-  assert manifest.fields_required_by(("asr", "emotion")) == ()
-  assert "emotion" in manifest.stored_fields() and "emotion" in manifest.field_names()
+  assert fields.fields_required_by(("classify",)) == ("label",)
+  assert fields.fields_required_by(("asr", "count_words")) == ("text",)
+  assert fields.fields_required_by(("asr", "emotion")) == ()
+  assert "emotion" in fields.stored_fields() and "emotion" in fields.field_names()
 
   # Built for classification only, the line without "text" is kept.
   labels_dir = manifest.build_manifest_dataset({"train": path}, str(tmp_path / "tfds"), "labels",

@@ -20,6 +20,7 @@ from speechjax.data import audio as audio_lib
 from speechjax.data import augment, encoder_cache
 from speechjax.data import dialogue as dialogue_lib
 from speechjax.data import features as features_lib
+from speechjax.data import fields as fields_lib
 from speechjax.data import prompts as prompts_lib
 from speechjax.data import tasks as tasks_lib
 from speechjax.data.config import default_data_config
@@ -108,8 +109,7 @@ def eligible_indices(info, task_list: Sequence[str], weights: Sequence[float] | 
       raise ValueError(f"Unknown task {task!r} in data.tasks; registered: {tasks_lib.task_names()}")
     if weight > 0:
       # Imported here: it imports tensorflow_datasets (~0.3 s), which decoding never needs.
-      from speechjax.data.builders import manifest as manifest_builder  # pylint: disable=import-outside-toplevel
-      bits = manifest_builder.task_mask(task)
+      bits = fields_lib.task_mask(task)
       ok |= (info.fields & bits) == bits
   if max_seconds:
     ok &= info.num_samples <= max_seconds * audio_lib.SAMPLE_RATE

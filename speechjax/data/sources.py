@@ -19,14 +19,14 @@ from absl import logging
 import numpy as np
 
 from speechjax.data import audio as audio_lib
+from speechjax.data import fields as fields_lib
 from speechjax.data import validate
-from speechjax.data.builders import manifest as manifest_builder
 
 
 @dataclasses.dataclass
 class SourceInfo:
   num_samples: np.ndarray  # int64 [N]
-  fields: np.ndarray  # int32 [N], manifest_builder.field_bits (layout: field_names())
+  fields: np.ndarray  # int32 [N], fields_lib.field_bits (layout: field_names())
   label_names: tuple[str, ...] = ()
   num_skipped: int = 0
   # The lines left out when the source was built or read (validate.Skipped:
@@ -40,7 +40,7 @@ def scan_info(source, label_names: Sequence[str] | None = None) -> SourceInfo:
   for i in range(len(source)):
     record = source[i]
     num_samples.append(int(np.asarray(record["audio"]).size))
-    fields.append(manifest_builder.field_bits(record))
+    fields.append(fields_lib.field_bits(record))
     label = record.get("label")
     label = label.decode("utf-8") if isinstance(label, bytes) else label
     if label:
@@ -54,12 +54,13 @@ def tfds_split(dataset_dir: str, split: str, name: str | None = None):
 
   Falls back to scanning records when the dataset lacks our metadata.
   """
+  from speechjax.data.builders import manifest as manifest_builder  # pylint: disable=import-outside-toplevel
   builder = manifest_builder.open_dataset(dataset_dir, name)
   source = builder.as_data_source(split=split)
   metadata = dict(builder.info.metadata or {})
   if split in metadata.get("num_samples", {}):
     info = SourceInfo(np.asarray(metadata["num_samples"][split], np.int64),
-                      manifest_builder.split_field_bits(metadata, split),
+                      fields_lib.split_field_bits(metadata, split),
                       tuple(metadata.get("label_names", ())),
                       int(metadata.get("num_skipped", {}).get(split, 0)),
                       built_skipped(dataset_dir, split, name))
@@ -74,6 +75,7 @@ def tfds_split(dataset_dir: str, split: str, name: str | None = None):
 
 def built_skipped(dataset_dir: str, split: str, name: str | None = None) -> list[validate.Skipped]:
   """The lines the builder of a dataset left out of `split` (its skipped.jsonl)."""
+  from speechjax.data.builders import manifest as manifest_builder  # pylint: disable=import-outside-toplevel
   path = os.path.join(manifest_builder.resolve_dataset_dir(dataset_dir, name), "skipped.jsonl")
   if not os.path.exists(path):
     return []
@@ -140,7 +142,7 @@ class ManifestSource:
     labels = sorted({r["label"] for r in self._records if r["label"]})
     self.info = SourceInfo(
         np.asarray([r["num_samples"] for r in self._records], np.int64),
-        np.asarray([manifest_builder.field_bits(r) for r in self._records], np.int32),
+        np.asarray([fields_lib.field_bits(r) for r in self._records], np.int32),
         tuple(label_names) if label_names is not None else tuple(labels), len(self.skipped),
         list(self.skipped))
 
@@ -174,7 +176,7 @@ def open_source(config, split: str, label_names: Sequence[str] | None = None):
     return ConcatSource([p[0] for p in parts]), concat_info([p[1] for p in parts])
   if split.endswith(".jsonl"):
     source = ManifestSource(split, max_seconds=config.get("max_audio_seconds", 30.0),
-                            required_fields=manifest_builder.fields_required_by(
+                            required_fields=fields_lib.fields_required_by(
                                 tuple(config.get("tasks", ("asr",)))),
                             label_names=label_names)
     return source, source.info
