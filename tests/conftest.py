@@ -14,7 +14,31 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# One XLA compilation cache for the whole session: the pytest process that starts first
+# makes the folder, and the xdist workers and every subprocess a test starts inherit it, so
+# a program compiled once (the tiny model's initialiser and train step, ~10 s each on 2
+# cores) is read back by every later test that builds it, whichever process it runs in.
+# The key covers the program, its devices, XLA flags and compiler options, so a hit is
+# the executable a compile would give. A run whose config names its own
+# `compile_cache_dir` (the tests of that feature) still uses its own folder.
+_OWN_XLA_CACHE = "SPEECHJAX_TEST_XLA_CACHE" not in os.environ
+if _OWN_XLA_CACHE:
+  import tempfile
+
+  os.environ["SPEECHJAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="speechjax-test-xla-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["SPEECHJAX_TEST_XLA_CACHE"])
+# A size limit turns on the cache's file lock: two workers never read a half-written entry.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
+
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_XLA_CACHE:
+    import shutil
+
+    shutil.rmtree(os.environ["SPEECHJAX_TEST_XLA_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
