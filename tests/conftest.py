@@ -6,8 +6,11 @@ These must be set before JAX or transformers is imported anywhere.
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+# LLVM at -O0: the tests compile hundreds of small programs and run most of them a few
+# times, so code generation is most of their XLA time. The HLO passes (fusion, layout,
+# sharding) are the same at every level; only the machine code is less optimised.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
