@@ -9,8 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # LLVM at -O0: the tests compile hundreds of small programs and run most of them a few
 # times, so code generation is most of their XLA time. The HLO passes (fusion, layout,
 # sharding) are the same at every level; only the machine code is less optimised.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+# XLA_FLAGS that name a level keep it.
+_flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+if "--xla_backend_optimization_level" not in _flags:
+  _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -117,10 +120,31 @@ SLOW_TESTS = (
 )
 
 
+# The longest tests (60-330 s each on 2 cores, `pytest --durations`), started first, longest
+# first: with two xdist workers the short tests then fill in around them, instead of one
+# long test starting last and running alone at the end of the session.
+LONGEST_FIRST = (
+    "test_demo.py::test_quick_demo_end_to_end",
+    "test_compile.py::test_reduced_slam_asr_wave_encoder_variants_fit_a_v5e_16_slice",
+    "test_compile.py::test_reduced_slam_asr_fits_a_v5e_16_slice",
+    "test_sweep.py::test_sweep_runs_scores_skips_and_tabulates",
+    "test_recipe_table.py::test_reduced_recipe_fits_its_documented_slice",
+    "test_multihost.py::test_two_processes_evaluate_what_one_process_evaluates",
+)
+
+
+def _matches(nodeid: str, entries) -> int | None:
+  """Index of the first entry of `entries` that node id falls under, else None."""
+  path = nodeid.removeprefix("tests/")
+  for index, entry in enumerate(entries):
+    if path == entry or path.startswith((entry + "::", entry + "[")):
+      return index
+  return None
+
+
 def is_slow(nodeid: str) -> bool:
   """Whether a node id ("tests/test_x.py::test_y[param]") falls under an entry of SLOW_TESTS."""
-  path = nodeid.removeprefix("tests/")
-  return any(path == entry or path.startswith((entry + "::", entry + "[")) for entry in SLOW_TESTS)
+  return _matches(nodeid, SLOW_TESTS) is not None
 
 
 def pytest_collection_modifyitems(config, items):
@@ -128,3 +152,5 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if is_slow(item.nodeid):
       item.add_marker(pytest.mark.slow)
+  rank = {id(item): _matches(item.nodeid, LONGEST_FIRST) for item in items}
+  items.sort(key=lambda item: len(LONGEST_FIRST) if rank[id(item)] is None else rank[id(item)])  # stable

@@ -67,18 +67,20 @@ def test_violations_of_the_house_style_are_reported(tmp_path):
   assert rules_reported(tmp_path, source) == {"I001", "F401", "Q000", "E501"}
 
 
-def test_slow_table_names_existing_tests():
-  """A renamed test or file would silently drop out of the slow set and into `make test-fast`."""
+@pytest.mark.parametrize("table", ["SLOW_TESTS", "LONGEST_FIRST"])
+def test_test_tables_name_existing_tests(table):
+  """A renamed test or file would silently drop out of the slow set and into `make test-fast`
+  (or out of the longest-first order)."""
   tests_dir = os.path.dirname(os.path.abspath(__file__))
-  for entry in conftest.SLOW_TESTS:
+  for entry in getattr(conftest, table):
     file_name, _, test_name = entry.partition("::")
     path = os.path.join(tests_dir, file_name)
-    assert os.path.isfile(path), f"tests/conftest.py SLOW_TESTS: {entry!r}: no file tests/{file_name}"
+    assert os.path.isfile(path), f"tests/conftest.py {table}: {entry!r}: no file tests/{file_name}"
     if test_name:
       with open(path) as f:
         source = f.read()
       assert re.search(rf"^def {re.escape(test_name)}\(", source, re.M), (
-          f"tests/conftest.py SLOW_TESTS: {entry!r}: tests/{file_name} has no test {test_name}")
+          f"tests/conftest.py {table}: {entry!r}: tests/{file_name} has no test {test_name}")
 
 
 def test_is_slow_matches_files_tests_and_parametrizations_only():
@@ -88,3 +90,21 @@ def test_is_slow_matches_files_tests_and_parametrizations_only():
   assert conftest.is_slow(f"tests/{entry}") and conftest.is_slow(f"tests/{entry}[param]")
   assert not conftest.is_slow(f"tests/{entry}_with_a_longer_name")
   assert not conftest.is_slow("tests/test_lint.py::test_repository_passes_ruff")
+
+
+def test_the_longest_tests_are_collected_first():
+  """make test starts the LONGEST_FIRST tests before the rest, in the table's order; the
+  others keep theirs."""
+
+  class Item:
+    def __init__(self, nodeid):
+      self.nodeid, self.markers = nodeid, []
+
+    def add_marker(self, marker):
+      self.markers.append(marker)
+
+  last, first = conftest.LONGEST_FIRST[-1], conftest.LONGEST_FIRST[0]
+  ids = ["tests/test_a.py::test_x", f"tests/{last}[p]", "tests/test_b.py::test_y", f"tests/{first}"]
+  items = [Item(i) for i in ids]
+  conftest.pytest_collection_modifyitems(None, items)
+  assert [i.nodeid for i in items] == [ids[3], ids[1], ids[0], ids[2]]
