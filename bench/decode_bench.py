@@ -13,9 +13,11 @@ speechjax: an id past the vocabulary), so every row generates exactly
 max_new_tokens and both sides do the same work.
 
 Where the time goes (fp32, 2 cores; `jax.profiler` trace of the compiled
-generate joined to its HLO): the per-token step is bound by reading the
-weights, ~108 MB per token for this 27M-parameter LM, so batch 8 and batch 32
-cost nearly the same per step. The prefill of 32 prompt tokens is ~100 ms of
+generate joined to its HLO): the per-token step reads every weight once,
+~108 MB per token for this 27M-parameter LM, in few-row matrix products that
+read weights at a fifth to a third of the machine's streaming rate in XLA and
+PyTorch alike (bench/small_matmul_probe.py); batch 32 costs 1.4-1.9x batch 8
+per step. The prefill of 32 prompt tokens is ~100 ms of
 a ~1.2 s generate; the token loop is one `while_loop` inside the compiled
 program, so there is no host round trip per token. Per greedy token: the
 matrix products ~80 % (MLP 55 %, LM head 13 %), reading a layer's K/V out of

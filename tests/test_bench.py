@@ -91,3 +91,13 @@ def test_torch_pipeline_reproduces_speechjax_transcription(tiny_corpus, tmp_path
   np.testing.assert_allclose(got[got_mask], np.asarray(expected)[got_mask], atol=2e-4, rtol=0)
 
   assert torch_transcribe.transcribe(export, spec, paths) == [text for _, text, _ in transcriber(paths)]
+
+
+def test_small_matmul_probe_variants_compute_the_same_product():
+  from bench import small_matmul_probe
+
+  lines = []
+  result = small_matmul_probe.probe(rows=2, rounds=1, log=lines.append)  # raises if a variant's product differs
+  assert set(result) == {"nn", "nt", "w_xt", "mul_sum", "torch_nn", "xla_stream_sum", "torch_stream_sum"}
+  assert result["nn"]["vs_nn"] == 1.0 and all(r["gb_per_s"] > 0 for r in result.values())
+  assert len(lines) == len(result) and lines[0].startswith("rows   2  nn")
