@@ -22,10 +22,11 @@ ratio to `nn`.
 from __future__ import annotations
 
 import os
-import time
 
 from absl import app, flags
 import numpy as np
+
+from bench import common
 
 flags.DEFINE_list("rows", ["8", "32"], "Row counts to probe.")
 flags.DEFINE_integer("rounds", 9, "Interleaved timing rounds.")
@@ -47,8 +48,8 @@ def probe(rows: int, rounds: int, log=print) -> dict[str, dict[str, float]]:
   x = rs.randn(rows, IN).astype(np.float32)
   kernels = [jnp.asarray(w) for w in weights]
   kernels_t = [jnp.asarray(np.ascontiguousarray(w.T)) for w in weights]
-  flat = jnp.asarray(np.concatenate([w.ravel() for w in weights]))
-  x_j = jnp.asarray(x)
+  flat_np = np.concatenate([w.ravel() for w in weights])
+  flat, x_j = jnp.asarray(flat_np), jnp.asarray(x)
 
   def chained(product, ws):
     # Each product's input depends on the previous output, as a decoder's layers do.
@@ -61,8 +62,7 @@ def probe(rows: int, rounds: int, log=print) -> dict[str, dict[str, float]]:
     return lambda: run(x_j, ws).block_until_ready()
 
   total = jax.jit(jnp.sum)
-  torch_ws, torch_x, torch_flat = [torch.from_numpy(w) for w in weights], torch.from_numpy(x), torch.from_numpy(
-      np.concatenate([w.ravel() for w in weights]))
+  torch_ws, torch_x, torch_flat = [torch.from_numpy(w) for w in weights], torch.from_numpy(x), torch.from_numpy(flat_np)
 
   def torch_nn():
     with torch.inference_mode():
@@ -80,24 +80,17 @@ def probe(rows: int, rounds: int, log=print) -> dict[str, dict[str, float]]:
       "xla_stream_sum": lambda: total(flat).block_until_ready(),
       "torch_stream_sum": lambda: torch_flat.sum(),
   }
-  reference = np.asarray(variants["nn"]())
+  outputs = {name: np.asarray(fn()) for name, fn in variants.items()}  # warm-up: compiles out of the rounds
   for name in ("nt", "w_xt", "mul_sum"):
-    diff = float(np.abs(np.asarray(variants[name]()) - reference).max())
+    diff = float(np.abs(outputs[name] - outputs["nn"]).max())
     if diff > 1e-3:
       raise RuntimeError(f"small_matmul_probe: variant {name} differs from nn by {diff}")
-  variants["torch_nn"]()
-  times = {name: [] for name in variants}
-  for _ in range(rounds):
-    for name, fn in variants.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
+  times = common.interleaved_timings(variants, rounds)
   nbytes = NUM_MATRICES * IN * OUT * 4
   result = {}
   for name, ts in times.items():
-    ts = np.asarray(ts)
-    result[name] = {"gb_per_s": nbytes / float(np.median(ts)) / 1e9,
-                    "vs_nn": float(np.median(np.asarray(times["nn"]) / ts))}
+    result[name] = {"gb_per_s": nbytes / common.spread(ts)["median"] / 1e9,
+                    "vs_nn": common.paired_speedup(times["nn"], ts)["median"]}
     log(f"rows {rows:3d}  {name:16s} {result[name]['gb_per_s']:5.1f} GB/s   {result[name]['vs_nn']:.2f}x nn")
   return result
 
