@@ -152,5 +152,10 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if is_slow(item.nodeid):
       item.add_marker(pytest.mark.slow)
-  rank = {id(item): _matches(item.nodeid, LONGEST_FIRST) for item in items}
-  items.sort(key=lambda item: len(LONGEST_FIRST) if rank[id(item)] is None else rank[id(item)])  # stable
+  items.sort(key=_start_rank)  # stable: the rest keep their order
+
+
+def _start_rank(item) -> int:
+  """Its index in LONGEST_FIRST, or after all of them."""
+  rank = _matches(item.nodeid, LONGEST_FIRST)
+  return len(LONGEST_FIRST) if rank is None else rank
