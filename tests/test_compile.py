@@ -124,7 +124,7 @@ def test_an_out_of_memory_compile_is_a_batch_that_does_not_fit(monkeypatch):
   config = load_config("tiny.py", **{"data.batch_size": 8})
   target = topology.resolve_target("", hbm_gib=1.0)
 
-  def compile_step(cfg, tgt, fail="RESOURCE_EXHAUSTED: Ran out of memory on HBM"):
+  def compile_step(cfg, tgt, fail="RESOURCE_EXHAUSTED: Ran out of memory on HBM", optimization_effort=0.0):
     batch = int(cfg.data.batch_size)
     if batch > 16:
       raise RuntimeError(fail)
@@ -137,7 +137,7 @@ def test_an_out_of_memory_compile_is_a_batch_that_does_not_fit(monkeypatch):
   refused = [p for p in result["probes"] if p["total_bytes_per_chip"] is None]
   assert refused and all(p["batch_size"] > 16 and not p["fits"] for p in refused)
   monkeypatch.setattr(compile_report, "compile_train_step",
-                      lambda cfg, tgt: compile_step(cfg, tgt, fail="INVALID_ARGUMENT: bad sharding"))
+                      lambda cfg, tgt, **_: compile_step(cfg, tgt, fail="INVALID_ARGUMENT: bad sharding"))
   with pytest.raises(RuntimeError, match="bad sharding"):
     compile_report.find_max_batch(config, target, max_probes=6)
 
@@ -219,7 +219,7 @@ def test_reduced_slam_asr_fits_a_v5e_16_slice():
                                          "model.encoder.scan_layers": False, "model.decoder.scan_layers": False,
                                          "data.audio_buckets_seconds": (4.0,), "data.max_audio_seconds": 4.0,
                                          "data.token_buckets": (128,), "data.batch_size": 16})
-  report = compile_report.run(config, topology="v5e-16")
+  report = compile_report.run(config, topology="v5e-16", optimization_effort=-1.0)  # half the compile time
   assert (report["num_chips"], report["chip"], report["mesh"]["fsdp"]) == (16, "v5e", 16)
   assert report["hbm_bytes_per_chip"] == 16 * 2**30 and report["peak_bf16_flops_per_chip"] == 197e12
   assert report["fits"] and 0 < report["per_chip_bytes"]["total"] < 16 * 2**30
@@ -241,7 +241,7 @@ def test_reduced_slam_asr_wave_encoder_variants_fit_a_v5e_16_slice(variant):
       "model.decoder.scan_layers": False, "data.audio_buckets_seconds": (2.0,), "data.max_audio_seconds": 2.0,
       "data.token_buckets": (128,), "data.batch_size": 16})
   assert config.model.decoder.hidden_size == 4096 and config.model.encoder.conv_dim == (512,) * 7
-  report = compile_report.run(config, topology="v5e-16")
+  report = compile_report.run(config, topology="v5e-16", optimization_effort=-1.0)
   assert report["num_chips"] == 16 and report["fits"] and 0 < report["per_chip_bytes"]["total"] < 16 * 2**30
   # 32000 samples -> 99 frames of 20 ms after the 7 convolutions (320x) -> 20 tokens after
   # stacking 5 (the last stack padded).
@@ -254,6 +254,16 @@ def test_two_slices_put_the_data_axis_across_them():
                               count_flops=False)
   assert report["num_chips"] == 16 and report["num_slices"] == 2
   assert report["mesh"] == {"data": 16, "fsdp": 1, "tensor": 1}
+  # The low-effort compile the real-width tests use reaches XLA:TPU: another program, same mesh.
+  quick = compile_report.run(load_config("tiny.py", **{"data.batch_size": 32}), topology="v5e-8", num_slices=2,
+                             count_flops=False, optimization_effort=-1.0)
+  assert quick["mesh"] == report["mesh"] and quick["optimization_effort"] == -1.0
+  assert quick["per_chip_bytes"]["generated_code"] < report["per_chip_bytes"]["generated_code"]
+
+
+def test_an_optimization_effort_outside_its_range_is_refused():
+  with pytest.raises(ValueError, match=r"--optimization_effort=2.0 must lie in \[-1, 1\]"):
+    compile_report.run(load_config("tiny.py"), optimization_effort=2.0)
 
 
 def test_one_cpu_device_report_compiles_the_step_as_the_trainer_does():

@@ -25,6 +25,13 @@ report therefore gives two rooflines: `roofline_step_seconds` from compiled
 FLOPs and `model_roofline_step_seconds` from model FLOPs (the step time at
 100 % MFU).
 
+`optimization_effort` is XLA's execution-time optimisation effort, in [-1, 1]
+(0, the default, is the program the trainer compiles). -1 roughly halves
+XLA:TPU's compile time of a real-width step (a one-layer slam_asr on v5e-16:
+42 s -> 22 s on a 2-core CPU) for a quick check of widths, sharding and fit;
+the program is optimised less, so its memory figures are its own (temporaries
+1.30 GiB against 1.74 GiB at 0 in that example), not the trainer's.
+
 Model FLOPs count the matmuls the model needs, with no recomputation: for a
 weight of n elements applied at T tokens per example, 2nT for the forward pass,
 2nT more for the gradient of its input when the backward pass runs through it
@@ -78,12 +85,22 @@ def with_overrides(config, **overrides):
   return config
 
 
-def compile_train_step(config, target: Target):
+def check_optimization_effort(effort: float) -> float:
+  effort = float(effort)
+  if not -1.0 <= effort <= 1.0:
+    raise ValueError(f"--optimization_effort={effort} must lie in [-1, 1] (0 = what the trainer compiles)")
+  return effort
+
+
+def compile_train_step(config, target: Target, *, optimization_effort: float = 0.0):
   """-> (compiled, info from lowering.lower_train_step, seconds spent)."""
   start = time.perf_counter()
   mesh = mesh_for(config, target)
   lowered, info = lowering.lower_train_step(config, mesh)
-  compiled = lowered.compile(step_lib.compiler_options(mesh.devices.flat))  # as the trainer compiles it
+  options = step_lib.compiler_options(mesh.devices.flat)  # as the trainer compiles it
+  if optimization_effort:
+    options = {**options, "exec_time_optimization_effort": check_optimization_effort(optimization_effort)}
+  compiled = lowered.compile(options)
   seconds = time.perf_counter() - start
   log.info("compiled the train step for %s (batch %d) in %.0f s", target.name, info["geometry"]["batch_size"], seconds)
   return compiled, info, seconds
@@ -114,7 +131,8 @@ def _scanned_stacks(config) -> tuple[str, ...]:
   return tuple(s for s in stacks if "num_layers" in config.model[s] and config.model[s].get("scan_layers", False))
 
 
-def compiled_flops_per_chip(config, target: Target, xla_flops: float) -> tuple[float, str, int]:
+def compiled_flops_per_chip(config, target: Target, xla_flops: float, *,
+                            optimization_effort: float = 0.0) -> tuple[float, str, int]:
   """-> (FLOPs of one chip per step, how they were counted, extra compiles);
   `xla_flops`: the compiled step's own count (right unless layers are scanned)."""
   if not _scanned_stacks(config):
@@ -123,11 +141,12 @@ def compiled_flops_per_chip(config, target: Target, xla_flops: float) -> tuple[f
   base = {f"model.{s}.{k}": v for s in stacks for k, v in (("scan_layers", False), ("num_layers", 1))}
   if config.train.mode == "top_n":
     base["train.top_n_layers"] = 1
-  f_base = flops_per_chip(compile_train_step(with_overrides(config, **base), target)[0])
+  compile_ = lambda c: compile_train_step(c, target, optimization_effort=optimization_effort)[0]
+  f_base = flops_per_chip(compile_(with_overrides(config, **base)))
   total = f_base
   for s in stacks:
     two_layers = with_overrides(config, **{**base, f"model.{s}.num_layers": 2})
-    f_two = flops_per_chip(compile_train_step(two_layers, target)[0])
+    f_two = flops_per_chip(compile_(two_layers))
     total += (int(config.model[s].num_layers) - 1) * (f_two - f_base)
   return total, "cost_analysis of unrolled 1- and 2-layer compiles, extrapolated per layer stack", 1 + len(stacks)
 
@@ -177,9 +196,10 @@ def _rate(amount: float, seconds: float | None) -> float | None:
   return amount / seconds if seconds else None
 
 
-def compile_report(config, target: Target, *, count_flops: bool = True, hbm_margin: float = HBM_MARGIN) -> dict:
+def compile_report(config, target: Target, *, count_flops: bool = True, hbm_margin: float = HBM_MARGIN,
+                   optimization_effort: float = 0.0) -> dict:
   """Compiles the train step for `target` and returns the report (JSON-able)."""
-  compiled, info, seconds = compile_train_step(config, target)
+  compiled, info, seconds = compile_train_step(config, target, optimization_effort=optimization_effort)
   memory = memory_per_chip(compiled)
   geometry = info["geometry"]
   num_chips = target.num_chips
@@ -191,6 +211,7 @@ def compile_report(config, target: Target, *, count_flops: bool = True, hbm_marg
       "per_chip_bytes": memory, "hbm_bytes_per_chip": target.hbm_bytes_per_chip, "hbm_margin": hbm_margin,
       "fits": memory["total"] <= target.hbm_bytes_per_chip * (1 - hbm_margin),
       "peak_bf16_flops_per_chip": target.peak_flops_per_chip, "compile_seconds": round(seconds, 1),
+      "optimization_effort": float(optimization_effort),
   }
   report.update(model_flops(info))
   tokens = geometry["batch_size"] * (geometry["encoder_tokens"] if info["model_kind"] == "ctc" else geometry["tokens"])
@@ -207,7 +228,8 @@ def compile_report(config, target: Target, *, count_flops: bool = True, hbm_marg
                   roofline_step_seconds=None, tokens_per_second_at_roofline=None,
                   audio_seconds_per_second_at_roofline=None, model_roofline_step_seconds=model_roofline)
     return report
-  per_chip, method, extra = compiled_flops_per_chip(config, target, xla_flops)
+  per_chip, method, extra = compiled_flops_per_chip(config, target, xla_flops,
+                                                    optimization_effort=optimization_effort)
   flops = per_chip * num_chips
   roofline = flops / (num_chips * target.peak_flops_per_chip) if target.peak_flops_per_chip else None
   report.update(
@@ -228,7 +250,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def find_max_batch(config, target: Target, *, max_probes: int = 10, hbm_margin: float = HBM_MARGIN,
-                   known: dict[int, int] | None = None) -> dict:
+                   known: dict[int, int] | None = None, optimization_effort: float = 0.0) -> dict:
   """The largest global batch (a multiple of the data-parallel size) whose
   train step fits: doubling from the config's batch until one does not fit (or
   halving until one does), then bisecting between the two. Each probe is one
@@ -243,7 +265,8 @@ def find_max_batch(config, target: Target, *, max_probes: int = 10, hbm_margin: 
     if compiled:
       start = time.perf_counter()
       try:
-        program, _, seconds = compile_train_step(with_overrides(config, **{"data.batch_size": batch}), target)
+        program, _, seconds = compile_train_step(with_overrides(config, **{"data.batch_size": batch}), target,
+                                                 optimization_effort=optimization_effort)
         total = memory_per_chip(program)["total"]
       except Exception as e:  # noqa: BLE001  (only an out-of-memory compile is an answer)
         if not is_out_of_memory(e):
@@ -330,14 +353,16 @@ def batch_for_target(config, target: Target) -> int:
 
 def run(config, *, topology: str = "", num_slices: int = 0, hbm_gib: float = 0.0, peak_tflops: float = 0.0,
         hbm_margin: float = HBM_MARGIN, count_flops: bool = True, max_batch: bool = False,
-        max_probes: int = 10, round_batch_up: bool = False) -> dict:
+        max_probes: int = 10, round_batch_up: bool = False, optimization_effort: float = 0.0) -> dict:
   """What `python -m speechjax.compile` does: the report for the config's
   batch, plus the largest batch that fits when `max_batch`. `num_slices` 0
   takes the slice count from the config's `mesh.dcn_shape`. `round_batch_up`:
   a batch that does not divide over the target's batch shards becomes the next
-  multiple (`batch_size` in the report) instead of an error."""
+  multiple (`batch_size` in the report) instead of an error.
+  `optimization_effort`: see the module docstring."""
   from speechjax.compilation import topology as topology_lib
 
+  check_optimization_effort(optimization_effort)
   if num_slices <= 0:
     num_slices = math.prod(config.mesh.get("dcn_shape", (1,))) if topology else 1
   target = topology_lib.resolve_target(topology, num_slices, hbm_gib, peak_tflops)
@@ -345,8 +370,10 @@ def run(config, *, topology: str = "", num_slices: int = 0, hbm_gib: float = 0.0
     batch = batch_for_target(config, target)
     if batch != int(config.data.batch_size):
       config = with_overrides(config, **{"data.batch_size": batch})
-  report = compile_report(config, target, count_flops=count_flops, hbm_margin=hbm_margin)
+  report = compile_report(config, target, count_flops=count_flops, hbm_margin=hbm_margin,
+                          optimization_effort=optimization_effort)
   if max_batch:
     report["max_batch"] = find_max_batch(config, target, max_probes=max_probes, hbm_margin=hbm_margin,
-                                         known={report["batch_size"]: report["per_chip_bytes"]["total"]})
+                                         known={report["batch_size"]: report["per_chip_bytes"]["total"]},
+                                         optimization_effort=optimization_effort)
   return report
