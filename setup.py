@@ -18,7 +18,11 @@ INSTALL_REQUIRES = [
     "ml-collections>=0.1.1",
     "absl-py>=2.0",
     "numpy>=1.26",
-    "ml-dtypes>=0.4",  # bfloat16 / float16 tensors in safetensors and CTranslate2 files
+    # bfloat16 / float16 tensors in safetensors and CTranslate2 files. Below 0.7: 0.7.0's
+    # extension takes ~1 s to import (`python -X importtime -c "import ml_dtypes"`, 2-core
+    # CPU: 0.97-1.27 s against 7-12 ms for 0.5.4 and 0.6.0), and every process that
+    # imports JAX pays it: each `speechjax transcribe`, evaluate, serve, each test subprocess.
+    "ml-dtypes>=0.4,<0.7",
     "tqdm>=4.60",
     "jiwer>=3.0",
     "sacrebleu>=2.4",
