@@ -8,10 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 DEMO_CONFIG ?= configs/demo.py
-# Two workers (most tests wait on single-threaded XLA compiles); tests that share an
-# expensive module fixture carry one xdist_group mark and run in one worker, so it is
-# built once; the collection order (the longest tests first, tests/conftest.py) is kept.
-PYTEST_ARGS ?= -n 2 --dist loadgroup --no-loadscope-reorder
+PYTEST_ARGS ?= -n 2  # two workers: most tests wait on single-threaded XLA compiles
 
 # One stamp per set of extras: the demo installs the base package only (no
 # PyTorch), the tests add the parity references, the benchmarks theirs.

@@ -269,7 +269,6 @@ def uninterrupted(tiny_corpus, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("faults_uninterrupted")  # one xdist worker builds `uninterrupted` (--dist loadgroup)
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync_save", "async_save"])
 def test_kill_during_a_save_resumes_from_the_last_complete_checkpoint(
     tiny_corpus, tmp_path, uninterrupted, async_save):

@@ -17,9 +17,6 @@ import pytest
 import tiny_runs
 
 LOCAL_SH = os.path.join(tiny_runs.REPO, "launch", "local.sh")
-# The tests that read `runs` (two trainings, ~50 s) run in one xdist worker (make test's
-# --dist loadgroup), so the fixture is built once, not once per worker.
-SHARES_RUNS = pytest.mark.xdist_group("multihost_runs")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +37,6 @@ def runs(tiny_corpus, tmp_path_factory):
   return dict(root=root, config=config, cache=cache, one=one, two=two, two_output=result.stdout)
 
 
-@SHARES_RUNS
 def test_two_processes_train_what_one_process_trains(runs):
   one = tiny_runs.read_metrics(runs["one"])
   two = tiny_runs.read_metrics(runs["two"])
@@ -62,7 +58,6 @@ def test_two_processes_train_what_one_process_trains(runs):
   assert "loop.py" not in open(runs["root"] / "logs" / "process_1.log").read()
 
 
-@SHARES_RUNS
 def test_two_process_checkpoint_resumes_in_one_process(runs):
   """The 2x2 checkpoint restores onto a 1x4 mesh and training goes on to step
   12; the compilation cache the first one-process run filled is used."""
@@ -84,7 +79,6 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
   assert os.path.isdir(os.path.join(resumed, "checkpoints", "last", "12"))
 
 
-@SHARES_RUNS
 def test_two_processes_evaluate_what_one_process_evaluates(runs):
   """evaluate on 2 hosts x 2 devices: each host decodes its half of the test
   rows, and process 0 writes the same predictions and scores, in the same
@@ -135,7 +129,6 @@ def test_two_processes_evaluate_what_one_process_evaluates(runs):
 
 
 @pytest.mark.slow
-@SHARES_RUNS
 def test_sigterm_on_one_host_stops_every_host_at_one_step(runs):
   """SIGTERM reaches process 1 only: both processes agree on one step, save one
   complete checkpoint of it together and exit 0 (no process is left waiting
