@@ -227,18 +227,21 @@ def _run_all(argvs: list[list[str]]) -> list[tuple[int, str]]:
   """(exit code, output tail) of each check, run from ROOT: the `python -c` ones in
   forks of one process (FORK_CHECKS), the others (bash, make) one process each."""
   python = [a for a in argvs if _is_python_c(a)]
-  results = {}
+  forked = iter(())
   if python:
     server = subprocess.run([sys.executable, "-c", FORK_CHECKS], input=json.dumps(python), cwd=ROOT, env=_env(),
                             capture_output=True, text=True, timeout=PER_COMMAND_TIMEOUT_S * 4)
     assert server.returncode == 0, server.stderr[-2000:]
-    for argv, (code, output) in zip(python, json.loads(server.stdout.strip().splitlines()[-1])):
-      results[id(argv)] = (code, output)
-  for argv in argvs:
-    if not _is_python_c(argv):
-      result = _run(argv, ROOT)
-      results[id(argv)] = (result.returncode, result.stderr or result.stdout)
-  return [results[id(argv)] for argv in argvs]
+    forked = iter(json.loads(server.stdout.strip().splitlines()[-1]))  # in the order of `python`
+
+  def result(argv) -> tuple[int, str]:
+    if _is_python_c(argv):
+      code, output = next(forked)
+      return code, output
+    done = _run(argv, ROOT)
+    return done.returncode, done.stderr or done.stdout
+
+  return [result(argv) for argv in argvs]
 
 
 def test_a_renamed_flag_fails_the_parse_check():
