@@ -243,10 +243,8 @@ def get_config(arg: str | None = None):
     c.data.task_weights = c.data.task_weights + (1.0, 1.0)
     if stage == "speech":
       # And two-turn spoken dialogues over the same clips (the assistant repeats each
-      # command): several clips per example, each encoded alone, so the speech stage
-      # runs Whisper in the step instead of reading one stored state per example.
+      # command): several clips per example, each encoded alone and stored clip by clip.
       c.data.tasks = c.data.tasks + ("dialogue",)
       c.data.task_weights = c.data.task_weights + (1.0,)
-      c.data.cache_encoder_states = False
       c.data.token_buckets = (160,)  # 2 x 28 audio slots, both turns and both answers
   return c

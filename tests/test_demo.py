@@ -198,7 +198,7 @@ def test_spoken_task_fields_only_in_the_quick_corpus(tmp_path):
     assert tuple(quick.tasks) == ("asr", "translate", "classify", "summarize", "spoken_qa") + chats
     assert len(quick.task_weights) == len(quick.tasks)
   assert demo.get_config("speech").data.cache_encoder_states
-  assert not demo.get_config("speech,quick").data.cache_encoder_states  # dialogues: one clip at a time
+  assert demo.get_config("speech,quick").data.cache_encoder_states  # dialogues stored clip by clip
   _, plain = synth.plan_split("test", 6, 0, str(tmp_path), None)
   _, spoken = synth.plan_split("test", 6, 0, str(tmp_path), None, spoken_tasks=True)
   assert all(set(r) == {"audio", "text", "label", "translation", "speaker", "id"} for r in plain)

@@ -222,3 +222,90 @@ def test_a_batch_mixing_dialogues_and_single_clips(tiny_corpus):
   answers = [tok.decode(batch["targets"][r][batch["target_mask"][r] > 0]) for r in range(2)]
   assert answers[0].strip() == "turn on the lights</s>" and answers[1].replace(" ", "") == "one</s>two</s>"
   assert batch["audio_seconds"].tolist() == pytest.approx([0.25, 15000 / 16000])
+
+
+def test_stored_encoder_states_hold_each_clip_and_feed_the_model_as_its_audio_does(tiny_corpus, tmp_path):
+  """data.cache_encoder_states with dialogues: every user clip is encoded and
+  stored on its own; a batch read from the stored states has the audio
+  batch's tokens and segment layout, and the model's logits on it are those
+  on the audio (to float16 storage)."""
+  import dataclasses
+
+  import transformers
+
+  from speechjax.data import augment, batching, encoder_cache, fields
+  from speechjax.data.audio import int16_to_float
+  from speechjax.data.config import default_data_config
+
+  rng = np.random.default_rng(0)
+  clip_sizes = [[5000], [6000, 9000], [4000, 7000, 8000]]  # an utterance, a 2- and a 3-turn dialogue
+  records = []
+  for i, sizes in enumerate(clip_sizes):
+    clips = [(3000 * rng.standard_normal(n)).astype(np.int16) for n in sizes]
+    if len(sizes) == 1:
+      records.append({"id": "u", "text": "turn on the lights", "audio": clips[0]})
+      continue
+    turns = [turn for k, n in enumerate(sizes)
+             for turn in ({"role": "user", "samples": n}, {"role": "assistant", "text": f"answer {k}"})]
+    records.append({"id": f"d{i}", "dialogue": json.dumps(turns), "audio": np.concatenate(clips)})
+  info = sources.SourceInfo(np.array([r["audio"].size for r in records]),
+                            np.array([fields.field_bits(r) for r in records], np.int32))
+  data = default_data_config()
+  data.update(tasks=("asr", "dialogue"), task_weights=(1.0, 1.0), audio_buckets_seconds=(0.6,),
+              token_buckets=(256,))
+  tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(tiny_corpus[1])
+  cfg = _config(num_classes=0)  # Whisper-style encoder of at most 64 mel frames: 0.6 s buckets
+  cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, vocab_size=len(tokenizer)))
+  model = SpeechLLM(cfg)
+  variables = _random_variables(jax.eval_shape(model.init, jax.random.key(0), *init_inputs(cfg, 1, 24)))
+  audio_input = cfg.encoder.audio_input()
+
+  @jax.jit
+  def encode(features, feature_mask):
+    states = model.apply(variables, features, feature_mask, method=lambda m, f, k: m.encoder(f, k, True))
+    return states, cfg.encoder.output_mask(feature_mask)
+
+  def build(factors, name):
+    return encoder_cache.build_cache(
+        str(tmp_path / name), records, info, encode=encode, output_length=cfg.encoder.output_length,
+        featurize=lambda padded, lengths: batching.encoder_features(padded, lengths, audio_input),
+        buckets=batching.bucket_sizes_samples(data, audio_input), fingerprint={"encoder": "random"},
+        speed_factors=factors, batch_size=4)
+
+  cache = build((1.0,), "plain")
+  assert len(cache) == 3 and [cache.num_clips(i) for i in range(3)] == [1, 2, 3] and cache.meta["clips"] == 6
+  assert [[cache.num_samples(i, 0, k) for k in range(len(s))] for i, s in enumerate(clip_sizes)] == clip_sizes
+  with pytest.raises(IndexError, match="example 1 has 2 clip"):
+    cache.get(1, 0, 2)
+  prompts = prompts_lib.PromptBuilder(tokenizer)
+  count = lambda frames: num_audio_tokens(frames, cfg)
+  makers = [batching.BatchMaker(records, info, prompts, count, data, train=False, task="asr",
+                                audio_input=audio_input, encoder_states=states) for states in (None, cache)]
+  audio, stored = (maker(np.arange(3), np.ones(3, np.float32), 0) for maker in makers)
+  assert "features" not in stored and stored["encoder_states"].shape[:2] == (3, 4)  # 3 clips -> 4 segments
+  for key in ("input_ids", "attention_mask", "targets", "target_mask", "audio_seconds"):
+    np.testing.assert_array_equal(stored[key], audio[key], err_msg=key)
+  used = [[0, 0, 0, 1], [0, 0, 1, 1], [0, 1, 1, 1]]  # a row's unused segments first
+  assert stored["encoder_state_mask"].any(-1).astype(int).tolist() == audio["feature_mask"].any(-1).astype(
+      int).tolist() == used
+  on_audio = model.apply(variables, audio["features"], audio["feature_mask"], audio["input_ids"],
+                         audio["attention_mask"])
+  on_states = model.apply(variables, stored["encoder_states"], stored["encoder_state_mask"], stored["input_ids"],
+                          stored["attention_mask"], from_states=True)
+  real = audio["attention_mask"] > 0
+  assert np.isfinite(np.asarray(on_audio)[real]).all()
+  np.testing.assert_allclose(np.asarray(on_states)[real], np.asarray(on_audio)[real], atol=2e-2, rtol=1e-2)
+  assert np.abs(np.asarray(on_states)[real] - np.asarray(on_audio)[real]).max() > 0  # float16 states, not features
+
+  # Speed perturbation: each clip stored once per factor; training draws a copy per clip.
+  fast = build((0.9, 1.1), "speed")
+  wave = int16_to_float(records[2]["audio"])
+  for copy, factor in enumerate(fast.speed_factors):
+    expected = [augment.speed_perturb(piece, factor).size for piece in np.split(wave, np.cumsum([4000, 7000]))]
+    assert [fast.num_samples(2, copy, k) for k in range(3)] == expected
+  data.augment.update(speed=True, speed_factors=(0.9, 1.1))
+  maker = batching.BatchMaker(records, info, prompts, count, data, train=True, audio_input=audio_input,
+                              encoder_states=fast)
+  lengths = {tuple(maker(np.array([2, 2]), np.ones(2, np.float32), k)["encoder_state_mask"][0].sum(-1))
+             for k in range(6)}
+  assert len(lengths) > 1 and all(length[0] == 0 for length in lengths)

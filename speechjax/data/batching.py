@@ -182,10 +182,6 @@ class BatchPlanner:
     return take_rows(batch, self.rows) if self.global_batch_size != self.batch_size else batch
 
 
-def _is_dialogue(record: Mapping[str, Any]) -> bool:
-  return bool(tasks_lib.as_text(record.get(dialogue_lib.FIELD)).strip())
-
-
 def take_rows(batch: dict[str, Any], rows: slice) -> dict[str, Any]:
   """Rows of a made batch: arrays and '_meta' lists are cut; '_stats' stay
   those of the whole (global) batch."""
@@ -260,7 +256,7 @@ class BatchMaker:
     return wave
 
   def _choose_task(self, record, rng) -> tuple[str, int]:
-    if _is_dialogue(record):  # its audio is several clips: no other task reads it
+    if dialogue_lib.is_dialogue(record):  # its audio is several clips: no other task reads it
       return "dialogue", 0
     if not self.train:
       return self.task, 0
@@ -274,8 +270,8 @@ class BatchMaker:
                batch_index: int) -> dict[str, Any]:
     rng = np.random.default_rng([self.seed, 11, int(batch_index)])
     records = [self.source[int(i)] for i in indices]
-    if any(_is_dialogue(r) for r in records):
-      return self._segmented_batch(records, example_mask, rng)
+    if any(dialogue_lib.is_dialogue(r) for r in records):
+      return self._segmented_batch(indices, records, example_mask, rng)
     cache = self.encoder_states
     if cache is not None:  # stored states: one copy per example (a speed factor when training)
       copies = [int(rng.integers(cache.num_copies)) if self.train else 0 for _ in records]
@@ -309,44 +305,47 @@ class BatchMaker:
       ]
     return self._finish(records, rows, chosen, audio_arrays, lengths, samples, truncated_audio, example_mask)
 
-  def _segmented_batch(self, records, example_mask, rng) -> dict[str, Any]:
+  def _segmented_batch(self, indices, records, example_mask, rng) -> dict[str, Any]:
     """A batch holding dialogues (speechjax.data.dialogue): S audio segments per
     row (S = the most clips of a row, rounded up to a power of two, so few
     shapes compile), each padded to the bucket of the longest clip; a row's
-    empty segments come first. features [B, S, ...], feature_mask [B, S, F]."""
-    if self.encoder_states is not None:
-      raise ValueError("data.cache_encoder_states stores one clip's encoder states per example, but a "
-                       "dialogue example holds several clips: turn the cache off for dialogue data")
-    clips = []
-    for record in records:
-      wave = audio_lib.int16_to_float(np.asarray(record["audio"]))
-      if _is_dialogue(record):
-        pieces = dialogue_lib.split_clips(wave, dialogue_lib.clip_lengths(record),
-                                          tasks_lib.as_text(record.get("id")))
-        clips.append([self._augmented(piece, rng) for piece in pieces])
-      else:
-        clips.append([self._augmented(wave, rng)])
-    segments = 1 << max(0, (max(len(c) for c in clips) - 1).bit_length())
-    longest = max(piece.size for c in clips for piece in c)
-    samples = smallest_fitting(longest, self.audio_buckets) or self.audio_buckets[-1]
-    padded = np.zeros((len(records), segments, samples), np.float32)
+    empty segments come first. features [B, S, ...], feature_mask [B, S, F];
+    from stored states (data.cache_encoder_states) encoder_states [B, S, N, D],
+    encoder_state_mask [B, S, N]."""
+    cache = self.encoder_states
+    if cache is not None:  # one stored copy per clip (a speed factor when training)
+      copies = [[int(rng.integers(cache.num_copies)) if self.train else 0 for _ in range(cache.num_clips(int(i)))]
+                for i in indices]
+      sizes = [[cache.num_samples(int(i), c, k) for k, c in enumerate(row)] for i, row in zip(indices, copies)]
+    else:
+      waves = [[self._augmented(piece, rng) for piece in
+                dialogue_lib.user_clips(record, audio_lib.int16_to_float(np.asarray(record["audio"])))]
+               for record in records]
+      sizes = [[piece.size for piece in row] for row in waves]
+    segments = 1 << max(0, (max(len(row) for row in sizes) - 1).bit_length())
+    samples = smallest_fitting(max(max(row) for row in sizes), self.audio_buckets) or self.audio_buckets[-1]
     lengths = np.zeros((len(records), segments), np.int64)
-    truncated_audio = 0
-    for row, row_clips in enumerate(clips):
-      first = segments - len(row_clips)  # empty segments first (PromptBuilder.dialogue_ids)
-      for k, piece in enumerate(row_clips):
-        n = min(piece.size, samples)
-        truncated_audio += int(piece.size > samples)
-        padded[row, first + k, :n] = piece[:n]
-        lengths[row, first + k] = n
-    flat_features, flat_mask = self._features(padded.reshape(-1, samples), lengths.reshape(-1), rng)
-    flat_features[lengths.reshape(-1) == 0] = 0.0  # empty segments: no statistics of nothing
-    features = flat_features.reshape((len(records), segments) + flat_features.shape[1:])
-    feature_mask = flat_mask.reshape((len(records), segments) + flat_mask.shape[1:])
-    num_audio = int(self.num_audio_tokens(features.shape[-1]))
+    for row, row_sizes in enumerate(sizes):  # empty segments first (PromptBuilder.dialogue_ids)
+      lengths[row, segments - len(row_sizes):] = np.minimum(row_sizes, samples)
+    truncated_audio = sum(size > samples for row in sizes for size in row)
+    if cache is not None:
+      frames = input_frames(samples, self.audio_input)
+      audio_arrays = encoder_cache.cached_segments(cache, indices, copies, segments, frames)
+    else:
+      padded = np.zeros((len(records), segments, samples), np.float32)
+      for row, row_waves in enumerate(waves):
+        for k, piece in enumerate(row_waves):
+          n = lengths[row, segments - len(row_waves) + k]
+          padded[row, segments - len(row_waves) + k, :n] = piece[:n]
+      flat_features, flat_mask = self._features(padded.reshape(-1, samples), lengths.reshape(-1), rng)
+      flat_features[lengths.reshape(-1) == 0] = 0.0  # empty segments: no statistics of nothing
+      frames = flat_features.shape[-1]
+      audio_arrays = {"features": flat_features.reshape((len(records), segments) + flat_features.shape[1:]),
+                      "feature_mask": flat_mask.reshape((len(records), segments) + flat_mask.shape[1:])}
+    num_audio = int(self.num_audio_tokens(frames))
     chosen = [self._choose_task(r, rng) for r in records]
     rows = []
-    for record, row_clips, (task, k) in zip(records, clips, chosen):
+    for record, (task, k) in zip(records, chosen):
       if task == "dialogue":
         rows.append(self.prompts.dialogue_ids(dialogue_lib.turns_of(record), num_audio, segments,
                                               generate=self.generate))
@@ -362,7 +361,6 @@ class BatchMaker:
                    "targets": np.concatenate([pad, row["targets"]]),
                    "target_mask": np.concatenate([np.zeros(len(empty), np.float32), row["target_mask"]]),
                    "prompt_length": np.int32(len(empty) + int(row["prompt_length"]))})
-    audio_arrays = {"features": features, "feature_mask": feature_mask}
     return self._finish(records, rows, chosen, audio_arrays, lengths.sum(axis=1), samples * segments,
                         truncated_audio, example_mask)
 

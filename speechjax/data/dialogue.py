@@ -124,6 +124,27 @@ def clip_lengths(example: Mapping[str, Any]) -> list[int]:
   return [int(t["samples"]) for t in turns_of(example) if has_audio_turn(t)]
 
 
+def is_dialogue(example: Mapping[str, Any]) -> bool:
+  """Whether an example holds turns: its audio is several clips joined."""
+  return bool(_text(example.get(FIELD)).strip())
+
+
+def user_clips(example: Mapping[str, Any], wave: np.ndarray) -> list[np.ndarray]:
+  """The clips a model encodes one by one: a dialogue's user clips in order,
+  cut from its joined audio `wave`; any other example's one clip."""
+  if not is_dialogue(example):
+    return [wave]
+  return split_clips(wave, clip_lengths(example), _text(example.get("id")))
+
+
+def _text(value: Any) -> str:
+  if isinstance(value, np.ndarray) and value.shape == ():
+    value = value.item()
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  return "" if value is None else str(value)
+
+
 def split_clips(audio: np.ndarray, lengths: Sequence[int], example_id: str = "") -> list[np.ndarray]:
   if sum(lengths) != audio.size:
     raise DialogueError(f"example {example_id!r}: its clips add up to {sum(lengths)} samples, its "

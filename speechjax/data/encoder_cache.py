@@ -16,6 +16,11 @@ run the real encoder on audio, so what is scored is the model as it will be
 used. The states are the deterministic (eval-mode) encoder's, which is why
 the cache refuses a trainable encoder (speechjax.train checks).
 
+A dialogue example (several user clips joined, speechjax.data.dialogue) is
+stored clip by clip, each clip encoded on its own as the model encodes it,
+and its batches carry [B, S, N, D] states for S clips per row, the layout of
+their uncached features.
+
 Speed perturbation survives caching: with data.augment.speed the split is
 encoded once per factor of data.augment.speed_factors (that many times the
 encoding time and disk) and each training example draws one copy per step, as
@@ -25,8 +30,9 @@ values every step, are refused.
 Layout of a cache folder (written to a temporary folder, then renamed, so a
 crash never leaves a half-written cache):
 
-    meta.json     fingerprint (encoder weights, config, features, source, factors), dim, count
-    index.npy     int64 [num_examples, num_copies, 3]: rows start:start+length of
+    meta.json     fingerprint (encoder weights, config, features, source, factors), dim, count, clips
+    clips.npy     int64 [num_examples + 1]: example i's clips are rows clips[i]:clips[i+1] of index
+    index.npy     int64 [num_clips, num_copies, 3]: rows start:start+length of
                   states.bin, and the copy's length in samples
     states.bin    float16 rows [total_frames, dim]
 
@@ -49,15 +55,17 @@ from typing import Any
 import numpy as np
 
 from speechjax.data import audio as audio_lib
+from speechjax.data import dialogue
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: clip-level index (dialogues)
 STATE_KEYS = ("encoder_states", "encoder_state_mask")
 
 
 class EncoderStateCache:
-  """Read side: `cache.get(i, copy)` -> float32 [n, dim] for source index i."""
+  """Read side: `cache.get(i, copy, clip)` -> float32 [n, dim], clip `clip`
+  of source index i (an example of one clip: clip 0)."""
 
   def __init__(self, folder: str, output_length: Callable[[int], int] | None = None):
     self.folder = folder
@@ -66,29 +74,40 @@ class EncoderStateCache:
     self.dim = int(self.meta["dim"])
     self.speed_factors = tuple(float(f) for f in self.meta["speed_factors"])
     self.index = np.load(os.path.join(folder, "index.npy"))
+    self.clips = np.load(os.path.join(folder, "clips.npy"))
     total = int(self.meta["frames"])
     path = os.path.join(folder, "states.bin")
     expected = total * self.dim * 2
-    if self.index.shape[1:] != (len(self.speed_factors), 3) or os.path.getsize(path) != expected:
-      raise ValueError(f"{folder}: index {self.index.shape} / {os.path.getsize(path)} bytes do not match "
-                       f"meta.json ({total} frames x {self.dim} float16, {len(self.speed_factors)} "
+    if (self.index.shape[1:] != (len(self.speed_factors), 3) or os.path.getsize(path) != expected
+        or self.clips.shape != (int(self.meta["count"]) + 1,) or self.clips[-1] != len(self.index)):
+      raise ValueError(f"{folder}: index {self.index.shape}, clips {self.clips.shape} / "
+                       f"{os.path.getsize(path)} bytes do not match meta.json ({self.meta['count']} "
+                       f"examples, {total} frames x {self.dim} float16, {len(self.speed_factors)} "
                        f"copies); delete {folder} to rebuild it")
     self.states = np.memmap(path, np.float16, "r", shape=(total, self.dim)) if total else np.zeros((0, self.dim))
     self.output_length = output_length
 
   def __len__(self) -> int:
-    return len(self.index)
+    return len(self.clips) - 1
 
   @property
   def num_copies(self) -> int:
     return len(self.speed_factors)
 
-  def num_samples(self, i: int, copy: int = 0) -> int:
-    """Samples of example i's audio as encoded (after its speed factor)."""
-    return int(self.index[i, copy, 2])
+  def num_clips(self, i: int) -> int:
+    return int(self.clips[i + 1] - self.clips[i])
 
-  def get(self, i: int, copy: int = 0) -> np.ndarray:
-    start, length, _ = self.index[i, copy]
+  def _row(self, i: int, clip: int) -> int:
+    if not 0 <= clip < self.num_clips(i):
+      raise IndexError(f"{self.folder}: example {i} has {self.num_clips(i)} clip(s), not clip {clip}")
+    return int(self.clips[i]) + clip
+
+  def num_samples(self, i: int, copy: int = 0, clip: int = 0) -> int:
+    """Samples of the clip as encoded (after its speed factor)."""
+    return int(self.index[self._row(i, clip), copy, 2])
+
+  def get(self, i: int, copy: int = 0, clip: int = 0) -> np.ndarray:
+    start, length, _ = self.index[self._row(i, clip), copy]
     return np.asarray(self.states[start:start + length], np.float32)
 
 
@@ -113,9 +132,10 @@ def build_cache(root: str, source, info, *, encode: Callable, output_length: Cal
                 featurize: Callable, buckets: tuple[int, ...], fingerprint: dict,
                 speed_factors: tuple[float, ...] = (1.0,), batch_size: int = 32,
                 progress: bool = False) -> EncoderStateCache:
-  """Encodes every example of `source` once per speed factor (clipped to the
-  largest of the audio `buckets` (samples), as training clips it) unless
-  `root/<fingerprint>` already holds them.
+  """Encodes every clip of every example of `source` (a dialogue's user clips
+  one by one) once per speed factor, each clipped to the largest of the audio
+  `buckets` (samples) as training clips it, unless `root/<fingerprint>`
+  already holds them.
 
   featurize(padded [B, S], lengths [B]) -> (features, feature_mask): the encoder's input.
   encode(features, feature_mask) -> (states [B, N, D], mask [B, N]), numpy or jax.
@@ -135,36 +155,53 @@ def build_cache(root: str, source, info, *, encode: Callable, output_length: Cal
   tmp = f"{folder}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  index = np.zeros((count, len(speed_factors), 3), np.int64)  # start, frames, samples
+  rows: dict[tuple[int, int], np.ndarray] = {}  # (example, clip) -> [copies, 3]: start, frames, samples
   written, dim, start = 0, 0, time.time()
+
+  def encode_clips(out, pending, copy) -> None:
+    nonlocal written, dim
+    sizes = np.array([w.size for _, _, w in pending], np.int64)
+    samples = next((b for b in sorted(buckets) if b >= sizes.max()), max(buckets))
+    sizes = np.minimum(sizes, samples)
+    padded = np.zeros((batch_size, samples), np.float32)
+    for row, (_, _, wave) in enumerate(pending):
+      padded[row, :sizes[row]] = wave[:sizes[row]]
+    padded_sizes = np.concatenate([sizes, np.full(batch_size - len(pending), samples)])
+    features, feature_mask = featurize(padded, padded_sizes)
+    states, mask = (np.asarray(x) for x in encode(features, feature_mask))
+    dim = states.shape[-1]
+    for row, (i, clip, _) in enumerate(pending):
+      n = int(mask[row].sum())
+      out.write(np.ascontiguousarray(states[row, :n], np.float16).tobytes())
+      rows.setdefault((int(i), clip), np.zeros((len(speed_factors), 3), np.int64))[copy] = (written, n, sizes[row])
+      written += n
+
   try:
     with open(os.path.join(tmp, "states.bin"), "wb") as out:
       for copy, factor in enumerate(speed_factors):
-        for first in range(0, count, batch_size):
-          chunk = order[first:first + batch_size]
-          waves = [augment.speed_perturb(audio_lib.int16_to_float(np.asarray(source[int(i)]["audio"])), factor)
-                   for i in chunk]
-          sizes = np.array([w.size for w in waves], np.int64)
-          samples = next((b for b in sorted(buckets) if b >= sizes.max()), max(buckets))
-          sizes = np.minimum(sizes, samples)
-          padded = np.zeros((batch_size, samples), np.float32)
-          for row, wave in enumerate(waves):
-            padded[row, :sizes[row]] = wave[:sizes[row]]
-          padded_sizes = np.concatenate([sizes, np.full(batch_size - len(chunk), samples)])
-          features, feature_mask = featurize(padded, padded_sizes)
-          states, mask = (np.asarray(x) for x in encode(features, feature_mask))
-          dim = states.shape[-1]
-          for row, i in enumerate(chunk):
-            n = int(mask[row].sum())
-            out.write(np.ascontiguousarray(states[row, :n], np.float16).tobytes())
-            index[i, copy] = (written, n, sizes[row])
-            written += n
-          if progress and (first // batch_size) % 20 == 0:
-            log.info("encoder states (speed %.2f): %d / %d examples (%.0f s)", factor,
-                     first + len(chunk), count, time.time() - start)
+        pending = []  # (example, clip, wave), encoded batch_size at a time
+        for done, i in enumerate(order, 1):
+          record = source[int(i)]
+          wave = audio_lib.int16_to_float(np.asarray(record["audio"]))
+          pending += [(i, clip, augment.speed_perturb(piece, factor))
+                      for clip, piece in enumerate(dialogue.user_clips(record, wave))]
+          while len(pending) >= batch_size or (done == count and pending):
+            encode_clips(out, pending[:batch_size], copy)
+            pending = pending[batch_size:]
+          if progress and done % (20 * batch_size) == 0:
+            log.info("encoder states (speed %.2f): %d / %d examples (%.0f s)", factor, done, count,
+                     time.time() - start)
+    clips = np.zeros(count + 1, np.int64)
+    for i, clip in rows:
+      clips[i + 1] = max(clips[i + 1], clip + 1)
+    clips = np.cumsum(clips)
+    index = np.zeros((int(clips[-1]), len(speed_factors), 3), np.int64)
+    for (i, clip), value in rows.items():
+      index[clips[i] + clip] = value
     np.save(os.path.join(tmp, "index.npy"), index)
+    np.save(os.path.join(tmp, "clips.npy"), clips)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-      json.dump({"fingerprint": fingerprint, "dim": dim, "count": count, "frames": written,
+      json.dump({"fingerprint": fingerprint, "dim": dim, "count": count, "clips": len(index), "frames": written,
                  "speed_factors": list(speed_factors), "seconds": round(time.time() - start, 1)},
                 f, indent=2, default=str)
     shutil.rmtree(folder, ignore_errors=True)
@@ -172,8 +209,8 @@ def build_cache(root: str, source, info, *, encode: Callable, output_length: Cal
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  log.info("encoder states: %d examples x %d copies, %d frames in %.0f s -> %s", count,
-           len(speed_factors), written, time.time() - start, folder)
+  log.info("encoder states: %d examples (%d clips) x %d copies, %d frames in %.0f s -> %s", count,
+           len(index), len(speed_factors), written, time.time() - start, folder)
   return EncoderStateCache(folder, output_length)
 
 
@@ -187,4 +224,22 @@ def cached_states(cache: EncoderStateCache, indices, copies, input_frames: int) 
     values = cache.get(int(index), int(copy))[:n_out]
     states[row, :len(values)] = values
     mask[row, :len(values)] = 1
+  return {"encoder_states": states, "encoder_state_mask": mask}
+
+
+def cached_segments(cache: EncoderStateCache, indices, copies, segments: int,
+                    input_frames: int) -> dict[str, np.ndarray]:
+  """The batch entries of a batch holding dialogues: row k's clips (copy
+  `copies[k][c]` of clip c) in its last segments, each padded to the
+  bucket's encoder length, the unused segments first and empty:
+  encoder_states [B, segments, N, D], encoder_state_mask [B, segments, N]."""
+  n_out = int(cache.output_length(input_frames))
+  states = np.zeros((len(indices), segments, n_out, cache.dim), np.float32)
+  mask = np.zeros((len(indices), segments, n_out), np.int32)
+  for row, (index, row_copies) in enumerate(zip(indices, copies)):
+    first = segments - len(row_copies)
+    for clip, copy in enumerate(row_copies):
+      values = cache.get(int(index), int(copy), clip)[:n_out]
+      states[row, first + clip, :len(values)] = values
+      mask[row, first + clip, :len(values)] = 1
   return {"encoder_states": states, "encoder_state_mask": mask}
