@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_runs
 
 from speechjax.hf import checkpoint_io, load_pretrained
 from speechjax.hf.export import export_hf
@@ -262,10 +263,13 @@ def _losses(workdir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_corpus, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
-  result = _run_train(tiny_corpus, workdir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return _losses(workdir)
+  """The training run the interrupted ones are compared with (built once per session)."""
+  def build(folder):
+    result = _run_train(tiny_corpus, str(folder / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {str(step): loss for step, loss in _losses(str(folder / "run")).items()}
+
+  return {int(step): loss for step, loss in tiny_runs.build_once(tmp_path_factory, "uninterrupted", build).items()}
 
 
 @pytest.mark.slow

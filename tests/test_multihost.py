@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -21,20 +22,25 @@ LOCAL_SH = os.path.join(tiny_runs.REPO, "launch", "local.sh")
 
 @pytest.fixture(scope="module")
 def runs(tiny_corpus, tmp_path_factory):
-  """One process x 4 devices and 2 processes x 2 devices, 10 steps each."""
+  """One process x 4 devices and 2 processes x 2 devices, 10 steps each
+  (built once per session: both xdist workers read the same runs)."""
   data_dir, tokenizer, _ = tiny_corpus
-  root = tmp_path_factory.mktemp("multihost")
-  config = tiny_runs.write_config(root / "tiny.py", data_dir, tokenizer)
-  cache = tiny_runs.compile_cache(tmp_path_factory)
-  one, two = str(root / "one_process"), str(root / "two_processes")
-  env = tiny_runs.subprocess_env()
-  tiny_runs.run(["bash", LOCAL_SH, "-d", "4", f"--config={config}", f"--workdir={one}",
-                 f"--config.compile_cache_dir={cache}"], env=env, log_path=root / "one.log")
-  result = tiny_runs.run(
-      ["bash", LOCAL_SH, "-n", "2", "-d", "2", "--port", str(tiny_runs.free_port()),
-       "--log_dir", str(root / "logs"), "--", f"--config={config}", f"--workdir={two}"],
-      env=env, log_path=root / "two.log")
-  return dict(root=root, config=config, cache=cache, one=one, two=two, two_output=result.stdout)
+
+  def build(root):
+    config = tiny_runs.write_config(root / "tiny.py", data_dir, tokenizer)
+    cache = tiny_runs.compile_cache(tmp_path_factory)
+    one, two = str(root / "one_process"), str(root / "two_processes")
+    env = tiny_runs.subprocess_env()
+    tiny_runs.run(["bash", LOCAL_SH, "-d", "4", f"--config={config}", f"--workdir={one}",
+                   f"--config.compile_cache_dir={cache}"], env=env, log_path=root / "one.log")
+    result = tiny_runs.run(
+        ["bash", LOCAL_SH, "-n", "2", "-d", "2", "--port", str(tiny_runs.free_port()),
+         "--log_dir", str(root / "logs"), "--", f"--config={config}", f"--workdir={two}"],
+        env=env, log_path=root / "two.log")
+    return dict(root=str(root), config=config, cache=cache, one=one, two=two, two_output=result.stdout)
+
+  built = tiny_runs.build_once(tmp_path_factory, "multihost", build)
+  return {**built, "root": pathlib.Path(built["root"])}
 
 
 def test_two_processes_train_what_one_process_trains(runs):

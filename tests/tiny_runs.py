@@ -5,6 +5,7 @@ the subprocesses need (their own fake-device count, CPU, no network)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -115,3 +116,23 @@ def tiny_task_config(data_dir: str, name: str, tokenizer: str, tasks, *, steps: 
   config.checkpoint.update(every_steps=steps, async_save=False)
   config.logging.tensorboard = False
   return config
+
+
+def build_once(tmp_path_factory, name: str, build) -> dict:
+  """A module fixture's expensive result, built once per test session however
+  many xdist workers ask for it: the first builds it with `build(folder)` (a
+  JSON-able dict) in a folder all workers share, holding a lock; the others
+  wait on the lock and read the stored result. A failed build stores nothing
+  and fails in every worker that asks."""
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # pytest-N/, above popen-gwK/
+  folder = shared / name
+  with open(f"{folder}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    done = folder / "built.json"
+    if done.exists():
+      return json.loads(done.read_text())
+    folder.mkdir(exist_ok=True)
+    result = build(folder)
+    done.write_text(json.dumps(result))
+    return result
