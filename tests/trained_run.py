@@ -9,30 +9,32 @@ import os
 import shutil
 import sys
 
+import tiny_runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def trained_tiny_run(tmp_path_factory, tiny_corpus) -> str:
-  """The run folder, trained on first use and reused by every later caller."""
-  run_dir = tmp_path_factory.getbasetemp() / "trained_tiny_run"
-  if (run_dir / "config.json").exists():
-    return str(run_dir)
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import tiny  # pylint: disable=import-outside-toplevel
+  """The run folder, trained on first use (by one xdist worker) and reused by
+  every later caller."""
+  def build(folder):
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import tiny  # pylint: disable=import-outside-toplevel
 
-  from speechjax.train import build_trainer
+    from speechjax.train import build_trainer
 
-  data_dir, tok_dir, _ = tiny_corpus
-  config = tiny.get_config()
-  config.data.data_dir = data_dir
-  config.model.tokenizer = tok_dir
-  config.train.num_steps = 2
-  config.checkpoint.every_steps = 2
-  config.checkpoint.async_save = False
-  config.logging.tensorboard = False
-  config.eval.decode.max_new_tokens = 6
-  partial = tmp_path_factory.getbasetemp() / "trained_tiny_run.partial"
-  shutil.rmtree(partial, ignore_errors=True)
-  build_trainer(config, str(partial)).run()
-  os.replace(partial, run_dir)  # whole or absent: a failed training leaves no run behind
-  return str(run_dir)
+    data_dir, tok_dir, _ = tiny_corpus
+    config = tiny.get_config()
+    config.data.data_dir = data_dir
+    config.model.tokenizer = tok_dir
+    config.train.num_steps = 2
+    config.checkpoint.every_steps = 2
+    config.checkpoint.async_save = False
+    config.logging.tensorboard = False
+    config.eval.decode.max_new_tokens = 6
+    run_dir = folder / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a failed earlier build: start over, never resume it
+    build_trainer(config, str(run_dir)).run()
+    return {"run": str(run_dir)}
+
+  return tiny_runs.build_once(tmp_path_factory, "trained_tiny_run", build)["run"]
