@@ -90,8 +90,7 @@ def train_losses(path):
 
 
 # The quick demo on a third of its default corpus (300 / 48 / 48): the same stages, tasks and
-# files; computing the frozen encoder's states of the train split (3 speed copies) was its
-# longest part.
+# files; computing the frozen encoder's states of the train split is its longest part.
 QUICK_CORPUS = {"num_train": 96, "num_dev": 16, "num_test": 24}
 
 

@@ -27,7 +27,7 @@ where user_i is `<audio>` (A placeholders), `<audio>\n{text}` or `{text}`.
 In the 'llama2' format each later user turn starts with its own [bos], as
 Llama 2's chat template has it (`<s>[INST] u1 [/INST] a1 </s><s>[INST] u2 ...`). A
 batch holding dialogues carries S audio segments per row (the most clips of
-any row, at most `data.max_audio_segments`), each padded to one bucket, and
+any row, rounded up to a power of two), each padded to one bucket, and
 every row then holds S*A placeholders: a row with fewer clips puts the
 placeholders of its empty segments first, attention-masked, so the k-th
 placeholder of a row still takes the k-th projected frame of its segments in
