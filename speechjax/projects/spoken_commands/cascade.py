@@ -16,6 +16,7 @@ and the reference transcripts (the classifier's ceiling), and writes
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -67,7 +68,9 @@ def run(config_arg: str, workdir: str) -> dict:
   trainer, _ = demo.train_stage(config, os.path.join(workdir, "stages", "intent"))
   params = trainer.variables()["params"]
   module, tokenizer, labels = trainer.bundle.module, trainer.bundle.tokenizer, trainer.data.label_names
-  logits = jax.jit(lambda ids, mask: module.apply({"params": params}, ids, mask)["logits"])
+  # The weights go in as an argument: closed over, they would be compiled into the program as constants.
+  apply = jax.jit(lambda weights, ids, mask: module.apply({"params": weights}, ids, mask)["logits"])
+  logits = functools.partial(apply, params)
 
   def classify(texts):
     return text_classification.classify_texts(logits, tokenizer, texts, labels,
