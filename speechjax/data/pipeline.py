@@ -53,6 +53,7 @@ from speechjax.data.batching import (
   BatchPlanner,
   config_value,
   eligible_indices,
+  read_options,
   shard_options_from_config,
   take_rows,
 )
@@ -120,11 +121,6 @@ class TrainIterator:
       close()
 
 
-def _read_options(config) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=int(config_value(config, "worker_threads", 2)),
-                           prefetch_buffer_size=int(config_value(config, "prefetch_batches", 4)))
-
-
 def make_train_iterator(source, info, tokenizer, num_audio_tokens: Callable[[int], int], config, *,
                         shard_options: grain.sharding.ShardOptions | None = None,
                         audio_input=None, encoder_states=None) -> TrainIterator:
@@ -151,7 +147,7 @@ def make_train_iterator(source, info, tokenizer, num_audio_tokens: Callable[[int
     raise ValueError(f"data.num_epochs={epochs}; valid: 0 (repeat forever) or a number of passes > 0")
   total = planner.batches_per_epoch * epochs if epochs > 0 else 2**62
   dataset = grain.MapDataset.range(total).map(lambda k: planner.make_host_batch(maker, k))
-  return TrainIterator(iter(dataset.to_iter_dataset(_read_options(config))), planner, max(epochs, 0))
+  return TrainIterator(iter(dataset.to_iter_dataset(read_options(config))), planner, max(epochs, 0))
 
 
 class EvalIterator:
@@ -221,7 +217,7 @@ class EvalIterator:
     if self.num_batches == 0:
       return
     dataset = grain.MapDataset.range(self.num_batches).map(self._batch)
-    for batch in dataset.to_iter_dataset(_read_options(self._config)):
+    for batch in dataset.to_iter_dataset(read_options(self._config)):
       batch.pop("_stats")
       meta = batch.pop("_meta")
       if self._with_metadata:

@@ -178,5 +178,5 @@ def _ctc_train_iterator(source, info, tokenizer, data_cfg, add_labels, audio_inp
                               lambda f: 0, asr_only, train=True, audio_input=audio_input,
                               encoder_states=encoder_states)
   dataset = grain.MapDataset.range(2 ** 62).map(lambda k: planner.make_host_batch(maker, k))
-  return _CTCTrainIterator(iter(dataset.to_iter_dataset(pipeline._read_options(data_cfg))), planner,  # pylint: disable=protected-access
+  return _CTCTrainIterator(iter(dataset.to_iter_dataset(batching.read_options(data_cfg))), planner,
                            add_labels)

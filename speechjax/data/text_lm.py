@@ -167,7 +167,7 @@ def shuffled_batches(items: Sequence, data_cfg, make_batch: Callable[[list], dic
   dataset = (grain.MapDataset.source(items).seed(int(data_cfg.seed)).shuffle().repeat()
              .batch(int(data_cfg.batch_size), drop_remainder=True,
                     batch_fn=lambda chunk: batching.take_rows(make_batch(list(chunk)), rows)))
-  return CheckpointableIterator(iter(dataset.to_iter_dataset()))
+  return CheckpointableIterator(iter(dataset.to_iter_dataset(batching.read_options(data_cfg))))
 
 
 def text_lm_batches(config, tokenizer) -> tuple[CheckpointableIterator, Callable[[int], Iterable[dict]]]:
