@@ -47,12 +47,11 @@ def build_trainer(config, workdir: str):
 def check_encoder_frozen(config, bundle) -> None:
   """Stored encoder states are only right while the encoder does not train."""
   import flax.linen as nn
-  import jax
 
   from speechjax.trainer import partition
   from speechjax.tree import flatten
 
-  abstract = nn.unbox(jax.eval_shape(bundle.init_fn, jax.random.PRNGKey(0)))
+  abstract = nn.unbox(bundle.abstract_variables())
   selection = partition.trainable_patterns(config.train, bundle.num_decoder_layers)
   trainable, _ = partition.split_variables(abstract, selection)
   trained = sorted(path for path in flatten(trainable, sep="/") if path.split("/")[1] == "encoder")

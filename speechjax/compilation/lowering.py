@@ -113,7 +113,7 @@ def lower_train_step(config, mesh=None):
   mesh = mesh or parallel.mesh_from_config(config.mesh)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   _check_batch_divides(config, mesh, rules)
-  boxed = jax.eval_shape(bundle.init_fn, jax.random.PRNGKey(0))
+  boxed = bundle.abstract_variables()
   variables = _with_sharding(nn.unbox(boxed), parallel.logical_shardings(boxed, mesh, rules))
   trainable, frozen = partition.split_variables(
       variables, partition.trainable_patterns(config.train, bundle.num_decoder_layers))

@@ -158,7 +158,7 @@ def load_trained(workdir: str, which: str = "best", *, config=None, mesh_shape=N
   # The storage dtypes of training: frozen weights in model.frozen_dtype, so
   # evaluation needs no more memory per device than training did.
   patterns = partition.trainable_patterns(config.train, bundle.num_decoder_layers)
-  abstract = nn.unbox(jax.eval_shape(bundle.init_fn, rng))
+  abstract = nn.unbox(bundle.abstract_variables())
   dtypes = partition.storage_dtypes(abstract, patterns, config.model.get("frozen_dtype", "float32"))
   # The trained weights come from the checkpoint: neither initialised nor loaded before it.
   restored = frozenset(flatten(partition.split_variables(abstract, patterns)[0], sep="/"))

@@ -161,7 +161,7 @@ class Trainer:
     # Trained weights (and the optimizer state) live in float32, frozen ones in
     # their storage dtype, decided before anything is read from a checkpoint.
     selection = partition.trainable_patterns(cfg.train, bundle.num_decoder_layers)
-    abstract = nn.unbox(jax.eval_shape(bundle.init_fn, init_rng))
+    abstract = nn.unbox(bundle.abstract_variables())
     dtypes = partition.storage_dtypes(abstract, selection, cfg.model.frozen_dtype)
     variables, _ = bundle.init_variables(init_rng, self.mesh, self.rules, dtypes)
     trainable, self.frozen = partition.split_variables(variables, selection)
