@@ -180,3 +180,22 @@ def test_speed_perturbation_is_stored_once_per_factor(tiny_corpus, encoder_folde
     assert set(rows) <= {cache.get(5, c).shape[0] for c in range(3)}
     seen |= set(rows)
   assert len(seen) == 3
+
+
+def test_the_frozen_encoder_takes_its_weights_as_an_argument(tiny_corpus, encoder_folder):
+  """Closed over, the weights would be compiled into the encoding program as
+  constants (a 31 MB executable for Whisper tiny); as an argument they are not."""
+  import re
+
+  from speechjax import model_builder
+
+  config = _config(tiny_corpus, encoder_folder)
+  frozen = model_builder.frozen_encoder(config, model_builder.build(config))
+  features, mask = np.zeros((2, 80, 40), np.float32), np.ones((2, 40), np.int32)
+  hlo = frozen.encode.func.lower(*frozen.encode.args, features, mask).as_text()
+  weights = sum(np.size(w) for w in jax.tree_util.tree_leaves(frozen.encode.args))
+  assert weights > 30_000
+  largest = max((len(blob) // 8 for blob in re.findall(r'dense<"0x([0-9A-Fa-f]+)"', hlo)), default=0)
+  assert largest < 1000, f"a constant of {largest} float32 values in the encoding program"
+  states, states_mask = frozen.encode(features, mask)
+  assert states.shape == (2, 20, 32) and np.asarray(states_mask).sum() == 40
