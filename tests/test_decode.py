@@ -211,6 +211,16 @@ def test_padding_side_and_split_prefill_do_not_change_results(llama, monkeypatch
   np.testing.assert_array_equal(split.tokens, ref.tokens[:2])
 
 
+def test_decode_steps_state_the_width_of_their_logits(llama, gpt2):
+  """The prefill reads `step_fn.vocab_size` instead of tracing a step to learn it."""
+  for _, model, params in (llama, gpt2):
+    step_fn, init_cache_fn = model_steps.lm_decode_fns(model)
+    ids = jnp.ones((2, 1), jnp.int32)
+    logits, _ = jax.eval_shape(step_fn, {"params": params}, init_cache_fn(2, 8), ids, jnp.zeros((2, 1), jnp.int32),
+                               jnp.ones((2, 8), jnp.int32))
+    assert logits.shape[-1] == step_fn.vocab_size == VOCAB
+
+
 def test_prompts_in_one_bucket_share_a_compiled_program(llama):
   _, model, params = llama
   ids, mask = left_padded_prompts()

@@ -54,6 +54,7 @@ def lm_decode_fns(model) -> tuple[StepFn, InitCacheFn]:
   def init_cache_fn(batch_size, max_length):
     return transformer.init_cache(model.config, batch_size, max_length)
 
+  step_fn.vocab_size = getattr(model.config, "vocab_size", None)  # the logits' width (search._prefill)
   return step_fn, init_cache_fn
 
 
@@ -98,6 +99,7 @@ def speech_decode_fns(model) -> tuple[StepFn, InitCacheFn]:
   def init_cache_fn(batch_size, max_length):
     return transformer.init_cache(model.config.decoder, batch_size, max_length)
 
+  step_fn.vocab_size = model.config.decoder.vocab_size  # the logits' width (search._prefill)
   return step_fn, init_cache_fn
 
 
