@@ -23,8 +23,8 @@ their uncached features.
 
 Speed perturbation survives caching: with data.augment.speed the split is
 encoded once per factor of data.augment.speed_factors (that many times the
-encoding time and disk) and each training example draws one copy per step, as
-the uncached pipeline draws a factor. Noise and SpecAugment, which draw new
+encoding time and disk) and each training example (each clip of a dialogue)
+draws one copy per step, as the uncached pipeline draws a factor. Noise and SpecAugment, which draw new
 values every step, are refused.
 
 Layout of a cache folder (written to a temporary folder, then renamed, so a
