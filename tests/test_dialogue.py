@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -277,6 +278,11 @@ def test_stored_encoder_states_hold_each_clip_and_feed_the_model_as_its_audio_do
   assert [[cache.num_samples(i, 0, k) for k in range(len(s))] for i, s in enumerate(clip_sizes)] == clip_sizes
   with pytest.raises(IndexError, match="example 1 has 2 clip"):
     cache.get(1, 0, 2)
+  old_format = tmp_path / "old_format"  # a cache written before clips were stored one by one
+  shutil.copytree(cache.folder, old_format)
+  (old_format / "clips.npy").unlink()
+  with pytest.raises(ValueError, match=r"old_format is an encoder-state cache of an older format.*delete"):
+    encoder_cache.EncoderStateCache(str(old_format))
   prompts = prompts_lib.PromptBuilder(tokenizer)
   count = lambda frames: num_audio_tokens(frames, cfg)
   makers = [batching.BatchMaker(records, info, prompts, count, data, train=False, task="asr",

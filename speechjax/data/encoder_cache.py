@@ -74,6 +74,9 @@ class EncoderStateCache:
     self.dim = int(self.meta["dim"])
     self.speed_factors = tuple(float(f) for f in self.meta["speed_factors"])
     self.index = np.load(os.path.join(folder, "index.npy"))
+    if not os.path.exists(os.path.join(folder, "clips.npy")):  # format 1: one clip per example
+      raise ValueError(f"{folder} is an encoder-state cache of an older format (no clips.npy); "
+                       f"delete {folder} and the next run rebuilds it")
     self.clips = np.load(os.path.join(folder, "clips.npy"))
     total = int(self.meta["frames"])
     path = os.path.join(folder, "states.bin")
