@@ -343,9 +343,10 @@ class BatchMaker:
     else:
       padded = np.zeros((len(records), segments, samples), np.float32)
       for row, row_waves in enumerate(waves):
+        first = segments - len(row_waves)
         for k, piece in enumerate(row_waves):
-          n = lengths[row, segments - len(row_waves) + k]
-          padded[row, segments - len(row_waves) + k, :n] = piece[:n]
+          n = lengths[row, first + k]
+          padded[row, first + k, :n] = piece[:n]
       flat_features, flat_mask = self._features(padded.reshape(-1, samples), lengths.reshape(-1), rng)
       flat_features[lengths.reshape(-1) == 0] = 0.0  # empty segments: no statistics of nothing
       frames = flat_features.shape[-1]

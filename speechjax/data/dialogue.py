@@ -99,12 +99,7 @@ def reload_audio(paths: Sequence[str]) -> np.ndarray:
 
 def turns_of(example: Mapping[str, Any]) -> list[dict[str, Any]]:
   """The stored turns of an example (FIELD, a JSON string or already a list)."""
-  value = example.get(FIELD)
-  if isinstance(value, bytes):
-    value = value.decode("utf-8")
-  if isinstance(value, np.ndarray):
-    value = value.item()
-    value = value.decode("utf-8") if isinstance(value, bytes) else value
+  value = _decoded(example.get(FIELD))
   try:
     turns = json.loads(value) if isinstance(value, str) else value
   except json.JSONDecodeError as e:
@@ -137,11 +132,15 @@ def user_clips(example: Mapping[str, Any], wave: np.ndarray) -> list[np.ndarray]
   return split_clips(wave, clip_lengths(example), _text(example.get("id")))
 
 
-def _text(value: Any) -> str:
-  if isinstance(value, np.ndarray) and value.shape == ():
+def _decoded(value: Any) -> Any:
+  """A stored field as Python: a numpy scalar unwrapped, bytes decoded (TFDS gives either)."""
+  if isinstance(value, np.ndarray):
     value = value.item()
-  if isinstance(value, bytes):
-    return value.decode("utf-8")
+  return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _text(value: Any) -> str:
+  value = _decoded(value)
   return "" if value is None else str(value)
 
 

@@ -24,8 +24,8 @@ their uncached features.
 Speed perturbation survives caching: with data.augment.speed the split is
 encoded once per factor of data.augment.speed_factors (that many times the
 encoding time and disk) and each training example (each clip of a dialogue)
-draws one copy per step, as the uncached pipeline draws a factor. Noise and SpecAugment, which draw new
-values every step, are refused.
+draws one copy per step, as the uncached pipeline draws a factor. Noise and
+SpecAugment, which draw new values every step, are refused.
 
 Layout of a cache folder (written to a temporary folder, then renamed, so a
 crash never leaves a half-written cache):
@@ -159,6 +159,7 @@ def build_cache(root: str, source, info, *, encode: Callable, output_length: Cal
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   rows: dict[tuple[int, int], np.ndarray] = {}  # (example, clip) -> [copies, 3]: start, frames, samples
+  num_clips = np.zeros(count, np.int64)
   written, dim, start = 0, 0, time.time()
 
   def encode_clips(out, pending, copy) -> None:
@@ -185,19 +186,16 @@ def build_cache(root: str, source, info, *, encode: Callable, output_length: Cal
         pending = []  # (example, clip, wave), encoded batch_size at a time
         for done, i in enumerate(order, 1):
           record = source[int(i)]
-          wave = audio_lib.int16_to_float(np.asarray(record["audio"]))
-          pending += [(i, clip, augment.speed_perturb(piece, factor))
-                      for clip, piece in enumerate(dialogue.user_clips(record, wave))]
+          pieces = dialogue.user_clips(record, audio_lib.int16_to_float(np.asarray(record["audio"])))
+          num_clips[i] = len(pieces)
+          pending += [(i, clip, augment.speed_perturb(piece, factor)) for clip, piece in enumerate(pieces)]
           while len(pending) >= batch_size or (done == count and pending):
             encode_clips(out, pending[:batch_size], copy)
             pending = pending[batch_size:]
           if progress and done % (20 * batch_size) == 0:
             log.info("encoder states (speed %.2f): %d / %d examples (%.0f s)", factor, done, count,
                      time.time() - start)
-    clips = np.zeros(count + 1, np.int64)
-    for i, clip in rows:
-      clips[i + 1] = max(clips[i + 1], clip + 1)
-    clips = np.cumsum(clips)
+    clips = np.concatenate([[0], np.cumsum(num_clips)])
     index = np.zeros((int(clips[-1]), len(speed_factors), 3), np.int64)
     for (i, clip), value in rows.items():
       index[clips[i] + clip] = value
@@ -219,15 +217,9 @@ def build_cache(root: str, source, info, *, encode: Callable, output_length: Cal
 
 def cached_states(cache: EncoderStateCache, indices, copies, input_frames: int) -> dict[str, np.ndarray]:
   """The batch entries for source `indices` (copy `copies[k]` of each) padded
-  to the bucket's encoder length."""
-  n_out = int(cache.output_length(input_frames))
-  states = np.zeros((len(indices), n_out, cache.dim), np.float32)
-  mask = np.zeros((len(indices), n_out), np.int32)
-  for row, (index, copy) in enumerate(zip(indices, copies)):
-    values = cache.get(int(index), int(copy))[:n_out]
-    states[row, :len(values)] = values
-    mask[row, :len(values)] = 1
-  return {"encoder_states": states, "encoder_state_mask": mask}
+  to the bucket's encoder length: [B, N, D] and [B, N]."""
+  one_segment = cached_segments(cache, indices, [[copy] for copy in copies], 1, input_frames)
+  return {key: value[:, 0] for key, value in one_segment.items()}
 
 
 def cached_segments(cache: EncoderStateCache, indices, copies, segments: int,
