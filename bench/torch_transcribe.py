@@ -12,11 +12,13 @@ by `python -m speechjax.export --format=hf`: what `speechjax transcribe
 The spec (JSON, written by bench/transcribe_bench.py from the run's config)
 holds what a user would copy from the run: the prompt text before and after
 the audio, add_bos, the audio buckets in samples, the projector's stack
-factor, the batch size, max_new_tokens.
+factor, the batch size, max_new_tokens, and how many batches' worth of files
+`speechjax transcribe` decodes between writes.
 
-Same computation as speechjax: clips are grouped `batch_size` at a time in
-sorted order and zero-padded to the smallest bucket that holds the group's
-longest; padded mel frames are zeroed before each conv and masked as
+Same computation as speechjax: the files are taken `batches_per_write` x
+`batch_size` at a time in sorted order; within those, the clips are batched
+`batch_size` at a time longest first, each batch zero-padded to the smallest
+bucket that holds its longest clip; padded mel frames are zeroed before each conv and masked as
 attention keys in the encoder; padded audio slots are masked in the LLM.
 This module imports neither JAX nor speechjax, so its process start is
 PyTorch's own.
@@ -152,11 +154,21 @@ class Pipeline:
 
 
 def transcribe(export: str, spec: dict, paths: list[str]) -> list[str]:
-  """Texts of the clips at `paths`, `spec["batch_size"]` at a time in the order given."""
+  """Texts of the clips at `paths`, in the order given."""
   pipeline = Pipeline(export, spec)
   size = int(spec["batch_size"])
-  return [text for first in range(0, len(paths), size)
-          for text in pipeline.transcribe([read_clip(p) for p in paths[first:first + size]])]
+  group = size * int(spec["batches_per_write"])
+  texts = []
+  for first in range(0, len(paths), group):
+    waves = [read_clip(p) for p in paths[first:first + group]]
+    order = sorted(range(len(waves)), key=lambda i: -waves[i].size)  # longest first, as speechjax
+    got = [""] * len(waves)
+    for start in range(0, len(order), size):
+      batch = order[start:start + size]
+      for i, text in zip(batch, pipeline.transcribe([waves[i] for i in batch])):
+        got[i] = text
+    texts.extend(got)
+  return texts
 
 
 def main(argv=None):

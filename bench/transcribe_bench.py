@@ -113,10 +113,11 @@ def torch_spec(workdir: str) -> dict:
   """What bench.torch_transcribe needs from the run besides its weights, from
   its config.json: the ASR prompt around the audio (speechjax.data.prompts'
   layout, first instruction), the audio buckets, stack factor, batch size and
-  max_new_tokens."""
+  max_new_tokens, and speechjax.transcribe's BATCHES_PER_WRITE."""
   from speechjax.data import batching  # pylint: disable=import-outside-toplevel
   from speechjax.data.prompts import CHAT_FORMATS  # pylint: disable=import-outside-toplevel
   from speechjax.data.tasks import AUDIO_PLACEHOLDER, get_task  # pylint: disable=import-outside-toplevel
+  from speechjax.transcribe import BATCHES_PER_WRITE  # pylint: disable=import-outside-toplevel
 
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     config = json.load(f)
@@ -129,7 +130,8 @@ def torch_spec(workdir: str) -> dict:
   return {"prompt_before": prefix + before, "prompt_after": after + suffix, "add_bos": bool(data["add_bos"]),
           "buckets_samples": [int(b) for b in batching.bucket_sizes_samples(data)],
           "stack_factor": int(projector["stack_factor"]), "batch_size": int(data["eval_batch_size"]),
-          "max_new_tokens": int(config["eval"]["decode"]["max_new_tokens"])}
+          "max_new_tokens": int(config["eval"]["decode"]["max_new_tokens"]),
+          "batches_per_write": BATCHES_PER_WRITE}
 
 
 def subprocess_env() -> dict[str, str]:

@@ -25,7 +25,10 @@ into `--output`, whose suffix picks the format (or `--format`):
                   file per audio file (DIR/<relative path>.srt), a file name one audio file's
 
 A rerun skips the files the output already holds, so an interrupted run
-resumes; unreadable files are counted, reported and left out. Audio longer
+resumes; unreadable files are counted, reported and left out. Files are
+written in their order, BATCHES_PER_WRITE batches' worth at a time; within
+those, clips are decoded longest first, so each batch holds clips of similar
+length. Audio longer
 than the largest bucket (30 s at most) is cut into chunks at quiet points; each
 chunk is a segment, and the transcript joins them.
 """
@@ -198,6 +201,12 @@ class FolderOutput:
       f.write(line + "\n")
 
 
+# Batches' worth of files decoded between writes to the output: the more, the
+# better clips of similar length batch together; a stopped run redoes at most
+# this many batches.
+BATCHES_PER_WRITE = 8
+
+
 def transcribe_folder(transcriber: Transcriber, input_root: str, output: str, fmt: str = "",
                       task: str = "asr", instruction: str = "", progress: bool = True) -> dict:
   """Transcribes every audio file under `input_root` not yet in `output`;
@@ -211,10 +220,12 @@ def transcribe_folder(transcriber: Transcriber, input_root: str, output: str, fm
   todo = [p for p in paths if not out.is_done(p, done)]
   counts = {"transcribed": 0, "already_done": len(paths) - len(todo), "skipped": 0, "skipped_files": []}
   bar = tqdm.tqdm(total=len(todo), desc="transcribe", unit="file", disable=not progress)
-  # Groups of a batch's worth of files: each group is written before the next decodes.
-  for first in range(0, len(todo), transcriber.batch_size):
-    for path, segments, error in transcriber.transcribe_files(todo[first:first + transcriber.batch_size],
-                                                              task, instruction):
+  # Groups of BATCHES_PER_WRITE batches' worth of files, each written (in file
+  # order) before the next decodes; within a group the transcriber batches
+  # clips of similar length together.
+  group = transcriber.batch_size * BATCHES_PER_WRITE
+  for first in range(0, len(todo), group):
+    for path, segments, error in transcriber.transcribe_files(todo[first:first + group], task, instruction):
       if error is None:
         out.write(path, segments)
         counts["transcribed"] += 1

@@ -88,7 +88,7 @@ class Transcriber:
 
     self.config, self.bundle, variables, _ = run_loader.load_trained(workdir, checkpoint,
                                                                      mesh_shape=mesh_shape)
-    run_loader.check_eval_batch(self.config)
+    self.batch_shards = run_loader.check_eval_batch(self.config)
     apply_decode_overrides(self.config, decode)
     self.variables = scoring.inference_variables(variables, self.bundle.model_config.lora)
     data_cfg = self.config.data
@@ -98,6 +98,17 @@ class Transcriber:
     self.audio_input = batching.audio_input_from_config(data_cfg, self.bundle.audio_input)
     self.buckets = sorted(batching.bucket_sizes_samples(data_cfg, self.audio_input))
     self.batch_size = int(data_cfg.eval_batch_size)
+
+  def rows_for(self, pieces: int) -> int:
+    """Rows of the batch that decodes `pieces` clips: the batch size, or for
+    fewer clips the smallest of its half, quarter and eighth that holds them
+    and divides over the mesh's batch shards. Few sizes, so few programs to
+    compile per bucket, and a lone file does not pay for a whole batch."""
+    rows = self.batch_size
+    while rows % 2 == 0 and rows // 2 >= pieces and rows // 2 % self.batch_shards == 0 \
+        and rows // 2 >= self.batch_size // 8:
+      rows //= 2
+    return rows
 
   @property
   def max_chunk_seconds(self) -> float:
@@ -148,19 +159,21 @@ class Transcriber:
         pieces.append((piece, start / rate, (start + piece.size) / rate))
         owners.append(index)
         start += piece.size
-    segments: list[list[Segment]] = [[] for _ in waves]
-    for first in range(0, len(pieces), self.batch_size):
-      group = pieces[first:first + self.batch_size]
-      group_owners = owners[first:first + self.batch_size]
-      # Full batches only (the last row repeated), so each bucket compiles one program.
-      fill = self.batch_size - len(group)
-      batch_waves = [p[0] for p in group] + [group[-1][0]] * fill
-      batch_requests = [requests[o] for o in group_owners] + [requests[group_owners[-1]]] * fill
+    # Longest first: a batch holds pieces of similar length, so it pads less and
+    # falls in a smaller bucket, and the last, partial batch holds the shortest.
+    order = sorted(range(len(pieces)), key=lambda i: -pieces[i][0].size)
+    texts: list[str] = [""] * len(pieces)
+    for first in range(0, len(order), self.batch_size):
+      group = order[first:first + self.batch_size]
+      group = group + [group[-1]] * (self.rows_for(len(group)) - len(group))  # the last row repeated
+      batch = self._batch([pieces[i][0] for i in group], [requests[owners[i]] for i in group])
       with run_loader.mesh_context(self.config):
-        texts = scoring.decode_batch(self.bundle, self.variables, self._batch(batch_waves, batch_requests),
-                                     self.config.eval.decode)
-      for owner, (_, start, end), text in zip(group_owners, group, texts):
-        segments[owner].append(Segment(start, end, text))
+        for i, text in zip(group, scoring.decode_batch(self.bundle, self.variables, batch,
+                                                       self.config.eval.decode)):
+          texts[i] = text
+    segments: list[list[Segment]] = [[] for _ in waves]
+    for (_, start, end), owner, text in zip(pieces, owners, texts):
+      segments[owner].append(Segment(start, end, text))
     return segments
 
   def converse(self, paths) -> list[tuple[str, str]]:

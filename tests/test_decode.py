@@ -281,7 +281,9 @@ def test_chunk_audio():
     generation.chunk_audio(np.zeros((2, 10)), sr)
 
 
-def test_speech_llm_generate_equals_uncached_greedy():
+def tiny_speech_llm():
+  """-> (model, variables, batch): a random speech LLM (LoRA included) and a padded
+  2-row prompt batch."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
 
   from speechjax.models import speech_llm as sl
@@ -316,7 +318,13 @@ def test_speech_llm_generate_equals_uncached_greedy():
   attention_mask[1, -2:] = 0  # right padding: the decoder rolls it to the left
   batch = dict(features=features, feature_mask=feature_mask, input_ids=input_ids,
                attention_mask=attention_mask, targets=input_ids)
+  return model, variables, batch
 
+
+def test_speech_llm_generate_equals_uncached_greedy():
+  model, variables, batch = tiny_speech_llm()
+  features, feature_mask, input_ids, attention_mask = (
+      batch[k] for k in ("features", "feature_mask", "input_ids", "attention_mask"))
   # greedy by full forward passes without a cache; one compiled shape: the
   # sequence so far, then masked slots that causal attention cannot see.
   n_new, width = 6, input_ids.shape[1]
@@ -362,3 +370,53 @@ def test_output_token_lists_and_texts():
       return [" " + " ".join(f"w{i}" for i in ids) for ids in rows]
 
   assert generation.decode_texts(Tokenizer(), out, eos_id=[2, 4]) == ["w5 w6", "w7 w8 w9"]
+
+
+def test_a_stored_decoding_program_is_read_back_instead_of_traced(tmp_path, monkeypatch, caplog):
+  """With a compilation cache directory, generate_speech stores its traced program
+  (jax.export) there; a fresh process state reads it back without tracing and gives
+  the same tokens; other settings get another program; a damaged file is logged,
+  traced again and replaced; without a cache directory nothing is stored."""
+  from jax import export
+
+  from speechjax.generation import stored_programs
+
+  model, variables, batch = tiny_speech_llm()
+  before = jax.config.jax_compilation_cache_dir
+  try:  # the store lives in the compilation cache's folder
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+    assert stored_programs._folder() == str(tmp_path / "xla" / stored_programs.SUBFOLDER)
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
+  monkeypatch.setattr(stored_programs, "_loaded", {})
+  monkeypatch.setattr(stored_programs, "_folder", lambda: "")
+  decode = lambda n=5: generation.generate_speech(model, variables, batch, max_new_tokens=n, eos_id=3, pad_id=0)
+  plain = decode()
+  monkeypatch.setattr(stored_programs, "_folder", lambda: str(tmp_path / stored_programs.SUBFOLDER))
+  assert not list(tmp_path.iterdir())
+  first = decode()
+  stored = list((tmp_path / stored_programs.SUBFOLDER).iterdir())
+  assert len(stored) == 1 and stored[0].name.startswith("speech_generate-")
+  np.testing.assert_array_equal(first.tokens, plain.tokens)
+
+  stored_programs._loaded.clear()  # as a new process: only the file is left
+
+  def no_tracing(*args, **kwargs):
+    raise AssertionError("traced although the program is stored")
+
+  with monkeypatch.context() as m:
+    m.setattr(export, "export", no_tracing)
+    again = decode()
+  np.testing.assert_array_equal(again.tokens, plain.tokens)
+  np.testing.assert_array_equal(again.lengths, plain.lengths)
+
+  decode(n=4)  # another max_new_tokens: another program
+  assert len(list((tmp_path / stored_programs.SUBFOLDER).iterdir())) == 2
+
+  stored_programs._loaded.clear()
+  stored[0].write_bytes(b"not a serialized program")
+  with caplog.at_level("WARNING", logger=stored_programs.__name__):
+    damaged = decode()
+  assert "could not be used" in caplog.text and stored[0].name in caplog.text
+  np.testing.assert_array_equal(damaged.tokens, plain.tokens)
+  assert stored[0].read_bytes() != b"not a serialized program"

@@ -171,6 +171,74 @@ def test_attention_dropout_path_matches_fused_kernel():
     np.testing.assert_allclose(written, fused, atol=1e-5)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "per_head", "shared"])
+@pytest.mark.parametrize("bias_kind", ["none", "shared", "per_row"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_in_blocks_is_jax_attention(mask_kind, bias_kind, is_causal):
+  """Values and gradients of attend_in_blocks equal jax.nn.dot_product_attention's for
+  grouped-query heads, more keys than queries, and block sizes that split the queries
+  unevenly (5 blocks of 8 for 37 queries), group batch rows, or take everything at once."""
+  b, t, s, n, kv, d = 3, 37, 41, 4, 2, 8
+  rng = np.random.RandomState(2)
+  q = jnp.asarray(rng.randn(b, t, n, d), jnp.float32)
+  k, v = (jnp.asarray(rng.randn(b, s, kv, d), jnp.float32) for _ in range(2))
+  mask = {"none": None, "padding": attention.padding_mask(jnp.asarray(np.arange(s)[None] < [[s], [20], [3]])),
+          "per_head": jnp.asarray(rng.rand(b, n, t, s) > 0.3),
+          "shared": jnp.asarray(rng.rand(1, 1, t, s) > 0.3)}[mask_kind]
+  bias = {"none": None, "shared": jnp.asarray(rng.randn(1, n, t, s), jnp.float32),
+          "per_row": jnp.asarray(rng.randn(b, n, t, s), jnp.float32)}[bias_kind]
+
+  def loss(fn, q, k, v):
+    out = fn(q, k, v)
+    return jnp.sum(out * jnp.cos(out)), out
+
+  want_grads, want = jax.grad(lambda *a: loss(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, bias=bias, mask=mask, is_causal=is_causal), *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  per_query = n * s * 4  # bytes of one query's logits
+  for block_bytes in (8 * per_query, 2 * t * per_query, 10**9):  # 5 query blocks; 2 rows a block; all
+    blocks = jax.jit(jax.grad(lambda *a: loss(lambda q, k, v: attention.attend_in_blocks(
+        q, k, v, mask, bias, is_causal=is_causal, block_bytes=block_bytes), *a), argnums=(0, 1, 2), has_aux=True))
+    grads, got = blocks(q, k, v)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    for g, w in zip(grads, want_grads):
+      np.testing.assert_allclose(g, w, atol=2e-5)
+
+
+def _compiled_text(fn, *args, devices=None):
+  if devices is None:
+    return jax.jit(fn).lower(*args).compile().as_text()
+  mesh = jax.sharding.Mesh(np.asarray(devices[:1]), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) for x in args]
+  return jax.jit(fn).lower(*abstract).compile().as_text()
+
+
+def test_large_attention_runs_in_blocks_in_a_cpu_program_only():
+  """dot_product_attention: logits over CPU_LOGITS_BLOCK_BYTES run in blocks (a while loop)
+  in a program lowered for CPU, with jax's values; smaller ones, a named implementation and
+  a program lowered for TPU get jax.nn.dot_product_attention itself."""
+  from speechjax.compilation import topology  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.RandomState(3)
+  b, t, n, d = 4, 200, 6, 16  # 4 x 6 x 200 x 200 float32 logits: 3.7 MiB
+  assert b * n * t * t * 4 > attention.CPU_LOGITS_BLOCK_BYTES
+  q, k, v = (jnp.asarray(rng.randn(b, t, n, d), jnp.float32) for _ in range(3))
+  mask = attention.padding_mask(jnp.asarray(np.arange(t)[None] < [[t], [150], [90], [10]]))
+  ours = lambda q, k, v, m: attention.dot_product_attention(q, k, v, m)
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v, mask), jax.nn.dot_product_attention(q, k, v, mask=mask),
+                             atol=2e-6)
+  assert "while(" in _compiled_text(ours, q, k, v, mask)
+  small = [x[:1, :100] for x in (q, k, v)] + [mask[:1, :, :, :100]]
+  assert "while(" not in _compiled_text(ours, *small)
+  named = lambda q, k, v, m: attention.dot_product_attention(q, k, v, m, implementation="xla")
+  assert "while(" not in _compiled_text(named, q, k, v, mask)
+  if topology.libtpu_available():
+    from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+    tpu = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
+                                       chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
+    assert "while(" not in _compiled_text(ours, q, k, v, mask, devices=tpu)
+
+
 def test_bad_inputs_raise_clear_errors():
   model = Decoder(LLAMA)
   params = init(LLAMA)

@@ -98,11 +98,14 @@ def test_command_line_reports_counts_and_refuses_a_bad_output_before_loading(fol
 
   workdir = trained_tiny_run(tmp_path_factory, tiny_corpus)
   out = tmp_path / "out.tsv"
-  # Every compiled program is stored (however fast it compiled): the run keeps its decoding programs.
+  # Every compiled program is stored (however fast it compiled): the run keeps its decoding
+  # programs, and their traces (stored_programs).
   result = run([sys.executable, "-m", "speechjax.cli", "transcribe", f"--workdir={workdir}",
                 f"--input={folder}", f"--output={out}", "--decode.max_new_tokens=3", "--noprogress"],
                env={**subprocess_env(), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
-  assert any(name.startswith("jit__speech_generate") for name in os.listdir(os.path.join(workdir, "xla_cache")))
+  assert any(name.startswith("jit_speech_generate-") for name in os.listdir(os.path.join(workdir, "xla_cache")))
+  assert any(name.startswith("speech_generate-") for name in os.listdir(os.path.join(workdir, "xla_cache",
+                                                                                  "exported")))
   assert f"{out}: transcribed 3, already there 0, skipped (unreadable) 1" in result.stdout
   assert f"skipped {folder / 'broken.wav'}: AudioError" in result.stdout
   assert len(out.read_text().splitlines()) == 3
@@ -111,3 +114,42 @@ def test_command_line_reports_counts_and_refuses_a_bad_output_before_loading(fol
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
   assert refused.returncode == 1
   assert "is one subtitle file but 4 audio files were found" in refused.stdout
+
+
+@pytest.mark.slow  # shares the trained tiny run with the test above
+def test_clips_are_batched_longest_first_and_answers_return_to_their_clips(tiny_corpus, tmp_path_factory,
+                                                                          monkeypatch):
+  """decode_waves sorts the clips (and the chunks of a long one) by length, longest
+  first, decodes a partial batch in fewer rows, and gives each clip back its own
+  answers in chunk order. The decoding is replaced by one that answers each row with
+  its number of real samples' mel frames."""
+  from speechjax.evaluation import scoring
+  from speechjax.transcribe import Transcriber
+
+  transcriber = Transcriber(trained_tiny_run(tmp_path_factory, tiny_corpus))
+  transcriber.batch_size, transcriber.batch_shards = 32, 1
+  assert [transcriber.rows_for(n) for n in (32, 17, 16, 9, 8, 5, 1)] == [32, 32, 16, 16, 8, 8, 4]
+  transcriber.batch_shards = 8  # each row count must divide over the mesh's batch shards
+  assert [transcriber.rows_for(n) for n in (9, 8, 1)] == [16, 8, 8]
+  transcriber.batch_size, transcriber.batch_shards = 3, 1
+  batches = []
+
+  def frames_of_each_row(bundle, variables, batch, decode_cfg):
+    frames = np.asarray(batch["feature_mask"]).sum(-1)
+    batches.append(frames.tolist())
+    return [str(int(n)) for n in frames]
+
+  monkeypatch.setattr(scoring, "decode_batch", frames_of_each_row)
+  rate, hop = 16000, 160
+  longest = transcriber.buckets[-1]
+  sizes = [rate, 3 * rate, longest + 2 * rate, 2 * rate]  # the third is cut into two chunks
+  rng = np.random.default_rng(0)
+  waves = [0.1 * rng.standard_normal(n).astype(np.float32) for n in sizes]
+  segments = transcriber.decode_waves(waves, "asr")
+  rows = [n for batch in batches for n in batch]
+  assert [len(batch) for batch in batches] == [3, 3]  # 5 pieces: the second batch's last row repeated
+  assert batches[1][1] == batches[1][2] and rows[:5] == sorted(rows[:5], reverse=True)
+  for wave, segs in zip(waves, segments):
+    assert [int(s.text) for s in segs] == [round((s.end - s.start) * rate) // hop for s in segs]
+    assert segs[0].start == 0.0 and segs[-1].end == pytest.approx(wave.size / rate)
+  assert [len(s) for s in segments] == [1, 1, 2, 1]

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from speechjax.generation import stored_programs
 from speechjax.generation.search import (
   STATIC_ARGNAMES,
   GenerationOutput,
@@ -112,6 +113,11 @@ def _speech_generate(model, variables, features, feature_mask, input_ids, attent
                        cache_batch_axis=1, slot_rows=True, **static)
 
 
+def _speech_generate_of(*args, model, **static):
+  """_speech_generate with the model as a keyword (stored_programs.call's form)."""
+  return _speech_generate(model, *args, **static)
+
+
 _SPEECH_STATIC_ARGNAMES = ("model",) + tuple(
     a for a in STATIC_ARGNAMES if a not in ("step_fn", "init_cache_fn", "cache_batch_axis", "slot_rows"))
 _speech_generate_jit = jax.jit(_speech_generate, static_argnames=_SPEECH_STATIC_ARGNAMES)
@@ -170,8 +176,9 @@ def generate_speech(model, variables, batch, *, max_new_tokens: int,
   placeholders, attention_mask; other keys are ignored) holding the prompt only,
   padded on either side. variables: {'params': ..., 'lora': ...} (lora
   optional). `settings`: method, num_beams, ..., rng as in `generate`.
-  Encoder, projector, prefill and decoding run as one compiled program; under
-  a current mesh of several devices the batch rows are split over its batch
+  Encoder, projector, prefill and decoding run as one compiled program (on one
+  device with a compilation cache directory set, its trace is kept there:
+  `stored_programs`); under a current mesh of several devices the batch rows are split over its batch
   axes (`place_batch`), so the batch size must divide over them.
   process_rows: the batch holds this process' rows of the global batch (scoring
   on several hosts: each feeds its own rows; `place_process_rows`); the
@@ -198,5 +205,8 @@ def generate_speech(model, variables, batch, *, max_new_tokens: int,
   elif process_rows and jax.process_count() > 1:
     raise ValueError("speechjax.generation.generate_speech: process_rows on several processes needs a "
                      "current mesh over their devices (jax.set_mesh)")
-  return generate_jit(model, _as_variables(variables), inputs["features"], inputs["feature_mask"],
-                      inputs["input_ids"], inputs["attention_mask"], options, **static)
+  args = (_as_variables(variables), inputs["features"], inputs["feature_mask"], inputs["input_ids"],
+          inputs["attention_mask"], options)
+  if generate_jit is _speech_generate_jit:  # one device: the traced program is kept with the compile cache
+    return stored_programs.call("speech_generate", _speech_generate_of, {"model": model, **static}, *args)
+  return generate_jit(model, *args, **static)

@@ -94,16 +94,123 @@ def seq_lengths_mask(mask: SeqLengths, length: int, causal: bool) -> jax.Array:
   return dense
 
 
+# On CPU, attention whose float32 logits [B, N, T, S] exceed this many bytes
+# runs `attend_in_blocks`: XLA:CPU computes and reads a logits tensor larger
+# than the caches at a fraction of its matmul rate (Whisper tiny's encoder,
+# 32 clips x 255 frames: 190-250 ms per layer for jax.nn.dot_product_attention,
+# 60-80 ms in blocks of this size; bench/attention_bench.py).
+CPU_LOGITS_BLOCK_BYTES = 2 << 20
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                          bias: jax.Array | None = None, *, is_causal: bool = False,
+                          scale: float | None = None, implementation: str | None = None) -> jax.Array:
+  """jax.nn.dot_product_attention (q [B,T,N,D], k/v [B,S,K,D], mask and bias
+  [B|1, N|1, T|1, S]), except that with no implementation named, a program
+  lowered for CPU computes logits larger than CPU_LOGITS_BLOCK_BYTES in
+  blocks (`attend_in_blocks`). Where the default backend is CPU the choice is
+  made per platform at lowering (jax.lax.platform_dependent, which traces
+  both), so a program lowered for GPU or TPU, e.g. an ahead-of-time TPU
+  compile on a CPU host, gets JAX's attention."""
+  def jax_attention(q, k, v, mask, bias):
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale,
+                                        implementation=implementation)
+
+  b, t, n, _ = q.shape
+  if (implementation is not None or b * n * t * k.shape[1] * 4 <= CPU_LOGITS_BLOCK_BYTES
+      or jax.default_backend() != "cpu"):  # on an accelerator host, skip tracing the CPU branch
+    return jax_attention(q, k, v, mask, bias)
+
+  def in_blocks(q, k, v, mask, bias):
+    return attend_in_blocks(q, k, v, mask, bias, is_causal=is_causal, scale=scale)
+
+  return jax.lax.platform_dependent(q, k, v, mask, bias, cpu=in_blocks, default=jax_attention)
+
+
+def attend_in_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                     bias: jax.Array | None = None, *, is_causal: bool = False, scale: float | None = None,
+                     block_bytes: int = CPU_LOGITS_BLOCK_BYTES) -> jax.Array:
+  """jax.nn.dot_product_attention's XLA math (float32 logits scaled after the
+  product, bias added, masked slots at a large negative, float32 softmax,
+  probabilities in v's dtype) computed a few batch rows and query slots at a
+  time, so that each block's logits take at most `block_bytes`. Shapes as in
+  `dot_product_attention`; grouped-query heads are read in place. Blocks run
+  one after another (jax.lax.map), which suits a CPU and not an accelerator.
+  """
+  b, t, n, d = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
+  groups = n // kv_heads
+  scale = d ** -0.5 if scale is None else scale
+  per_query = n * s * 4
+  q_block = min(t, max(1, block_bytes // per_query))
+  num_blocks = -(-t // q_block)
+  rows = min(b, max(1, block_bytes // (per_query * q_block)))
+
+  def by_head(x):  # [N|1, Q|1, S] -> [K|1, G|1, Q|1, S]
+    return x[None] if x.shape[0] == 1 else x.reshape(kv_heads, groups, *x.shape[1:])
+
+  def one_block(qb, first, kk, vv, mb, bb):  # qb [Q,N,D] from query slot `first`; kk/vv [S,K,D]
+    size = qb.shape[0]
+    logits = jnp.einsum("tkgd,skd->kgts", qb.reshape(size, kv_heads, groups, d), kk,
+                        preferred_element_type=jnp.float32) * jnp.float32(scale)
+    if bb is not None:
+      logits = logits + by_head(bb).astype(jnp.float32)
+    keep = None if mb is None else by_head(mb)
+    if is_causal:
+      triangle = first + jnp.arange(size)[:, None] >= jnp.arange(s)[None, :]
+      keep = triangle if keep is None else keep & triangle
+    if keep is not None:
+      logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(vv.dtype)
+    return jnp.einsum("kgts,skd->tkgd", probs, vv).reshape(size, n, d)
+
+  def split_queries(x, axis):  # x's query axis (of size T) -> [num_blocks, ..., q_block, ...]
+    if x is None or x.shape[axis] == 1:
+      return None
+    x = jnp.pad(x, [(0, num_blocks * q_block - t) if i == axis else (0, 0) for i in range(x.ndim)])
+    x = x.reshape(*x.shape[:axis], num_blocks, q_block, *x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+  def one_row(qr, kr, vr, mr, br):  # one batch row: [T,N,D], [S,K,D], [S,K,D], [N|1, T|1, S] or None
+    if num_blocks == 1:
+      return one_block(qr, 0, kr, vr, mr, br)
+    blocks = (split_queries(qr, 0), jnp.arange(num_blocks) * q_block, split_queries(mr, 1), split_queries(br, 1))
+
+    def step(args):
+      qb, first, mb, bb = args
+      mb = mr if mb is None else mb  # a mask or bias with one query row is the same for every block
+      bb = br if bb is None else bb
+      return one_block(qb, first, kr, vr, mb, bb)
+
+    return jax.lax.map(step, blocks).reshape(num_blocks * q_block, n, d)[:t]
+
+  # Row-wise inputs are mapped over; a mask or bias with one batch row is shared.
+  mapped = {"q": q, "k": k, "v": v}
+  shared = {}
+  for name, x in (("mask", mask), ("bias", bias)):
+    (mapped if x is not None and x.shape[0] == b and b > 1 else shared)[name] = x
+  shared = {name: None if x is None else x[0] for name, x in shared.items()}
+
+  def row(args):
+    args = {**args, **shared}
+    return one_row(args["q"], args["k"], args["v"], args["mask"], args["bias"])
+
+  if rows >= b:
+    return jax.vmap(row)(mapped)
+  return jax.lax.map(row, mapped, batch_size=rows if rows > 1 else None)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | SeqLengths | None = None, *,
            is_causal: bool = False, scale: float | None = None, dropout_rate: float = 0.0,
            deterministic: bool = True, dropout_rng: jax.Array | None = None,
            implementation: str | None = None) -> jax.Array:
   """q [B,T,N,D], k/v [B,S,K,D] with N % K == 0 -> [B,T,N,D].
 
-  Without dropout this is jax.nn.dot_product_attention (GQA handled inside,
-  fused kernels where the backend has them), or `attend_one_query` for a
-  single masked query (a decoding step) unless 'xla' is asked for by name;
-  with dropout the same math is written out so probabilities can be dropped.
+  Without dropout this is `dot_product_attention` (jax.nn's, GQA handled
+  inside, fused kernels where the backend has them, large logits in blocks
+  on CPU), or `attend_one_query` for a single masked query (a decoding step)
+  unless 'xla' is asked for by name; with dropout the same math is written
+  out so probabilities can be dropped.
   Fully masked rows (padding queries) give finite garbage, never NaN.
   """
   no_dropout = deterministic or dropout_rate == 0.0
@@ -124,8 +231,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | SeqLength
   if no_dropout and q.shape[1] == 1 and mask is not None and implementation != "xla":
     return attend_one_query(q, k, v, mask, scale=scale)
   if no_dropout:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal and mask is None,
-                                        scale=scale, implementation=implementation or None)
+    return dot_product_attention(q, k, v, mask, is_causal=is_causal and mask is None, scale=scale,
+                                 implementation=implementation or None)
   b, t, n, d = q.shape
   kv_heads = k.shape[2]
   scale = d ** -0.5 if scale is None else scale

@@ -228,8 +228,7 @@ def attend_with_bias(q, k, v, bias, mask, *, dropout_rate: float, dropout_rng,
     mask = attention.seq_lengths_mask(mask, q.shape[1], causal=False)
   if dropout_rng is None or dropout_rate == 0.0:
     bias = None if bias is None else bias.astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
-                                        implementation=implementation or None)
+    return attention.dot_product_attention(q, k, v, mask, bias, implementation=implementation or None)
   logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
   logits = logits * (q.shape[-1] ** -0.5)
   if bias is not None:
