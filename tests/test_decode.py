@@ -390,8 +390,18 @@ def test_a_stored_decoding_program_is_read_back_instead_of_traced(tmp_path, monk
     jax.config.update("jax_compilation_cache_dir", before)
   monkeypatch.setattr(stored_programs, "_loaded", {})
   monkeypatch.setattr(stored_programs, "_folder", lambda: "")
+  traces = []
+  real_generate = model_steps._speech_generate
+
+  def counted(*args, **kwargs):
+    traces.append(1)
+    return real_generate(*args, **kwargs)
+
+  monkeypatch.setattr(model_steps, "_speech_generate", counted)
   decode = lambda n=5: generation.generate_speech(model, variables, batch, max_new_tokens=n, eos_id=3, pad_id=0)
   plain = decode()
+  decode()
+  assert len(traces) == 1  # without a store: one jitted program per setting, traced once
   monkeypatch.setattr(stored_programs, "_folder", lambda: str(tmp_path / stored_programs.SUBFOLDER))
   assert not list(tmp_path.iterdir())
   first = decode()

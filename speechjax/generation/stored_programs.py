@@ -131,14 +131,22 @@ def _write_atomically(path: str, blob: bytes) -> None:
     raise
 
 
+@functools.lru_cache(maxsize=64)
+def _jit_of(fn: Callable, static_items: tuple) -> Callable:
+  """One jitted function per (fn, static arguments), as jax.jit's static_argnames
+  would give: a new jax.jit object per call would trace and compile every time."""
+  return jax.jit(functools.partial(fn, **dict(static_items)))
+
+
 def call(name: str, fn: Callable, static: dict[str, Any], *args):
   """fn(*args, **static) through the store: read and run the stored program
   when there is one for this key, else trace, store and run it. `fn` must be
   jittable in `args` with `static` fixed; the result is fn's."""
   folder = _folder()
   mesh = jax.sharding.get_mesh()
+  jitted = _jit_of(fn, tuple(sorted(static.items())))
   if not folder or (not mesh.empty and mesh.size > 1) or jax.process_count() > 1:
-    return jax.jit(functools.partial(fn, **static))(*args)
+    return jitted(*args)
   key = program_key(name, static, args)
   if key in _loaded:
     return _loaded[key](*args)
@@ -154,7 +162,6 @@ def call(name: str, fn: Callable, static: dict[str, Any], *args):
         os.unlink(path)
       except OSError:
         pass
-  jitted = jax.jit(functools.partial(fn, **static))
   try:
     blob = bytes(export.export(jitted)(*args).serialize())
   except Exception as e:  # pylint: disable=broad-except
