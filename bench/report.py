@@ -185,7 +185,8 @@ def transcribe_section(tr: dict | None) -> list[str]:
            "spoken-command corpus' test split, held-out voices and sentences) transcribed by a fresh "
            "process per run; wall time from start to exit: imports, loading, compiling and decoding. "
            f"Real-time factor = wall seconds / audio seconds.{measured}"
-           + (f" (load average {load['start']} at start, {load['end']} at the end)." if load else
+           + ((f" (load average {load['start']} at start, {load['end']} at the end)." if measured else
+               f" Load average {load['start']} at start, {load['end']} at the end.") if load else
               ("." if measured else "")), "",
            f"Model: {model['encoder']} ({params['encoder'] / 1e6:.1f}M) + frame-stack projector "
            f"(k={proj['stack_factor']}, hidden {proj['hidden_dim']}; {params['projector'] / 1e6:.1f}M) + "
@@ -208,9 +209,11 @@ def transcribe_section(tr: dict | None) -> list[str]:
   lines += ["", f"speechjax and PyTorch give identical transcripts for {tr['identical_fraction']:.1%} "
             f"of the clips. Runs interleaved (speechjax, PyTorch, speechjax, ...); the speed-up is the "
             "median [min-max] over rounds of PyTorch's wall time / speechjax's. WER against the "
-            "corpus' transcripts (English normalizer). speechjax's first run compiles its decoding "
-            "programs; the later ones read them from the run's compile cache (W/xla_cache), as a second "
-            "`speechjax transcribe` on a run does.", ""]
+            "corpus' transcripts (English normalizer). Both pipelines batch alike: within each group "
+            "of files written together, clips longest first, the last batch with fewer rows. "
+            "speechjax's first run traces, stores and compiles its decoding programs; the later ones "
+            "read the stored traces (W/xla_cache/exported) and the compiled programs (W/xla_cache), as "
+            "a second `speechjax transcribe` on a run does.", ""]
   return lines
 
 

@@ -101,3 +101,14 @@ def test_small_matmul_probe_variants_compute_the_same_product():
   assert set(result) == {"nn", "nt", "w_xt", "mul_sum", "torch_nn", "xla_stream_sum", "torch_stream_sum"}
   assert result["nn"]["vs_nn"] == 1.0 and all(r["gb_per_s"] > 0 for r in result.values())
   assert len(lines) == len(result) and lines[0].startswith("rows   2  nn")
+
+
+def test_attention_bench_compares_equal_outputs():
+  from bench import attention_bench
+
+  lines = []
+  result = attention_bench.compare("tiny", (2, 40, 2, 2, 8, True), rounds=1, grad=True, log=lines.append)
+  assert set(result) == {"jax", "speechjax", "in_blocks", "jax_grad", "speechjax_grad", "in_blocks_grad",
+                         "torch_sdpa"}
+  assert result["jax"]["speedup"] == 1.0 and all(r["ms"] > 0 for r in result.values())
+  assert len(lines) == len(result) and "logits" in lines[0]
