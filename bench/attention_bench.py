@@ -13,7 +13,7 @@ Shapes (batch x queries x heads / KV heads x head size, keys = queries):
   bench_lm_4x128        `make bench`'s training batch (4 x 128, 8 / 2 heads): small
                         enough that dot_product_attention keeps JAX's kernel
 
-Forward (and, with --grad, value and gradient of a scalar loss) timed in
+Forward (and, unless --no_grad, value and gradient of a scalar loss) timed in
 interleaved rounds; prints each variant's median time and its paired
 speed-up over JAX's attention (forward or gradient). The outputs must agree
 (1e-5 of the largest value) or the bench raises.
@@ -21,16 +21,12 @@ speed-up over JAX's attention (forward or gradient). The outputs must agree
 
 from __future__ import annotations
 
+import argparse
 import os
 
-from absl import app, flags
 import numpy as np
 
 from bench import common
-
-flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
-flags.DEFINE_bool("grad", True, "Also time value and gradient.")
-FLAGS = flags.FLAGS
 
 # name: (batch, queries, heads, kv heads, head size, causal)
 SHAPES = {
@@ -106,14 +102,17 @@ def compare(name: str, shape, rounds: int, grad: bool, log=print) -> dict[str, d
   return result
 
 
-def main(argv):
-  del argv
+def main(argv=None):
   import torch
 
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+  parser.add_argument("--no_grad", action="store_true", help="time the forward pass only")
+  args = parser.parse_args(argv)
   torch.set_num_threads(2)
   for name, shape in SHAPES.items():
-    compare(name, shape, FLAGS.rounds, FLAGS.grad)
+    compare(name, shape, args.rounds, not args.no_grad)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()
