@@ -18,8 +18,9 @@ factor, the batch size, max_new_tokens, and how many batches' worth of files
 Same computation as speechjax: the files are taken `batches_per_write` x
 `batch_size` at a time in sorted order; within those, the clips are batched
 `batch_size` at a time longest first, each batch zero-padded to the smallest
-bucket that holds its longest clip; padded mel frames are zeroed before each conv and masked as
-attention keys in the encoder; padded audio slots are masked in the LLM.
+bucket that holds its longest clip; padded mel frames are zeroed before each
+conv and masked as attention keys in the encoder; padded audio slots are
+masked in the LLM.
 This module imports neither JAX nor speechjax, so its process start is
 PyTorch's own.
 """

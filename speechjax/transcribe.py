@@ -28,9 +28,9 @@ A rerun skips the files the output already holds, so an interrupted run
 resumes; unreadable files are counted, reported and left out. Files are
 written in their order, BATCHES_PER_WRITE batches' worth at a time; within
 those, clips are decoded longest first, so each batch holds clips of similar
-length. Audio longer
-than the largest bucket (30 s at most) is cut into chunks at quiet points; each
-chunk is a segment, and the transcript joins them.
+length. Audio longer than the largest bucket (30 s at most) is cut into
+chunks at quiet points; each chunk is a segment, and the transcript joins
+them.
 """
 
 from __future__ import annotations

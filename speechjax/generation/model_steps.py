@@ -104,8 +104,8 @@ def speech_decode_fns(model) -> tuple[StepFn, InitCacheFn]:
   return step_fn, init_cache_fn
 
 
-def _speech_generate(model, variables, features, feature_mask, input_ids, attention_mask,
-                     options, **static):
+def _speech_generate(variables, features, feature_mask, input_ids, attention_mask, options, *, model,
+                     **static):
   embeds, mask = model.apply(variables, features, feature_mask, input_ids, attention_mask,
                              method="embed_inputs")
   step_fn, init_cache_fn = speech_decode_fns(model)
@@ -113,14 +113,8 @@ def _speech_generate(model, variables, features, feature_mask, input_ids, attent
                        cache_batch_axis=1, slot_rows=True, **static)
 
 
-def _speech_generate_of(*args, model, **static):
-  """_speech_generate with the model as a keyword (stored_programs.call's form)."""
-  return _speech_generate(model, *args, **static)
-
-
 _SPEECH_STATIC_ARGNAMES = ("model",) + tuple(
     a for a in STATIC_ARGNAMES if a not in ("step_fn", "init_cache_fn", "cache_batch_axis", "slot_rows"))
-_speech_generate_jit = jax.jit(_speech_generate, static_argnames=_SPEECH_STATIC_ARGNAMES)
 
 
 @functools.lru_cache(maxsize=8)
@@ -178,8 +172,9 @@ def generate_speech(model, variables, batch, *, max_new_tokens: int,
   optional). `settings`: method, num_beams, ..., rng as in `generate`.
   Encoder, projector, prefill and decoding run as one compiled program (on one
   device with a compilation cache directory set, its trace is kept there:
-  `stored_programs`); under a current mesh of several devices the batch rows are split over its batch
-  axes (`place_batch`), so the batch size must divide over them.
+  `stored_programs`); under a current mesh of several devices the batch rows
+  are split over its batch axes (`place_batch`), so the batch size must
+  divide over them.
   process_rows: the batch holds this process' rows of the global batch (scoring
   on several hosts: each feeds its own rows; `place_process_rows`); the
   answers of every row of the global batch come back on every host.
@@ -196,17 +191,17 @@ def generate_speech(model, variables, batch, *, max_new_tokens: int,
   inputs = {"features": batch["features"], "feature_mask": batch["feature_mask"],
             "input_ids": input_ids, "attention_mask": attention_mask}
   mesh = jax.sharding.get_mesh()
-  generate_jit = _speech_generate_jit
-  if not mesh.empty and mesh.size > 1:
+  sharded = not mesh.empty and mesh.size > 1
+  if sharded:
     import flax.linen as nn  # pylint: disable=import-outside-toplevel
     place = place_process_rows if process_rows else place_batch
     inputs = place(inputs, mesh, nn.get_logical_axis_rules())
-    generate_jit = _sharded_speech_generate_jit(mesh)
   elif process_rows and jax.process_count() > 1:
     raise ValueError("speechjax.generation.generate_speech: process_rows on several processes needs a "
                      "current mesh over their devices (jax.set_mesh)")
   args = (_as_variables(variables), inputs["features"], inputs["feature_mask"], inputs["input_ids"],
           inputs["attention_mask"], options)
-  if generate_jit is _speech_generate_jit:  # one device: the traced program is kept with the compile cache
-    return stored_programs.call("speech_generate", _speech_generate_of, {"model": model, **static}, *args)
-  return generate_jit(model, *args, **static)
+  if sharded:
+    return _sharded_speech_generate_jit(mesh)(*args, model=model, **static)
+  # One device: the traced program is kept with the compile cache.
+  return stored_programs.call("speech_generate", _speech_generate, {"model": model, **static}, *args)
