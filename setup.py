@@ -26,6 +26,9 @@ INSTALL_REQUIRES = [
     # JAX compresses what it writes to the compilation cache with zstandard when it is
     # installed, with zlib otherwise: a 3 MB train-step program 10 ms against 70 ms.
     "zstandard>=0.22",
+    # jax.export's serialization format: generation.stored_programs keeps traced decoding
+    # programs with it (jax does not declare it).
+    "flatbuffers>=24.3",
     "tqdm>=4.60",
     "jiwer>=3.0",
     "sacrebleu>=2.4",

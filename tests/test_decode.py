@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -430,3 +433,17 @@ def test_a_stored_decoding_program_is_read_back_instead_of_traced(tmp_path, monk
   assert "could not be used" in caplog.text and stored[0].name in caplog.text
   np.testing.assert_array_equal(damaged.tokens, plain.tokens)
   assert stored[0].read_bytes() != b"not a serialized program"
+
+  # Without jax.export's serializer (flatbuffers, which speechjax declares: jax does not),
+  # the program runs unstored and the log says what is missing.
+  assert any(r.startswith("flatbuffers") for r in importlib.metadata.requires("speechjax"))
+  stored_programs._loaded.clear()
+  # As where flatbuffers is not installed: its import fails, and so does that of jax's serializer.
+  monkeypatch.setitem(sys.modules, "flatbuffers", None)
+  monkeypatch.delitem(sys.modules, "jax._src.export.serialization", raising=False)
+  caplog.clear()
+  with caplog.at_level("WARNING", logger=stored_programs.__name__):
+    unstored = decode(n=6)
+  assert "flatbuffers" in caplog.text
+  assert len(list((tmp_path / stored_programs.SUBFOLDER).iterdir())) == 2
+  np.testing.assert_array_equal(unstored.tokens[:, :5], plain.tokens[:, :5])

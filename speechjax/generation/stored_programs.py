@@ -164,6 +164,9 @@ def call(name: str, fn: Callable, static: dict[str, Any], *args):
         pass
   try:
     blob = bytes(export.export(jitted)(*args).serialize())
+  except ImportError as e:  # jax.export serializes with flatbuffers, a speechjax dependency
+    log.warning("program %s is not stored: %s", name, e)
+    return jitted(*args)
   except Exception as e:  # pylint: disable=broad-except
     # What jax.export cannot serialize (e.g. typed PRNG keys among the arguments) runs as it is.
     log.info("program %s is not stored (%s: %s)", name, type(e).__name__, e)
