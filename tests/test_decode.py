@@ -445,5 +445,9 @@ def test_a_stored_decoding_program_is_read_back_instead_of_traced(tmp_path, monk
   with caplog.at_level("WARNING", logger=stored_programs.__name__):
     unstored = decode(n=6)
   assert "flatbuffers" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING", logger=stored_programs.__name__):
+    decode(n=6)  # the key is known unstored: no second export, no second warning
+  assert "flatbuffers" not in caplog.text
   assert len(list((tmp_path / stored_programs.SUBFOLDER).iterdir())) == 2
   np.testing.assert_array_equal(unstored.tokens[:, :5], plain.tokens[:, :5])

@@ -104,7 +104,9 @@ def _folder() -> str:
   return os.path.join(cache_dir, SUBFOLDER)
 
 
-_loaded: dict[str, Callable] = {}  # key -> the jitted stored program, once read in this process
+# key -> what runs it in this process: the stored program once read, or the plain jit
+# of a program that cannot be stored.
+_loaded: dict[str, Callable] = {}
 
 
 def _load(key: str, blob: bytes) -> Callable:
@@ -164,12 +166,12 @@ def call(name: str, fn: Callable, static: dict[str, Any], *args):
         pass
   try:
     blob = bytes(export.export(jitted)(*args).serialize())
-  except ImportError as e:  # jax.export serializes with flatbuffers, a speechjax dependency
-    log.warning("program %s is not stored: %s", name, e)
-    return jitted(*args)
   except Exception as e:  # pylint: disable=broad-except
-    # What jax.export cannot serialize (e.g. typed PRNG keys among the arguments) runs as it is.
-    log.info("program %s is not stored (%s: %s)", name, type(e).__name__, e)
+    # What jax.export cannot serialize (e.g. typed PRNG keys among the arguments) runs as it
+    # is; a missing serializer (flatbuffers, a speechjax dependency) is worth a warning.
+    log.log(logging.WARNING if isinstance(e, ImportError) else logging.INFO,
+            "program %s is not stored (%s: %s)", name, type(e).__name__, e)
+    _loaded[key] = jitted  # later calls with this key skip the export's trace
     return jitted(*args)
   try:
     _write_atomically(path, blob)
